@@ -1,0 +1,296 @@
+"""FID for sid: NVIDIA's TorchScript Inception, float64 statistics, EDM-compatible reference files.
+
+    python fid.py ref  --data cifar-10-python.tar.gz --dest cifar10-32x32.npz
+    python fid.py calc --images out/samples --ref cifar10-32x32 [--num 50000] [--batch 64]
+
+The protocol follows EDM's fid.py (Karras et al. 2022): uint8 images go straight into the detector, which
+resizes them to 299x299 itself (TF1 bilinear); features are the 2048-d pool3 vector; the covariance is
+unbiased (N-1); reference files are .npz with `mu` and `sigma`. Only the matrix square root differs
+(symmetric eigen form instead of scipy.linalg.sqrtm; equal to round-off, faster, no scipy).
+"""
+
+import argparse, os, sys
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+REF_PRESETS = {name: f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{name}.npz'  # EDM's fid-refs
+               for name in ['cifar10-32x32', 'imagenet-64x64', 'ffhq-64x64', 'afhqv2-64x64']}
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+def _fetch(url_or_path):
+    # Downloads go through edm_nets.download (cache + atomic write); imported lazily so fid.py stands alone.
+    if '://' not in url_or_path:
+        if not os.path.isfile(url_or_path):
+            raise FileNotFoundError(f'no such file: {url_or_path}')
+        return url_or_path
+    from edm_nets import download
+    return download(url_or_path)
+
+#----------------------------------------------------------------------------
+# Detector: NVIDIA's TorchScript port of TF Inception-v3 (StyleGAN2-ADA metrics, as used by SiD).
+
+def load_detector(device, path=None):
+    """Load the Inception detector from `path`, $SID_DETECTOR, or the NVIDIA URL (downloaded and cached)."""
+    path = _fetch(path or os.environ.get('SID_DETECTOR') or DETECTOR_URL)
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except Exception as e:  # torch raises several types for a bad archive
+        raise ValueError(f'cannot load TorchScript detector {path}: {str(e).splitlines()[0]}') from None
+
+def to_uint8(x):
+    """Float images in [-1, 1] -> uint8 in [0, 255], EDM's rule: +128 then truncation (not rounding)."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def extract_features(detector, images, device):
+    """uint8 NCHW images (1 or 3 channels, any size) -> float64 features [N, D] (D = 2048 for Inception)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f'detector expects uint8 NCHW images with 1 or 3 channels, got {images.dtype} '
+                         f'{tuple(images.shape)}')
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)  # grayscale -> RGB, as EDM
+    with torch.no_grad():  # the network resizes to 299x299 and maps (x-128)/128 inside its own graph
+        features = detector(images.to(device), return_features=True)  # (N, D)
+    return features.to(torch.float64)
+
+#----------------------------------------------------------------------------
+# Streaming feature statistics in float64 (EDM fid.py): sums only, so batch split, order and ranks don't matter.
+
+class FeatureStats:
+    """Running n, sum f and sum f f^T. Raw tensors are public so DDP ranks can all_reduce them."""
+    def __init__(self):
+        self.n, self.sum, self.sum_outer = 0, None, None
+
+    def _init(self, dim, device):
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features):  # features: (N, D)
+        f = torch.as_tensor(features).to(torch.float64)
+        if self.sum is None:
+            self._init(f.shape[1], f.device)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.sum_outer += f.T @ f  # float64 matters: FID is a small difference of traces ~1e3
+        return self
+
+    def merge(self, other):
+        """Add another accumulator's sums (e.g. from another process); merged == one accumulator."""
+        if other.n:
+            if self.sum is None:
+                self._init(other.sum.shape[0], other.sum.device)
+            self.n += other.n
+            self.sum += other.sum.to(self.sum.device)
+            self.sum_outer += other.sum_outer.to(self.sum.device)
+        return self
+
+    def all_reduce(self, all_reduce):
+        """Sum n, sum, sum_outer across ranks with a callable like torch.distributed.all_reduce (in place)."""
+        n = torch.tensor(float(self.n), dtype=torch.float64, device=self.sum.device)
+        for t in (n, self.sum, self.sum_outer):
+            all_reduce(t)
+        self.n = int(n.item())
+        return self
+
+    def mean_cov(self):
+        """-> (mu [D], sigma [D, D]) as float64 numpy; sigma divides by N-1 (unbiased, as EDM)."""
+        if self.n < 2:
+            raise ValueError(f'need at least 2 images for a covariance, got {self.n}')
+        mu = self.sum / self.n
+        sigma = (self.sum_outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+#----------------------------------------------------------------------------
+# Frechet distance (Heusel et al. 2017): |mu1-mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2).
+# S1 S2 is similar to the PSD matrix sqrt(S1) S2 sqrt(S1), so the trace term is the sum of square roots of
+# its eigenvalues: two symmetric eigensolves in float64, real arithmetic, robust when S is rank-deficient.
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if d < 0 or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f'statistics do not match: mu {mu1.shape} / {mu2.shape}, '
+                         f'sigma {sigma1.shape} / {sigma2.shape} (features of another dimension?)')
+    lam, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(lam, 0, None))) @ v.T  # sqrt(S1); clip round-off negatives
+    m = root1 @ sigma2 @ root1
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+
+#----------------------------------------------------------------------------
+# Reference statistics: .npz with keys mu (D,) and sigma (D, D), float64, same as EDM's fid-refs.
+
+def load_ref(path_or_preset):
+    path = _fetch(REF_PRESETS.get(path_or_preset, path_or_preset))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
+    except Exception as e:  # BadZipFile, KeyError, truncated arrays, ...
+        raise ValueError(f'cannot read reference statistics (keys mu, sigma) from {path}: {e}') from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f'bad reference statistics in {path}: mu {mu.shape}, sigma {sigma.shape}')
+    return mu, sigma
+
+def save_ref(path, mu, sigma):
+    tmp = f'{path}.tmp{os.getpid()}'  # same folder, so os.replace is atomic
+    with open(tmp, 'wb') as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+# Statistics of an image stream and FID of a generator (used by the training loop, optionally under DDP).
+
+def compute_stats_from_images(batches, detector, device):
+    """Iterable of uint8 NCHW batches -> (mu, sigma) float64 numpy."""
+    stats = FeatureStats()
+    for images in batches:
+        stats.update(extract_features(detector, images, device))
+    return stats.mean_cov()
+
+def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device, batch=64,
+                     rank=0, world_size=1, all_reduce=None):
+    """FID of images make_batch(seeds) (float in [-1, 1]) for seeds 0..num_images-1. Rank r takes seeds
+    r, r+W, r+2W, ...; the raw sums are then added across ranks, so every rank returns the same FID."""
+    if num_images < max(2, world_size):
+        raise ValueError(f'num_images={num_images} too small for world_size={world_size}')
+    seeds = list(range(num_images))[rank::world_size]
+    stats = FeatureStats()
+    for i in range(0, len(seeds), batch):
+        with torch.no_grad():
+            images = to_uint8(make_batch(seeds[i:i + batch]))  # quantised in memory, no PNG round trip
+        stats.update(extract_features(detector, images, device))
+    if world_size > 1:
+        if all_reduce is None:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise RuntimeError('world_size > 1 needs all_reduce or an initialised torch.distributed')
+            all_reduce = torch.distributed.all_reduce
+        stats.all_reduce(all_reduce)
+    mu, sigma = stats.mean_cov()
+    return frechet_distance(mu, sigma, ref_mu, ref_sigma)
+
+#----------------------------------------------------------------------------
+# Image folders (the output of a sampler): sorted recursive file list, streamed in batches.
+
+def list_images(folder, num=None, seed=0):
+    """Sorted image files under `folder`; with more than `num`, a seeded random subset (EDM's rule)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'no such folder: {folder}')
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                   for name in names if name.lower().endswith(IMAGE_EXTS))
+    if num is not None and len(files) < num:
+        raise ValueError(f'found {len(files)} images in {folder}, need {num} (--num)')
+    if num is not None and len(files) > num:
+        idx = np.arange(len(files))
+        np.random.RandomState(seed).shuffle(idx)
+        files = [files[i] for i in np.sort(idx[:num])]
+    if not files:
+        raise ValueError(f'no images ({"/".join(IMAGE_EXTS)}) in {folder}')
+    return files
+
+def iterate_image_files(files, batch):
+    """Yield uint8 [B, 3, H, W] batches; grayscale becomes RGB (channel repeated); sizes must agree."""
+    size = None
+    for i in range(0, len(files), batch):
+        arrays = []
+        for path in files[i:i + batch]:
+            with Image.open(path) as img:
+                if size is None:
+                    size = img.size
+                if img.size != size:
+                    raise ValueError(f'images of mixed sizes: {path} is {img.size}, expected {size}')
+                arrays.append(np.asarray(img.convert('RGB')))
+        yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+#----------------------------------------------------------------------------
+# FID-vs-images plot with pillow only (no matplotlib dependency).
+
+def _nice_ticks(lo, hi, count=5):
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    if hi <= lo:  # a single value: widen the range around it
+        lo, hi = lo - 0.5 - abs(lo) * 0.05, hi + 0.5 + abs(hi) * 0.05
+    power = 10.0 ** np.floor(np.log10((hi - lo) / count))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power * count >= hi - lo)
+    first, last = np.floor(lo / step) * step, np.ceil(hi / step) * step
+    return [first + k * step for k in range(int(round((last - first) / step)) + 1)]
+
+def plot_curve(points, path, xlabel='Mimg', ylabel='FID', width=560, height=360):
+    """Line plot of (x, y) points as a PNG, written atomically."""
+    points = sorted((float(x), float(y)) for x, y in points)
+    if not points:
+        raise ValueError('plot_curve needs at least one point')
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    xt, yt = _nice_ticks(min(xs), max(xs)), _nice_ticks(min(ys), max(ys))
+    left, right, top, bottom = 60, width - 20, 20, height - 45  # plot area in pixels
+    px = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * (right - left)
+    py = lambda y: bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (bottom - top)
+    img = Image.new('RGB', (width, height), 'white')
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    for x in xt:
+        draw.line([(px(x), top), (px(x), bottom)], fill=(225, 225, 225))
+        draw.text((px(x), bottom + 6), f'{x:g}', fill='black', font=font, anchor='mt')
+    for y in yt:
+        draw.line([(left, py(y)), (right, py(y))], fill=(225, 225, 225))
+        draw.text((left - 6, py(y)), f'{y:g}', fill='black', font=font, anchor='rm')
+    draw.rectangle([left, top, right, bottom], outline='black')
+    draw.text(((left + right) / 2, height - 6), xlabel, fill='black', font=font, anchor='mb')
+    draw.text((6, top - 14), ylabel, fill='black', font=font)
+    xy = [(px(x), py(y)) for x, y in points]
+    if len(xy) > 1:
+        draw.line(xy, fill=(31, 119, 180), width=2)
+    for x, y in xy:
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    tmp = f'{path}.tmp{os.getpid()}'
+    img.save(tmp, format='PNG')
+    os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+# Command line: `ref` writes reference statistics for a dataset, `calc` prints the FID of an image folder.
+
+def _dataset_batches(path, batch):
+    if os.path.isdir(path):  # a PNG folder is streamed; archives go through the training data loader
+        files = list_images(path)
+        return len(files), iterate_image_files(files, batch)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no such file or folder: {path}')
+    from sid import load_image_dataset
+    images, _ = load_image_dataset(path)  # uint8 [N, C, H, W]
+    return len(images), (images[i:i + batch] for i in range(0, len(images), batch))
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='FID with NVIDIA Inception features (EDM protocol).')
+    sub = parser.add_subparsers(dest='cmd', required=True)
+    ref = sub.add_parser('ref', help='compute reference statistics of a dataset')
+    ref.add_argument('--data', required=True, help='PNG folder, dataset zip, or CIFAR-10 python archive')
+    ref.add_argument('--dest', required=True, help='output .npz (keys mu, sigma)')
+    calc = sub.add_parser('calc', help='FID of an image folder against reference statistics')
+    calc.add_argument('--images', required=True, help='folder of generated images (recursive)')
+    calc.add_argument('--ref', required=True, help=f'.npz path, URL, or preset: {", ".join(REF_PRESETS)}')
+    calc.add_argument('--num', type=int, default=50000, help='number of images used (default: 50000)')
+    calc.add_argument('--seed', type=int, default=0, help='picks the subset if there are more (default: 0)')
+    for p in (ref, calc):
+        p.add_argument('--batch', type=int, default=64, help='images per detector call (default: 64)')
+        p.add_argument('--detector', default=None, help='local Inception .pt (default: $SID_DETECTOR or URL)')
+        p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == 'ref':
+            num, batches = _dataset_batches(args.data, args.batch)
+            print(f'computing reference statistics of {num} images from {args.data}')
+            mu, sigma = compute_stats_from_images(batches, load_detector(args.device, args.detector), args.device)
+            save_ref(args.dest, mu, sigma)
+            print(f'saved {args.dest}')
+        else:
+            files = list_images(args.images, args.num, args.seed)
+            ref_mu, ref_sigma = load_ref(args.ref)  # before the detector runs: fail early on a bad reference
+            detector = load_detector(args.device, args.detector)
+            mu, sigma = compute_stats_from_images(iterate_image_files(files, args.batch), detector, args.device)
+            print(f'{frechet_distance(mu, sigma, ref_mu, ref_sigma):g}')
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # OSError covers FileNotFoundError
+        print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
+        sys.exit(2)
+
+if __name__ == '__main__':
+    main()
