@@ -119,8 +119,179 @@ def bench_nets(args):
     print_table(rows, ['preset', 'Mparams', 'batch', 'fwd ms', 'fwd MiB', 'fwd+bwd ms', 'fwd+bwd MiB'])
 
 #----------------------------------------------------------------------------
+# One SiD (or SiDA) iteration as sid.train() runs it with one accumulation round: fake-score step, generator
+# step, EMA, on the CIFAR-10 DDPM++ teacher architecture with random weights (sid.build_networks with
+# teacher='random'). Reports images/s (generator images, the unit of kimg), peak memory and model FLOP
+# utilisation per precision and fast-path setting, and SiDA's cost relative to SiD.
 
-BENCHES = dict(nets=bench_nets)
+# Dense (no sparsity) datasheet peaks in TFLOP/s, matched on the CUDA device name; fp32 means TF32 off.
+PEAK_TFLOPS = [('H100 PCIe', dict(fp32=51.2, tf32=378, bf16=756, fp16=756)),
+               ('H100', dict(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),  # SXM5
+               ('H200', dict(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),
+               ('A100', dict(fp32=19.5, tf32=156, bf16=312, fp16=312))]
+FAST_OPTIONS = ('channels_last', 'fused_adam', 'compile', 'checkpointing')  # sid.Config fields, 0/1
+CPU_SETTINGS = ['fp32', 'bf16']  # fp16 is EDM's CUDA-only casting, TF32 a CUDA switch: both no-ops on a CPU
+GPU_SETTINGS = ['fp32', 'tf32', 'bf16', 'fp16', 'bf16+channels_last+fused_adam',
+                'bf16+channels_last+fused_adam+compile', 'fp32+checkpointing', 'bf16+channels_last+fused_adam+checkpointing']
+
+
+def sid_setup(method, setting, batch, device, seed=0, net_overrides=''):
+    """Networks, optimisers and switches for one setting ('bf16+channels_last+...'), in train()'s order.
+    net_overrides: JSON network kwargs as sid's --net-overrides (tests use a tiny net)."""
+    import copy
+    import sid
+    precision, *opts = setting.split('+')
+    bad = [o for o in opts if o not in FAST_OPTIONS]
+    if bad:
+        raise ValueError(f'unknown option(s) {bad} in setting "{setting}" (known: {", ".join(FAST_OPTIONS)})')
+    cfg = sid.make_config(dict(dataset='cifar10', method=method, teacher='random', precision=precision, batch=batch,
+                               batch_gpu=batch, seed=seed, device=device.type, net_overrides=net_overrides,
+                               **{o: 1 for o in opts}))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+    torch.backends.cudnn.benchmark = True
+    f_phi, G, f_psi = sid.build_networks(cfg, device)
+    if cfg.channels_last:
+        for net in (f_phi, G, f_psi):
+            net.to(memory_format=torch.channels_last)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    pipe = edm_nets.AugmentPipe(p=cfg.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    eps, fused = (1e-6 if precision == 'fp16' else 1e-8), (True if cfg.fused_adam else None)
+    opt_psi = torch.optim.Adam(f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
+    for net in (f_phi, G, f_psi):
+        if cfg.checkpointing:
+            sid.checkpoint_unet_blocks_(net)
+        if cfg.compile:
+            net.compile()
+    R = G.img_resolution
+    x_r = torch.rand(batch, G.img_channels, R, R, generator=torch.Generator().manual_seed(seed)).to(device) * 2 - 1
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == 'bf16' else contextlib.nullcontext
+    return dict(cfg=cfg, nets=(f_phi, G, f_psi, G_ema), opts=(opt_psi, opt_G), pipe=pipe, x_r=x_r, autocast=autocast)
+
+
+def sid_iteration(s, reseed=lambda phase: None):
+    """train()'s loop body for one micro-batch per phase (SiDA in its final 'mix' phase, on the fixed stand-in
+    real batch s['x_r']); the same calls in the same order, so reseed(phase) reproduces train()'s numbers.
+    Returns (fake-score loss, generator loss) as train() logs them."""
+    import sid
+    cfg, (f_phi, G, f_psi, G_ema), (opt_psi, opt_G), pipe, autocast = s['cfg'], s['nets'], s['opts'], s['pipe'], s['autocast']
+    B, sida = cfg.batch_gpu, cfg.method == 'sida'
+    shape = [B, G.img_channels, G.img_resolution, G.img_resolution]
+    # Phase 1: fake-score step (G without graph, dropout off; f_psi trains on augmented samples).
+    G.eval(); f_psi.train().requires_grad_(True)
+    opt_psi.zero_grad(set_to_none=True)
+    reseed(1)
+    z = cfg.sigma_init * torch.randn(shape, device=s['x_r'].device)
+    with torch.no_grad(), autocast():
+        x_g = sid.generate(G, z, None, cfg.sigma_init).float()
+    sigma = sid.draw_sigma_fake(x_g)
+    y, aug = pipe(x_g)
+    noise = torch.randn_like(x_g)
+    with autocast():
+        if sida:
+            y_r, aug_r = pipe(s['x_r'])
+            dsm, d_loss = sid.sida_fake_score_loss(f_psi, y, y_r, sigma, noise, None, aug, aug_r)
+            loss_psi = (dsm.sum() * cfg.ls + d_loss.sum() * cfg.lsd) / B
+        else:
+            loss_psi = sid.fake_score_loss(f_psi, y, sigma, noise, None, aug).sum() * cfg.ls / B
+    loss_psi.backward()
+    loss_psi = loss_psi.item()
+    sid.sanitize_grads_(f_psi.parameters(), 1.0 if sida else None)
+    opt_psi.step()
+    # Phase 2: generator step (G with dropout; teacher and f_psi frozen but differentiated w.r.t. x_t).
+    G.train(); f_psi.eval().requires_grad_(False)
+    opt_G.zero_grad(set_to_none=True)
+    reseed(2)
+    z = cfg.sigma_init * torch.randn(shape, device=s['x_r'].device)
+    with autocast():
+        x_g = sid.generate(G, z, None, cfg.sigma_init).float()
+        sigma = sid.draw_sigma_generator(x_g, cfg.tmax)
+        noise = torch.randn_like(x_g)
+        if sida:
+            sid_l, gan = sid.sida_generator_loss(f_phi, f_psi, x_g, sigma, noise, None, cfg.alpha)
+            loss_G = sid_l.sum() * cfg.lsg / B
+            loss_gan = gan.sum() * cfg.lsg_gan / B
+            loss_gan.item()
+            total = 0.5 * loss_G + 0.5 * loss_gan
+        else:
+            total = loss_G = sid.sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, None, cfg.alpha).sum() * cfg.lsg / B
+    total.backward()
+    loss_G = loss_G.item()
+    sid.sanitize_grads_(G.parameters())
+    opt_G.step()
+    # Phase 3: EMA (a steady-state beta; the cost does not depend on it).
+    with torch.no_grad():
+        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, 0.999))
+    return loss_psi, loss_G
+
+
+def _resident_mib(device):
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == 'cuda' else _proc_status_kib('VmRSS') / 1024
+
+
+def bench_sid(args):
+    from torch.utils.flop_counter import FlopCounterMode
+    device = torch.device(args.device)
+    batches = args.batch_gpu or ([64, 16] if device.type == 'cuda' else [4])
+    settings = args.settings or (GPU_SETTINGS if device.type == 'cuda' else CPU_SETTINGS)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    peaks = next((p for key, p in PEAK_TFLOPS if key in name), None) if device.type == 'cuda' else None
+    results, flops = [], {}
+    for B in batches:
+        for method in args.methods:
+            for setting in settings:
+                s = sid_setup(method, setting, B, device)
+                for _ in range(1 + 2 * s['cfg'].compile):  # warm-up: allocator, cuDNN autotuning, compilation
+                    sid_iteration(s)
+                times, peak = [], 0.0
+                for _ in range(args.repeat):
+                    m = [0.0]
+                    resident = _resident_mib(device)
+                    with peak_memory_mib(device, m):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        sid_iteration(s)
+                        _sync(device)
+                        times.append(time.perf_counter() - t0)
+                    peak = max(peak, m[0])
+                # Model FLOPs of one iteration, counted once per (method, batch) on an eager run without
+                # recomputation: compiled kernels bypass the counter, checkpointing's recompute is not model work.
+                if (method, B) not in flops and not (s['cfg'].compile or s['cfg'].checkpointing):
+                    with FlopCounterMode(display=False) as fc:
+                        sid_iteration(s)
+                    flops[method, B] = fc.get_total_flops()
+                results.append((method, setting, B, statistics.median(times), resident, peak))
+                del s
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+    rows, by_key = [], {}
+    for method, setting, B, t, resident, peak in results:
+        f = flops.get((method, B), float('nan'))
+        pk = (args.peak_tflops or (peaks or {}).get(setting.split('+')[0], float('nan'))) * 1e12
+        mfu = f / t / pk if device.type == 'cuda' or args.peak_tflops else float('nan')
+        by_key[method, setting, B] = t
+        rows.append([method, setting, str(B), f'{t * 1e3:.0f}', f'{B / t:.1f}', f'{resident:.0f}', f'{peak:.0f}',
+                     f'{f / 1e9:.0f}', f'{f / t / 1e12:.3f}', f'{100 * mfu:.1f}' if mfu == mfu else '-'])
+    print(f'device={name}, torch {torch.__version__}, CIFAR-10 DDPM++ (random weights), one accumulation round, '
+          f'median of {args.repeat} after warm-up')
+    print('img/s counts generator images (kimg); each iteration also generates batch images for f_psi '
+          '(SiDA: plus batch real images). Peak = above resident (weights, Adam states). '
+          'GFLOP = model FLOPs per iteration (FlopCounterMode, eager, no recompute).')
+    if device.type == 'cuda':
+        print(f'MFU peak: {args.peak_tflops or peaks} TFLOP/s (dense datasheet, by precision)'
+              if (args.peak_tflops or peaks) else f'MFU: unknown peak for {name}; pass --peak-tflops')
+    else:
+        print(f'MFU: ' + (f'assumed peak {args.peak_tflops} TFLOP/s' if args.peak_tflops else 'no CPU peak assumed (pass --peak-tflops); TFLOP/s shown'))
+    print_table(rows, ['method', 'setting', 'batch', 'ms/iter', 'img/s', 'resident MiB', 'peak MiB', 'GFLOP', 'TFLOP/s', 'MFU %'])
+    for (method, setting, B), t in by_key.items():
+        if method == 'sida' and ('sid', setting, B) in by_key:
+            print(f'SiDA / SiD time per iteration: {t / by_key["sid", setting, B]:.2f} ({setting}, batch {B}); '
+                  f'FLOPs {flops.get(("sida", B), float("nan")) / flops.get(("sid", B), float("nan")):.3f}')
+
+#----------------------------------------------------------------------------
+
+BENCHES = dict(nets=bench_nets, sid=bench_sid)
 
 
 def main():
@@ -133,6 +304,15 @@ def main():
                         metavar='NAME', help='teacher presets (default: all five)')
     parser.add_argument('--amp', choices=['none', 'bf16'], default='none', help='bf16 autocast (default: none)')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (default: torch default)')
+    parser.add_argument('--batch-gpu', type=int, nargs='+', default=None,
+                        help='sid: micro-batch sizes (default: 64 16 on CUDA, 4 on CPU)')
+    parser.add_argument('--settings', nargs='+', default=None, metavar='PREC[+OPTION...]',
+                        help='sid: e.g. fp32 bf16+channels_last+fused_adam (options: ' + ', '.join(FAST_OPTIONS) +
+                             '; default: a CPU or GPU list)')
+    parser.add_argument('--methods', nargs='+', default=['sid', 'sida'], choices=['sid', 'sida'],
+                        help='sid: methods (default: sid sida)')
+    parser.add_argument('--peak-tflops', type=float, default=None,
+                        help='sid: device peak for MFU (default: datasheet table on CUDA, none on CPU)')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -559,6 +559,10 @@ class Config:
     lambda_rec: float = 10.0      # SIGN: reconstruction (real images are fixed points) weight
     lambda_flow: float = 10.0     # SIGN: teacher-flow consistency weight
     precision: str = 'fp32'       # fp32 (TF32 off, official) | tf32 | bf16 (autocast) | fp16 (EDM per-layer casting)
+    channels_last: int = 0        # 1 = NHWC memory layout for the image nets (faster GPU convs; same maths)
+    fused_adam: int = 0           # 1 = Adam's fused kernel (same update up to float rounding)
+    compile: int = 0              # 1 = torch.compile the three networks (compiles for minutes at start-up)
+    checkpointing: int = 0        # 1 = recompute UNet blocks in backward: less memory, ~30 % more compute
     tick_kimg: float = 10         # status line every this many kimg
     snap_kimg: float = 500        # snapshot (G_ema, training state, sample grid) every this many kimg
     fid_every_kimg: float = 0     # FID of G_ema every this many kimg (0 = off)
@@ -600,6 +604,8 @@ def make_config(overrides):
     if method == 'sida' and overrides.get('init_generator'):
         mp['duration_mimg'] = 100 if ds != 'toy' else PRESETS['toy']['duration_mimg']
     cfg = Config(**{**PRESETS[ds], **mp, **overrides})
+    if not cfg.outdir and cfg.resume:  # a resumed run continues in its own directory
+        cfg.outdir = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume)
     cfg.outdir = cfg.outdir or os.path.join('runs', f'{cfg.dataset}-{cfg.method}')
     for k in ('batch', 'batch_gpu', 'fid_num'):
         if getattr(cfg, k) <= 0:
@@ -617,6 +623,11 @@ def make_config(overrides):
         raise ValueError('--dropout, --augment and --g-beta1 must lie in [0, 1)')
     if cfg.precision not in ('fp32', 'tf32', 'bf16', 'fp16'):
         raise ValueError(f"unknown --precision '{cfg.precision}' (fp32, tf32, bf16, fp16)")
+    for k in ('channels_last', 'fused_adam', 'compile', 'checkpointing'):
+        if getattr(cfg, k) not in (0, 1):
+            raise ValueError(f'--{k.replace("_", "-")} must be 0 or 1, got {getattr(cfg, k)}')
+    if cfg.dataset == 'toy' and (cfg.data or cfg.fid_every_kimg > 0):
+        raise ValueError('--data and --fid-every-kimg do not apply to the toy (it is scored against its exact mixture)')
     return cfg
 
 #----------------------------------------------------------------------------
@@ -655,7 +666,8 @@ def build_networks(cfg, device):
 def load_generator(path):
     """A generator from our snapshot (file or run directory) or an official SiD/EDM .pkl -> (net, config dict)."""
     if os.path.isdir(path):
-        snaps = sorted(f for f in os.listdir(path) if f.startswith('network-snapshot-') and f.endswith('.pt'))
+        snaps = sorted((f for f in os.listdir(path) if f.startswith('network-snapshot-') and f.endswith('.pt')),
+                       key=lambda f: (len(f), f))  # numeric order, also past 999999 kimg
         if not snaps:
             raise FileNotFoundError(f'no network-snapshot-*.pt in {path}')
         path = os.path.join(path, 'network-snapshot-best.pt' if 'network-snapshot-best.pt' in snaps else snaps[-1])
@@ -682,6 +694,44 @@ def save_atomic(obj, path):
     os.replace(path + '.tmp', path)
 
 #----------------------------------------------------------------------------
+# Scale-out and speed helpers (sid-official.md §9, §10): DDP wrapping, a cross-rank parameter check, and
+# gradient checkpointing of EDM's UNet blocks. None of them changes the maths.
+
+def ddp_wrap(net, device, never_used=()):
+    """DistributedDataParallel as in the official code: no per-step search for unused parameters and no buffer
+    broadcast. Without the search DDP waits for a gradient of every trainable parameter, so parameters this run
+    never reaches (names containing a `never_used` entry, e.g. G's augmentation embedding) are excluded."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    skip = [n for n, _ in net.named_parameters() if any(u in n for u in never_used)]
+    DDP._set_params_and_buffers_to_ignore_for_model(net, skip)  # identical on every rank: never updated
+    return DDP(net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+
+@torch.no_grad()
+def check_ranks_agree(nets, what=''):
+    """Raise unless every rank holds bit-identical parameters (a per-tensor float64 sum, all-gathered). DDP keeps
+    replicas equal only if each rank steps on the same all-reduced gradients; a desync would otherwise go unseen."""
+    import torch.distributed as dist
+    s = torch.stack([p.double().sum() for net in nets for p in net.parameters()])
+    out = [torch.empty_like(s) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, s)
+    bad = [r for r, o in enumerate(out) if not torch.equal(o, out[0])]
+    if bad:
+        raise RuntimeError(f'DDP replicas diverged{what}: rank(s) {bad} differ from rank 0')
+
+def checkpoint_unet_blocks_(net):
+    """Gradient checkpointing: each edm_nets.UNetBlock of `net` keeps only its inputs and recomputes its activations
+    during backward. Non-reentrant checkpointing (use_reentrant=False) gives input gradients (the teacher's and
+    f_psi's in the generator step), works under DDP and torch.compile; preserve_rng_state=True replays the same
+    dropout masks in the recomputation. Patches the instances in place: apply it after any deepcopy of `net`."""
+    import edm_nets
+    from torch.utils.checkpoint import checkpoint
+    for block in net.modules():
+        if isinstance(block, edm_nets.UNetBlock):
+            block.forward = lambda x, emb, fwd=block.forward: (checkpoint(fwd, x, emb, use_reentrant=False, preserve_rng_state=True)
+                                                               if torch.is_grad_enabled() else fwd(x, emb))
+    return net
+
+#----------------------------------------------------------------------------
 # Training loop (SiD Algorithm 1; official update order, sid-official.md §4): per iteration a fake-score
 # step on fresh generator samples, then a generator step against the just-updated f_psi, then the EMA of G.
 # Progress is counted in generator images (kimg), not iterations.
@@ -690,14 +740,14 @@ def train(cfg, nets=None):
     """Run (or resume) a distillation; returns the final (G, G_ema, f_psi). `nets` = (f_phi, G, f_psi) for tests."""
     from contextlib import nullcontext
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
     # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPUs.
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    own_group = world > 1 and not dist.is_initialized()  # a caller's (e.g. a test's) group is left to the caller
+    if own_group:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     if cfg.batch % (cfg.batch_gpu * world):
         raise ValueError(f'--batch {cfg.batch} must be a multiple of --batch-gpu x GPUs = {cfg.batch_gpu * world}')
@@ -705,12 +755,16 @@ def train(cfg, nets=None):
     rounds = batch_gpu_total // cfg.batch_gpu            # gradient-accumulation rounds
     # Precision: the official runs keep TF32 off; bf16 is autocast; fp16 is EDM's per-layer casting (use_fp16).
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'
+    torch.backends.cudnn.benchmark = True  # official default: cuDNN times its conv algorithms once per shape
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == 'bf16' else nullcontext
     log = print if rank == 0 else (lambda *a, **k: None)
 
     if cfg.dataset == 'toy':
         device = torch.device('cpu')  # the toy is tiny: the CPU is faster than launching GPU kernels
     f_phi, G, f_psi = nets if nets is not None else build_networks(cfg, device)
+    if cfg.channels_last and cfg.dataset != 'toy':  # NHWC weights; conv outputs follow, inputs may stay NCHW
+        for net in (f_phi, G, f_psi):  # before DDP, whose gradient buckets copy the parameters' layout
+            net.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     is_image = cfg.dataset != 'toy'
     pipe = None
@@ -718,8 +772,9 @@ def train(cfg, nets=None):
         import edm_nets
         pipe = edm_nets.AugmentPipe(p=cfg.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
     eps = 1e-6 if cfg.precision == 'fp16' else 1e-8
-    opt_psi = torch.optim.Adam(f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps)
+    fused = True if cfg.fused_adam else None  # one fused kernel instead of foreach ops; same formula
+    opt_psi = torch.optim.Adam(f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
     cur_nimg, data_batches, stats_fid = 0, 0, []
 
     # Resume: weights, optimisers, images seen and data position; the RNG follows from (seed, images seen).
@@ -737,7 +792,7 @@ def train(cfg, nets=None):
 
     # Data: class labels for conditional nets, real images for SiDA / SIGN. Without --data, uniform labels.
     data = None
-    needs_real = cfg.method == 'sida' or (cfg.data and (cfg.method == 'sign' or G.label_dim))
+    needs_real = cfg.method == 'sida' or bool(cfg.data)  # SiD with --data: labels from it, shape checked (as official)
     if cfg.dataset == 'toy' and cfg.method in ('sida', 'sign'):
         data = toy_data_stream(f_phi, cfg.batch_gpu, cfg.seed * world + rank, start=data_batches)
     elif needs_real:
@@ -746,6 +801,8 @@ def train(cfg, nets=None):
         images, labels = load_image_dataset(cfg.data)
         labels = check_dataset_matches(images, labels, f_phi)
         data = infinite_batches(images, labels, cfg.batch_gpu, cfg.seed, rank, world, start=data_batches)
+    # FID reference and detector are fetched now: a bad --fid-ref fails before training, not at the first FID.
+    fid_tools = load_fid_tools(cfg, device) if cfg.fid_every_kimg > 0 else None
 
     def next_batch():
         """(real images or None, labels or None) for one micro-batch."""
@@ -761,7 +818,12 @@ def train(cfg, nets=None):
         return None, c
 
     shape = [cfg.batch_gpu, 2] if not is_image else [cfg.batch_gpu, G.img_channels, G.img_resolution, G.img_resolution]
-    G_ddp, psi_ddp = (DDP(G, device_ids=[device] if device.type == 'cuda' else None), DDP(f_psi, device_ids=[device] if device.type == 'cuda' else None)) if world > 1 else (G, f_psi)
+    # DDP: G and f_psi are wrapped, the teacher is not. G never gets augment labels, f_psi only with --augment > 0:
+    # their augmentation embeddings get no gradient and are excluded (DDP would otherwise wait for them forever).
+    G_ddp, psi_ddp = G, f_psi
+    if world > 1:
+        G_ddp = ddp_wrap(G, device, never_used=['map_augment'])
+        psi_ddp = ddp_wrap(f_psi, device, never_used=['map_augment'] if pipe is None else [])
 
     def sync(ddp, last):  # accumulate without all-reduce; forward AND backward of a round sit in one context
         return ddp.no_sync() if world > 1 and not last else nullcontext()
@@ -786,8 +848,18 @@ def train(cfg, nets=None):
     n_iter_tick = 0
     G_frozen = frozen_copy(G) if cfg.method == 'sign' else None  # SIGN's f_theta-bar, refreshed every step
 
-    def reseed(nimg):  # every rank's RNG is a function of (seed, rank, images seen): a resumed run replays exactly
-        torch.manual_seed((cfg.seed * 1_000_003 + rank * 7919 + nimg // cfg.batch) % 2 ** 63)
+    # Fast paths, off by default. After every deepcopy of G (G_ema, G_frozen): a copy would share the patched or
+    # compiled call of the original. compile keeps state_dict names (nn.Module.compile, not torch.compile(net)).
+    for net in (f_phi, G, f_psi):
+        if cfg.checkpointing and is_image:
+            checkpoint_unet_blocks_(net)
+        if cfg.compile:  # compiled dropout draws other masks than eager (same law); DDP's all-reduce then waits
+            net.compile()  # for the whole compiled backward instead of overlapping with it
+
+    def reseed(nimg, phase=0, r=0):  # the RNG of each micro-batch is a function of (seed, images seen, phase, global
+        # micro-batch index rank*rounds + r): per-rank streams, exact replay on resume, and the same random numbers
+        # for any split of the batch into GPUs x rounds (2 GPUs x 1 round = 1 GPU x 2 rounds, up to float sums)
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, nimg // cfg.batch, phase, rank * rounds + r]).generate_state(1, np.uint64)[0]))
     reseed(cur_nimg)
     while cur_nimg < end_nimg:
         # Phase 1: fake-score step. G makes samples without a graph, with its dropout off; f_psi trains with
@@ -795,6 +867,7 @@ def train(cfg, nets=None):
         G.eval(); f_psi.train().requires_grad_(True)
         opt_psi.zero_grad(set_to_none=True)
         for r in range(rounds):
+            reseed(cur_nimg, 1, r)
             with sync(psi_ddp, r == rounds - 1):
                 x_r, c = next_batch()
                 z = cfg.sigma_init * torch.randn(shape, device=device)
@@ -824,6 +897,7 @@ def train(cfg, nets=None):
                 refresh_frozen_(G_frozen, G)  # theta' = theta at every step
             opt_G.zero_grad(set_to_none=True)
             for r in range(rounds):
+                reseed(cur_nimg, 2, r)
                 with sync(G_ddp, r == rounds - 1):
                     x_r, c = next_batch()
                     z = cfg.sigma_init * torch.randn(shape, device=device)
@@ -866,11 +940,18 @@ def train(cfg, nets=None):
 
         # Phase 4: maintenance once per tick: status line, stats.jsonl, snapshots, FID, toy frames.
         done = cur_nimg >= end_nimg
-        crossed = lambda every_kimg: every_kimg > 0 and (done or cur_nimg // int(every_kimg * 1e3) > (cur_nimg - cfg.batch) // int(every_kimg * 1e3))
+        crossed = lambda every_kimg: every_kimg > 0 and (done or cur_nimg // max(round(every_kimg * 1e3), 1) > (cur_nimg - cfg.batch) // max(round(every_kimg * 1e3), 1))
         if cfg.dataset == 'toy' and crossed(cfg.duration_mimg * 1e3 / 40):
             with torch.no_grad():
                 toy_frames.append((f'{cur_nimg / 1e3:.0f} kimg', generate(G_ema, toy_z.to(device), None, cfg.sigma_init).cpu()))
         if crossed(cfg.tick_kimg):
+            if world > 1:
+                check_ranks_agree((G, f_psi), f' at {cur_nimg / 1e3:.1f} kimg')
+                # each rank summed its own share of the batch (loss / batch_gpu_total): the mean over ranks is the
+                # loss of the whole batch, the number a single GPU would log
+                t = torch.tensor([loss_psi_sum, loss_G_sum, extra_sum], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                loss_psi_sum, loss_G_sum, extra_sum = (t / world).tolist()
             now = time.time()
             sec_per_kimg = (now - tick_time) / max((cur_nimg - tick_nimg) / 1e3, 1e-9)
             entry = dict(kimg=cur_nimg / 1e3, sec_per_kimg=sec_per_kimg, loss_fake=loss_psi_sum / n_iter_tick,
@@ -889,7 +970,7 @@ def train(cfg, nets=None):
             tick_nimg, tick_time, n_iter_tick = cur_nimg, now, 0
             loss_psi_sum = loss_G_sum = extra_sum = 0.0
         if crossed(cfg.fid_every_kimg):
-            fid_value = evaluate_fid(cfg, G_ema, device, rank, world)
+            fid_value = evaluate_fid(cfg, G_ema, device, rank, world, fid_tools)
             stats_fid.append((cur_nimg / 1e6, fid_value))
             log(f'FID {fid_value:.3f} at {cur_nimg / 1e3:.1f} kimg')
             if rank == 0:
@@ -923,6 +1004,8 @@ def train(cfg, nets=None):
         toy_picture([toy_frames[0], toy_frames[-1]], f_phi, os.path.join(cfg.outdir, 'toy.png'))
         toy_picture(toy_frames, f_phi, os.path.join(cfg.outdir, 'toy.gif'))
         log(f"wrote {os.path.join(cfg.outdir, 'toy.png')} and toy.gif")
+    if own_group:
+        dist.destroy_process_group()
     return G, G_ema, f_psi
 
 def save_snapshot(cfg, G_ema, cur_nimg, path, fid_value=None):
@@ -954,8 +1037,8 @@ def sample_images(G, seeds, sigma_init, device, class_idx=None, sigmas=()):
     shape = [2] if isinstance(G, ToyDenoiser) else [G.img_channels, G.img_resolution, G.img_resolution]
     z, c = seed_latents(seeds, shape, G.label_dim, sigma_init, class_idx)
     z, c = z.to(device), (c.to(device) if c is not None else None)
-    gen = torch.Generator(device).manual_seed(int(seeds[0]) + 10 ** 6)
-    noises = [torch.randn(z.shape, device=device, generator=gen) for _ in sigmas]  # fresh noise per step
+    noises = [torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s) + 10 ** 6 * (k + 1)))
+                           for s in seeds]).to(device) for k in range(len(sigmas))]  # fresh per step, per seed (any batch split)
     return multistep_sample(lambda v: generate(G, v, c, sigma_init), z, sigmas, noises)[-1]
 
 def save_png_grid(images, path, cols=None):
@@ -975,11 +1058,16 @@ def save_grid(G, path, sigma_init, device, n=64):
     """A grid of G_ema samples from the fixed seeds 0..n-1 (written at every snapshot)."""
     save_png_grid(to_uint8(sample_images(G, range(n), sigma_init, device)).cpu(), path)
 
-def evaluate_fid(cfg, G, device, rank=0, world=1):
-    """FID of G on cfg.fid_num images from seeds 0.. (own generators: the training RNG stream is untouched)."""
+def load_fid_tools(cfg, device):
+    """(ref mu, ref sigma, detector) for in-loop FID; the detector honours $SID_DETECTOR."""
     import fid
     mu, sigma = fid.load_ref(cfg.fid_ref or PRESETS[cfg.dataset].get('fid_ref', ''))
-    detector = fid.load_detector(device)
+    return mu, sigma, fid.load_detector(device)
+
+def evaluate_fid(cfg, G, device, rank=0, world=1, tools=None):
+    """FID of G on cfg.fid_num images from seeds 0.. (own generators: the training RNG stream is untouched)."""
+    import fid
+    mu, sigma, detector = tools or load_fid_tools(cfg, device)
     return fid.fid_of_generator(lambda seeds: sample_images(G, seeds, cfg.sigma_init, device), cfg.fid_num,
                                 mu, sigma, detector, device, batch=64, rank=rank, world_size=world)
 
@@ -999,9 +1087,12 @@ def parse_seeds(text):
 
 def cmd_generate(a):
     """python sid.py generate --ckpt RUN_OR_FILE --seeds 0-49999 --outdir DIR [--grid] [--class-idx C] [--sigmas ...]"""
+    seeds = parse_seeds(a.seeds)  # bad arguments fail before a large checkpoint is read
+    if a.batch < 1:
+        raise ValueError(f'--batch must be >= 1, got {a.batch}')
     G, cfg = load_generator(a.ckpt)
     device = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    G, seeds = G.to(device), parse_seeds(a.seeds)
+    G = G.to(device)
     sigma_init = cfg.get('sigma_init', 2.5)
     sigmas = [float(s) for s in a.sigmas.split(',')] if a.sigmas else []
     sigmas = sigmas[:a.steps - 1] if a.steps else sigmas
@@ -1019,7 +1110,14 @@ def cmd_generate(a):
     from PIL import Image
     images = []
     for i in range(0, len(seeds), a.batch):
-        x = to_uint8(sample_images(G, seeds[i:i + a.batch], sigma_init, device, a.class_idx, sigmas)).cpu()
+        # oneDNN's CPU convolutions round differently per batch size; the native ones make a seed's PNG
+        # independent of the batch split (on CPU; GPU kernels give no such promise).
+        mkldnn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = mkldnn and device.type != 'cpu'
+        try:
+            x = to_uint8(sample_images(G, seeds[i:i + a.batch], sigma_init, device, a.class_idx, sigmas)).cpu()
+        finally:
+            torch.backends.mkldnn.enabled = mkldnn
         if a.grid:
             images.append(x)
             continue
