@@ -282,12 +282,15 @@ def bench_sid(args):
         print(f'MFU peak: {args.peak_tflops or peaks} TFLOP/s (dense datasheet, by precision)'
               if (args.peak_tflops or peaks) else f'MFU: unknown peak for {name}; pass --peak-tflops')
     else:
-        print(f'MFU: ' + (f'assumed peak {args.peak_tflops} TFLOP/s' if args.peak_tflops else 'no CPU peak assumed (pass --peak-tflops); TFLOP/s shown'))
-    print_table(rows, ['method', 'setting', 'batch', 'ms/iter', 'img/s', 'resident MiB', 'peak MiB', 'GFLOP', 'TFLOP/s', 'MFU %'])
+        print(f'MFU: assumed peak {args.peak_tflops} TFLOP/s' if args.peak_tflops else
+              'MFU: no CPU peak assumed (pass --peak-tflops); achieved TFLOP/s shown')
+    print_table(rows, ['method', 'setting', 'batch', 'ms/iter', 'img/s', 'resident MiB', 'peak MiB', 'GFLOP',
+                       'TFLOP/s', 'MFU %'])
     for (method, setting, B), t in by_key.items():
         if method == 'sida' and ('sid', setting, B) in by_key:
+            ratio = flops.get(('sida', B), float('nan')) / flops.get(('sid', B), float('nan'))
             print(f'SiDA / SiD time per iteration: {t / by_key["sid", setting, B]:.2f} ({setting}, batch {B}); '
-                  f'FLOPs {flops.get(("sida", B), float("nan")) / flops.get(("sid", B), float("nan")):.3f}')
+                  f'FLOPs {ratio:.3f}')
 
 #----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     python sid.py --dataset toy                        # 2-D demo with an exact teacher, ~20 s on a CPU
     python sid.py --dataset cifar10                    # SiD on the official EDM CIFAR-10 teacher (GPU)
     torchrun --nproc_per_node=4 sid.py --dataset cifar10 --outdir runs/c10
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 sid.py ...  # per node
     python sid.py generate --ckpt runs/c10 --seeds 0-49999 --outdir out/c10
     python sid.py --help                               # every option, with its unit and default
 
@@ -59,7 +60,8 @@ def _keep_finite(*ts):
 
 def generate(G, z, labels, sigma_init):
     """One-step generation x_g = G(sigma_init * eps; sigma_init), z = sigma_init * eps (SiD §4)."""
-    return G(z, z.new_full([z.shape[0]] + [1] * (z.dim() - 1), sigma_init), labels)
+    # contiguous: a channels_last net returns NHWC memory, and randn_like(x_g) would draw other numbers
+    return G(z, z.new_full([z.shape[0]] + [1] * (z.dim() - 1), sigma_init), labels).contiguous()
 
 def sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha, with_logits=False):
     """SiD generator loss per sample, with x_t = x_g + sigma*noise and w = mean|x_g - f_phi| (no grad):
@@ -388,7 +390,11 @@ def toy_picture(frames, teacher, path, size=256, extent=1.4):
         canvas.save(tmp, format='PNG')
     os.replace(tmp, path)
 
-TOY_SIGN_SIGMAS = (0.8, 0.2, 0.05)  # SIGN's multi-step noise levels on the toy
+# SIGN's multi-step noise levels on the toy. The student is time-free, and in 2-D a re-noised point x + sigma*eps
+# with sigma above the mode width (s = 0.1) looks like a clean tail point, so f cannot undo the noise: re-noising
+# at 0.8 or 0.2 makes the samples worse (notes/README_sign.md), at <= 0.1 each step sharpens them. (In image space
+# sigma is readable from the input itself, ||x_sigma - x|| ~ sigma*sqrt(d), and larger levels are usable.)
+TOY_SIGN_SIGMAS = (0.1, 0.05, 0.02)
 
 def toy_data_stream(teacher, batch, seed, start=0):
     """Infinite (x_r, labels) batches of exact mixture samples: the toy's 'real data' for SiDA and SIGN."""
@@ -591,6 +597,10 @@ METHOD_PRESETS = {  # SiDA (sida:run_sida.sh): alpha 1, larger micro-batches; Si
              'cifar10-cond': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'imagenet64': dict(alpha=1.0, batch_gpu=32, duration_mimg=300), 'ffhq64': dict(alpha=1.0, batch_gpu=64, g_beta1=0.0, duration_mimg=200),
              'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200), 'toy': dict(alpha=1.0)},
+    # SIGN on the toy (notes/README_sign.md, 3 seeds): lam_rec = lam_idem = 100 keep data and samples fixed points
+    # (10 lets f drift radially inward, so every extra step loses quality); lam_flow = 30 helps the one-step samples
+    # (10: worse, 100: pulls data inward, its time-free targets average over noise levels).
+    'sign': {'toy': dict(lambda_rec=100.0, lambda_idem=100.0, lambda_flow=30.0)},
 }
 
 def make_config(overrides):
@@ -727,8 +737,8 @@ def checkpoint_unet_blocks_(net):
     from torch.utils.checkpoint import checkpoint
     for block in net.modules():
         if isinstance(block, edm_nets.UNetBlock):
-            block.forward = lambda x, emb, fwd=block.forward: (checkpoint(fwd, x, emb, use_reentrant=False, preserve_rng_state=True)
-                                                               if torch.is_grad_enabled() else fwd(x, emb))
+            block.forward = lambda x, emb, fwd=block.forward: (
+                checkpoint(fwd, x, emb, use_reentrant=False, preserve_rng_state=True) if torch.is_grad_enabled() else fwd(x, emb))
     return net
 
 #----------------------------------------------------------------------------
@@ -820,6 +830,7 @@ def train(cfg, nets=None):
     shape = [cfg.batch_gpu, 2] if not is_image else [cfg.batch_gpu, G.img_channels, G.img_resolution, G.img_resolution]
     # DDP: G and f_psi are wrapped, the teacher is not. G never gets augment labels, f_psi only with --augment > 0:
     # their augmentation embeddings get no gradient and are excluded (DDP would otherwise wait for them forever).
+    # Only gradients are averaged: batch statistics (SiDA's micro-batch BCE means) stay per rank, as officially.
     G_ddp, psi_ddp = G, f_psi
     if world > 1:
         G_ddp = ddp_wrap(G, device, never_used=['map_augment'])
@@ -859,7 +870,8 @@ def train(cfg, nets=None):
     def reseed(nimg, phase=0, r=0):  # the RNG of each micro-batch is a function of (seed, images seen, phase, global
         # micro-batch index rank*rounds + r): per-rank streams, exact replay on resume, and the same random numbers
         # for any split of the batch into GPUs x rounds (2 GPUs x 1 round = 1 GPU x 2 rounds, up to float sums)
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, nimg // cfg.batch, phase, rank * rounds + r]).generate_state(1, np.uint64)[0]))
+        key = [cfg.seed, nimg // cfg.batch, phase, rank * rounds + r]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
     reseed(cur_nimg)
     while cur_nimg < end_nimg:
         # Phase 1: fake-score step. G makes samples without a graph, with its dropout off; f_psi trains with
@@ -997,10 +1009,17 @@ def train(cfg, nets=None):
             x_data = f_phi.sample(2000, torch.Generator().manual_seed(5))
             log(f'sign: idempotence error E|f(f(z)) - f(z)| {idempotence_error(f, toy_z):.4f}, '
                 f'fixed-point error E|f(x) - x| on data {fixed_point_error(f, x_data):.4f}')
-            xs = multistep_sample(f, toy_z, TOY_SIGN_SIGMAS, [torch.randn(toy_z.shape, generator=torch.Generator().manual_seed(9 + k)) for k in range(3)])
-            for k in (1, 2, 4):
+            n = len(TOY_SIGN_SIGMAS)
+            xs = multistep_sample(f, toy_z, TOY_SIGN_SIGMAS, [torch.randn(toy_z.shape, generator=torch.Generator().manual_seed(9 + k)) for k in range(n)])
+            for k in sorted({1, 2, n + 1}):
                 q = toy_quality(xs[k - 1], f_phi)
-                log(f'sign: {k} step(s): energy distance {q[0]:.4f}, modes covered {q[1]}/8, within 2 std {q[2]:.3f}')
+                log(f'sign: {k} step(s) (sigmas {list(TOY_SIGN_SIGMAS[:k - 1])}): energy distance {q[0]:.4f}, '
+                    f'modes covered {q[1]}/8, within 2 std {q[2]:.3f}')
+            # Projection (editing): data + 0.2*eps mapped back by one call of f; distance to the nearest mode center
+            y = x_data + 0.2 * torch.randn(x_data.shape, generator=torch.Generator().manual_seed(11))
+            near = lambda v: float(torch.cdist(v.double(), f_phi.mu).min(1).values.mean())
+            log(f'sign: projection of data + 0.2 eps: mean distance to the nearest mode {near(y):.3f} -> '
+                f'{near(project(f, y)):.3f} (data itself: {near(x_data):.3f})')
         toy_picture([toy_frames[0], toy_frames[-1]], f_phi, os.path.join(cfg.outdir, 'toy.png'))
         toy_picture(toy_frames, f_phi, os.path.join(cfg.outdir, 'toy.gif'))
         log(f"wrote {os.path.join(cfg.outdir, 'toy.png')} and toy.gif")
