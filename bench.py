@@ -244,16 +244,17 @@ def bench_sid(args):
                 s = sid_setup(method, setting, B, device)
                 for _ in range(1 + 2 * s['cfg'].compile):  # warm-up: allocator, cuDNN autotuning, compilation
                     sid_iteration(s)
-                times, peak = [], 0.0
+                times, cpu_times, peak = [], [], 0.0
                 for _ in range(args.repeat):
                     m = [0.0]
                     resident = _resident_mib(device)
                     with peak_memory_mib(device, m):
                         _sync(device)
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         sid_iteration(s)
                         _sync(device)
                         times.append(time.perf_counter() - t0)
+                        cpu_times.append(time.process_time() - c0)  # all threads; robust to other loads
                     peak = max(peak, m[0])
                 # Model FLOPs of one iteration, counted once per (method, batch) on an eager run without
                 # recomputation: compiled kernels bypass the counter, checkpointing's recompute is not model work.
@@ -261,17 +262,18 @@ def bench_sid(args):
                     with FlopCounterMode(display=False) as fc:
                         sid_iteration(s)
                     flops[method, B] = fc.get_total_flops()
-                results.append((method, setting, B, statistics.median(times), resident, peak))
+                results.append((method, setting, B, statistics.median(times), statistics.median(cpu_times),
+                                resident, peak))
                 del s
                 if device.type == 'cuda':
                     torch.cuda.empty_cache()
     rows, by_key = [], {}
-    for method, setting, B, t, resident, peak in results:
+    for method, setting, B, t, t_cpu, resident, peak in results:
         f = flops.get((method, B), float('nan'))
         pk = (args.peak_tflops or (peaks or {}).get(setting.split('+')[0], float('nan'))) * 1e12
         mfu = f / t / pk if device.type == 'cuda' or args.peak_tflops else float('nan')
-        by_key[method, setting, B] = t
-        rows.append([method, setting, str(B), f'{t * 1e3:.0f}', f'{B / t:.1f}', f'{resident:.0f}', f'{peak:.0f}',
+        by_key[method, setting, B] = t if device.type == 'cuda' else t_cpu  # CPU: other processes inflate wall time
+        rows.append([method, setting, str(B), f'{t * 1e3:.0f}', f'{t_cpu:.1f}', f'{B / t:.3g}', f'{resident:.0f}', f'{peak:.0f}',
                      f'{f / 1e9:.0f}', f'{f / t / 1e12:.3f}', f'{100 * mfu:.1f}' if mfu == mfu else '-'])
     print(f'device={name}, torch {torch.__version__}, CIFAR-10 DDPM++ (random weights), one accumulation round, '
           f'median of {args.repeat} after warm-up')
@@ -284,12 +286,13 @@ def bench_sid(args):
     else:
         print(f'MFU: assumed peak {args.peak_tflops} TFLOP/s' if args.peak_tflops else
               'MFU: no CPU peak assumed (pass --peak-tflops); achieved TFLOP/s shown')
-    print_table(rows, ['method', 'setting', 'batch', 'ms/iter', 'img/s', 'resident MiB', 'peak MiB', 'GFLOP',
+    print_table(rows, ['method', 'setting', 'batch', 'ms/iter', 'CPU s/iter', 'img/s', 'resident MiB', 'peak MiB', 'GFLOP',
                        'TFLOP/s', 'MFU %'])
     for (method, setting, B), t in by_key.items():
         if method == 'sida' and ('sid', setting, B) in by_key:
             ratio = flops.get(('sida', B), float('nan')) / flops.get(('sid', B), float('nan'))
-            print(f'SiDA / SiD time per iteration: {t / by_key["sid", setting, B]:.2f} ({setting}, batch {B}); '
+            print(f'SiDA / SiD {"time" if device.type == "cuda" else "CPU time"} per iteration: '
+                  f'{t / by_key["sid", setting, B]:.2f} ({setting}, batch {B}); '
                   f'FLOPs {ratio:.3f}')
 
 #----------------------------------------------------------------------------

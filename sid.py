@@ -352,7 +352,7 @@ def toy_quality(x, teacher):
     covered = int((hits >= 0.2 * len(x) / len(teacher.mu)).sum())            # a mode holds >= 20 % of its share
     return float(ed), covered, float(near.float().mean())
 
-def toy_pretrain(net, teacher, steps=400, batch=256, lr=2e-3, seed=0):
+def toy_pretrain(net, teacher, steps=600, batch=512, lr=2e-3, seed=0):
     """Fit the MLP to the exact denoiser over EDM's sigma range, so that G, f_psi start as 'the teacher' as in SiD."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -561,9 +561,9 @@ class Config:
     lsg: float = 100.0            # SiD generator loss scale
     lsd: float = 1.0              # SiDA: discriminator loss scale
     lsg_gan: float = 0.01         # SiDA: generator adversarial loss scale
-    lambda_idem: float = 10.0     # SIGN: idempotence weight (terms are pixel sums like SiD's, which has lsg = 100)
-    lambda_rec: float = 10.0      # SIGN: reconstruction (real images are fixed points) weight
-    lambda_flow: float = 10.0     # SIGN: teacher-flow consistency weight
+    lambda_idem: float = 100.0    # SIGN: idempotence weight (terms are pixel sums like SiD's, which has lsg = 100)
+    lambda_rec: float = 100.0     # SIGN: reconstruction weight (real images are fixed points)
+    lambda_flow: float = 30.0     # SIGN: teacher-flow consistency weight (weights chosen on the toy, README)
     precision: str = 'fp32'       # fp32 (TF32 off, official) | tf32 | bf16 (autocast) | fp16 (EDM per-layer casting)
     channels_last: int = 0        # 1 = NHWC memory layout for the image nets (faster GPU convs; same maths)
     fused_adam: int = 0           # 1 = Adam's fused kernel (same update up to float rounding)
@@ -597,10 +597,6 @@ METHOD_PRESETS = {  # SiDA (sida:run_sida.sh): alpha 1, larger micro-batches; Si
              'cifar10-cond': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'imagenet64': dict(alpha=1.0, batch_gpu=32, duration_mimg=300), 'ffhq64': dict(alpha=1.0, batch_gpu=64, g_beta1=0.0, duration_mimg=200),
              'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200), 'toy': dict(alpha=1.0)},
-    # SIGN on the toy (notes/README_sign.md, 3 seeds): lam_rec = lam_idem = 100 keep data and samples fixed points
-    # (10 lets f drift radially inward, so every extra step loses quality); lam_flow = 30 helps the one-step samples
-    # (10: worse, 100: pulls data inward, its time-free targets average over noise levels).
-    'sign': {'toy': dict(lambda_rec=100.0, lambda_idem=100.0, lambda_flow=30.0)},
 }
 
 def make_config(overrides):
