@@ -18,6 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fid  # FID, and EDM's uint8 conversion of images
+from fid import to_uint8
+
 #----------------------------------------------------------------------------
 # Identities (SiD §3). A denoiser D(x; sigma) ~ E[x_0 | x_t = x] gives the score by Tweedie's formula,
 #   s(x; sigma) = grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2,
@@ -561,6 +564,8 @@ class Config:
     lsg: float = 100.0            # SiD generator loss scale
     lsd: float = 1.0              # SiDA: discriminator loss scale
     lsg_gan: float = 0.01         # SiDA: generator adversarial loss scale
+    sida_warmup_kimg: float = 100 # SiDA: G is frozen (only f_psi / D train) until this many kimg
+    sida_mix_kimg: float = 200    # SiDA: pure SiD until this many kimg, then 0.5 SiD + 0.5 adversarial
     lambda_idem: float = 100.0    # SIGN: idempotence weight (terms are pixel sums like SiD's, which has lsg = 100)
     lambda_rec: float = 100.0     # SIGN: reconstruction weight (real images are fixed points)
     lambda_flow: float = 30.0     # SIGN: teacher-flow consistency weight (weights chosen on the toy, README)
@@ -596,7 +601,8 @@ METHOD_PRESETS = {  # SiDA (sida:run_sida.sh): alpha 1, larger micro-batches; Si
     'sida': {'cifar10': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'cifar10-cond': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'imagenet64': dict(alpha=1.0, batch_gpu=32, duration_mimg=300), 'ffhq64': dict(alpha=1.0, batch_gpu=64, g_beta1=0.0, duration_mimg=200),
-             'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200), 'toy': dict(alpha=1.0)},
+             'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200),
+             'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0)},  # scaled to the toy (README)
 }
 
 def make_config(overrides):
@@ -898,7 +904,7 @@ def train(cfg, nets=None):
 
         # Phase 2: generator step. G trains with dropout on; f_psi in eval mode and frozen, but both f_psi
         # and the teacher are differentiated w.r.t. their input x_t (only w is detached in the SiD loss).
-        phase = sida_phase(cur_nimg) if cfg.method == 'sida' else 'sid'
+        phase = sida_phase(cur_nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) if cfg.method == 'sida' else 'sid'
         if phase != 'frozen':  # SiDA trains only f_psi / D for its first 100 kimg
             G_ddp.train(); f_psi.eval().requires_grad_(False)
             if cfg.method == 'sign':
@@ -982,7 +988,8 @@ def train(cfg, nets=None):
             stats_fid.append((cur_nimg / 1e6, fid_value))
             log(f'FID {fid_value:.3f} at {cur_nimg / 1e3:.1f} kimg')
             if rank == 0:
-                import fid
+                with open(os.path.join(cfg.outdir, 'stats.jsonl'), 'a') as f:
+                    f.write(json.dumps(dict(kimg=cur_nimg / 1e3, fid=fid_value)) + '\n')
                 fid.plot_curve(stats_fid, os.path.join(cfg.outdir, 'fid.png'))
                 if fid_value <= min(v for _, v in stats_fid):
                     save_snapshot(cfg, G_ema, cur_nimg, os.path.join(cfg.outdir, 'network-snapshot-best.pt'), fid_value)
@@ -1043,10 +1050,6 @@ def seed_latents(seeds, shape, label_dim, sigma_init, class_idx=None):
     c = F.one_hot(torch.tensor(cs), label_dim).float() if label_dim else None
     return sigma_init * torch.stack(zs), c
 
-def to_uint8(x):
-    """EDM's conversion of [-1, 1] images to uint8: x*127.5 + 128, clipped, truncated."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
 def sample_images(G, seeds, sigma_init, device, class_idx=None, sigmas=()):
     """G(z) for the seeds; with SIGN's `sigmas`, x_{k+1} = f(x_k + sigma_k eps) after the first step."""
     shape = [2] if isinstance(G, ToyDenoiser) else [G.img_channels, G.img_resolution, G.img_resolution]
@@ -1075,13 +1078,11 @@ def save_grid(G, path, sigma_init, device, n=64):
 
 def load_fid_tools(cfg, device):
     """(ref mu, ref sigma, detector) for in-loop FID; the detector honours $SID_DETECTOR."""
-    import fid
     mu, sigma = fid.load_ref(cfg.fid_ref or PRESETS[cfg.dataset].get('fid_ref', ''))
     return mu, sigma, fid.load_detector(device)
 
 def evaluate_fid(cfg, G, device, rank=0, world=1, tools=None):
     """FID of G on cfg.fid_num images from seeds 0.. (own generators: the training RNG stream is untouched)."""
-    import fid
     mu, sigma, detector = tools or load_fid_tools(cfg, device)
     return fid.fid_of_generator(lambda seeds: sample_images(G, seeds, cfg.sigma_init, device), cfg.fid_num,
                                 mu, sigma, detector, device, batch=64, rank=rank, world_size=world)

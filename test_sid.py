@@ -2478,3 +2478,26 @@ def test_bench_iteration_matches_train(tmp_path):
 
 if __name__ == '__main__':
     _driver(sys.argv[1])
+
+#============================================================================
+# SiDA and SiD²A on the toy (mixture samples as the real data).
+
+def _toy_end_quality(cfg):
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, G_ema, _ = sid.train(cfg)
+    z = 2.5 * torch.randn(4000, 2, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        return sid.toy_quality(sid.generate(G_ema, z, None, 2.5), sid.ToyMixture())
+
+def test_toy_sida_keeps_quality_of_sid_and_sid2a_starts_from_sid(tmp_path):
+    base = dict(dataset='toy', duration_mimg=0.1, snap_kimg=100, tick_kimg=50)
+    q_sid = _toy_end_quality(sid.make_config(dict(base, outdir=str(tmp_path / 'sid'))))
+    cfg = sid.make_config(dict(base, method='sida', outdir=str(tmp_path / 'sida')))
+    assert (cfg.alpha, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) == (1.0, 5, 10)
+    q_sida = _toy_end_quality(cfg)
+    assert q_sida[1] == 8 and q_sida[0] <= 1.25 * q_sid[0] + 1e-4, (q_sida, q_sid)
+    # SiD²A: G starts from the SiD generator; a short run keeps its quality (G frozen during the warm-up)
+    cfg = sid.make_config(dict(base, method='sida', duration_mimg=0.01, init_generator=str(tmp_path / 'sid'),
+                               sida_warmup_kimg=100, outdir=str(tmp_path / 'sid2a')))
+    q_2a = _toy_end_quality(cfg)
+    assert q_2a[0] == pytest.approx(q_sid[0], rel=0.05) and q_2a[1] == 8
