@@ -1213,9 +1213,11 @@ def main(argv=None):
             return cmd_project(p.parse_args(argv[1:]))
         p = argparse.ArgumentParser(prog='sid.py', description='SiD / SiDA / SIGN distillation of an EDM teacher '
                                     '(subcommands: generate, project; see --help of each)')
+        import inspect, re  # each option's help is its field's comment in Config
+        helps = dict(re.findall(r'^\s+(\w+): \w+ = [^#]*# (.*)$', inspect.getsource(Config), re.M))
         for f in dataclasses.fields(Config):
-            p.add_argument('--' + f.name.replace('_', '-'), type=f.type if f.type in (int, float) else str,
-                           default=None, help=f'(default: preset, else {f.default!r})')
+            p.add_argument('--' + f.name.replace('_', '-'), type=f.type if f.type in (int, float) else str, default=None,
+                           metavar=f.type.__name__.upper(), help=f"{helps.get(f.name, '')} [default: the preset's, else {f.default!r}]".replace('%', '%%'))
         args = p.parse_args(argv)
         cfg = make_config({k: v for k, v in vars(args).items() if v is not None})
         train(cfg)
