@@ -1909,25 +1909,12 @@ def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch, fail_on):
     assert 'resumed from' in out and torch.load(tmp_path / 'training-state.pt', weights_only=True)['cur_nimg'] == 8
 
 #----------------------------------------------------------------------------
-# FID in the loop with a TorchScript stand-in detector and a hand-written reference.
-
-class LoopStandIn(torch.nn.Module):
-    """Like NVIDIA's Inception .pt: forward(uint8 NCHW, return_features) -> features; here 8-d, cheap."""
-    def __init__(self, dim=8):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.nn.Parameter(torch.randn(3 * 4 * 4, dim, generator=g), requires_grad=False)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        x = (img.to(torch.float32) - 128) / 128
-        x = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
-        f = torch.tanh(x @ self.proj)
-        return f if return_features else f.sum(1, keepdim=True)
+# FID in the loop with the TorchScript stand-in detector (FidStandIn, 8-d) and a hand-written reference.
 
 def test_fid_in_loop_best_snapshot_and_plot(tmp_path, monkeypatch):
     import fid
     det = str(tmp_path / 'det.pt')
-    torch.jit.save(torch.jit.script(LoopStandIn()), det)
+    torch.jit.save(torch.jit.script(FidStandIn(dim=8)), det)
     monkeypatch.setenv('SID_DETECTOR', det)
     fid.save_ref(str(tmp_path / 'ref.npz'), np.full(8, 0.1), np.eye(8) * 0.5)
     cfg = tiny_cfg(tmp_path / 'run_quiet', fid_every_kimg=0.004, fid_num=16, fid_ref=str(tmp_path / 'ref.npz'),
@@ -1946,7 +1933,7 @@ def test_fid_in_loop_best_snapshot_and_plot(tmp_path, monkeypatch):
     z = 2.5 * torch.stack([torch.randn([3, 32, 32], generator=torch.Generator().manual_seed(s)) for s in range(16)])
     with torch.no_grad():
         x = G(z, torch.full([16, 1, 1, 1], 2.5))  # one batch and sigma [B,1,1,1], as the loop: round-off flips pixels
-    feats = LoopStandIn()((x * 127.5 + 128).clip(0, 255).to(torch.uint8), True).double().numpy()
+    feats = FidStandIn(dim=8)((x * 127.5 + 128).clip(0, 255).to(torch.uint8), True).double().numpy()
     mu_ref, sig_ref = np.full(8, 0.1), np.eye(8) * 0.5
     expect = fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_ref, sig_ref)
     assert v_best == pytest.approx(expect, rel=1e-6)
