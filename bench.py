@@ -6,7 +6,9 @@
 import argparse
 import contextlib
 import ctypes
+import io
 import statistics
+import tempfile
 import time
 
 import torch
@@ -119,7 +121,7 @@ def bench_nets(args):
     print_table(rows, ['preset', 'Mparams', 'batch', 'fwd ms', 'fwd MiB', 'fwd+bwd ms', 'fwd+bwd MiB'])
 
 #----------------------------------------------------------------------------
-# One SiD (or SiDA) iteration as sid.train() runs it with one accumulation round: fake-score step, generator
+# One SiD (or SiDA) iteration of sid.iterate(), the training loop itself (one accumulation round): fake-score step, generator
 # step, EMA, on the CIFAR-10 DDPM++ teacher architecture with random weights (sid.build_networks with
 # teacher='random'). Reports images/s (generator images, the unit of kimg), peak memory and model FLOP
 # utilisation per precision and fast-path setting, and SiDA's cost relative to SiD.
@@ -135,95 +137,35 @@ GPU_SETTINGS = ['fp32', 'tf32', 'bf16', 'fp16', 'bf16+channels_last+fused_adam',
                 'bf16+channels_last+fused_adam+compile', 'fp32+checkpointing', 'bf16+channels_last+fused_adam+checkpointing']
 
 
-def sid_setup(method, setting, batch, device, seed=0, net_overrides=''):
-    """Networks, optimisers and switches for one setting ('bf16+channels_last+...'), in train()'s order.
+def sid_iterations(method, setting, batch, device, workdir, net_overrides=''):
+    """sid.iterate() for one setting ('bf16+channels_last+...'): the training loop itself, one accumulation round,
+    never reaching a tick or snapshot, SiDA straight in its 0.5/0.5 phase on random stand-in real images.
     net_overrides: JSON network kwargs as sid's --net-overrides (tests use a tiny net)."""
-    import copy
-    import sid
+    import os, PIL.Image, sid
     precision, *opts = setting.split('+')
     bad = [o for o in opts if o not in FAST_OPTIONS]
     if bad:
         raise ValueError(f'unknown option(s) {bad} in setting "{setting}" (known: {", ".join(FAST_OPTIONS)})')
+    data = ''
+    if method == 'sida':  # a folder of random 32x32 PNGs stands in for CIFAR-10 (same cost)
+        data = os.path.join(workdir, 'real')
+        os.makedirs(data, exist_ok=True)
+        g = torch.Generator().manual_seed(0)
+        for i in range(2 * batch):
+            PIL.Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()).save(
+                os.path.join(data, f'{i:04d}.png'))
     cfg = sid.make_config(dict(dataset='cifar10', method=method, teacher='random', precision=precision, batch=batch,
-                               batch_gpu=batch, seed=seed, device=device.type, net_overrides=net_overrides,
+                               batch_gpu=batch, device=device.type, net_overrides=net_overrides, data=data,
+                               outdir=os.path.join(workdir, f'{method}-{setting}-{batch}'), duration_mimg=1e6,
+                               tick_kimg=1e9, snap_kimg=1e9, sida_warmup_kimg=0, sida_mix_kimg=0,
                                **{o: 1 for o in opts}))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == 'tf32'
-    torch.backends.cudnn.benchmark = True
-    f_phi, G, f_psi = sid.build_networks(cfg, device)
-    if cfg.channels_last:
-        for net in (f_phi, G, f_psi):
-            net.to(memory_format=torch.channels_last)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    pipe = edm_nets.AugmentPipe(p=cfg.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-    eps, fused = (1e-6 if precision == 'fp16' else 1e-8), (True if cfg.fused_adam else None)
-    opt_psi = torch.optim.Adam(f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
-    for net in (f_phi, G, f_psi):
-        if cfg.checkpointing:
-            sid.checkpoint_unet_blocks_(net)
-        if cfg.compile:
-            net.compile()
-    R = G.img_resolution
-    x_r = torch.rand(batch, G.img_channels, R, R, generator=torch.Generator().manual_seed(seed)).to(device) * 2 - 1
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == 'bf16' else contextlib.nullcontext
-    return dict(cfg=cfg, nets=(f_phi, G, f_psi, G_ema), opts=(opt_psi, opt_G), pipe=pipe, x_r=x_r, autocast=autocast)
+    return cfg, sid.iterate(cfg)
 
 
-def sid_iteration(s, reseed=lambda phase: None):
-    """train()'s loop body for one micro-batch per phase (SiDA in its final 'mix' phase, on the fixed stand-in
-    real batch s['x_r']); the same calls in the same order, so reseed(phase) reproduces train()'s numbers.
-    Returns (fake-score loss, generator loss) as train() logs them."""
-    import sid
-    cfg, (f_phi, G, f_psi, G_ema), (opt_psi, opt_G), pipe, autocast = s['cfg'], s['nets'], s['opts'], s['pipe'], s['autocast']
-    B, sida = cfg.batch_gpu, cfg.method == 'sida'
-    shape = [B, G.img_channels, G.img_resolution, G.img_resolution]
-    # Phase 1: fake-score step (G without graph, dropout off; f_psi trains on augmented samples).
-    G.eval(); f_psi.train().requires_grad_(True)
-    opt_psi.zero_grad(set_to_none=True)
-    reseed(1)
-    z = cfg.sigma_init * torch.randn(shape, device=s['x_r'].device)
-    with torch.no_grad(), autocast():
-        x_g = sid.generate(G, z, None, cfg.sigma_init).float()
-    sigma = sid.draw_sigma_fake(x_g)
-    y, aug = pipe(x_g)
-    noise = torch.randn_like(x_g)
-    with autocast():
-        if sida:
-            y_r, aug_r = pipe(s['x_r'])
-            dsm, d_loss = sid.sida_fake_score_loss(f_psi, y, y_r, sigma, noise, None, aug, aug_r)
-            loss_psi = (dsm.sum() * cfg.ls + d_loss.sum() * cfg.lsd) / B
-        else:
-            loss_psi = sid.fake_score_loss(f_psi, y, sigma, noise, None, aug).sum() * cfg.ls / B
-    loss_psi.backward()
-    loss_psi = loss_psi.item()
-    sid.sanitize_grads_(f_psi.parameters(), 1.0 if sida else None)
-    opt_psi.step()
-    # Phase 2: generator step (G with dropout; teacher and f_psi frozen but differentiated w.r.t. x_t).
-    G.train(); f_psi.eval().requires_grad_(False)
-    opt_G.zero_grad(set_to_none=True)
-    reseed(2)
-    z = cfg.sigma_init * torch.randn(shape, device=s['x_r'].device)
-    with autocast():
-        x_g = sid.generate(G, z, None, cfg.sigma_init).float()
-        sigma = sid.draw_sigma_generator(x_g, cfg.tmax)
-        noise = torch.randn_like(x_g)
-        if sida:
-            sid_l, gan = sid.sida_generator_loss(f_phi, f_psi, x_g, sigma, noise, None, cfg.alpha)
-            loss_G = sid_l.sum() * cfg.lsg / B
-            loss_gan = gan.sum() * cfg.lsg_gan / B
-            loss_gan.item()
-            total = 0.5 * loss_G + 0.5 * loss_gan
-        else:
-            total = loss_G = sid.sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, None, cfg.alpha).sum() * cfg.lsg / B
-    total.backward()
-    loss_G = loss_G.item()
-    sid.sanitize_grads_(G.parameters())
-    opt_G.step()
-    # Phase 3: EMA (a steady-state beta; the cost does not depend on it).
-    with torch.no_grad():
-        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, 0.999))
-    return loss_psi, loss_G
+def run_iteration(it):
+    """One training iteration, its console output (the config at start-up) swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return next(it)
 
 
 def _resident_mib(device):
@@ -238,12 +180,13 @@ def bench_sid(args):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     peaks = next((p for key, p in PEAK_TFLOPS if key in name), None) if device.type == 'cuda' else None
     results, flops = [], {}
+    workdir = tempfile.mkdtemp(prefix='sid-bench-')
     for B in batches:
         for method in args.methods:
             for setting in settings:
-                s = sid_setup(method, setting, B, device)
-                for _ in range(1 + 2 * s['cfg'].compile):  # warm-up: allocator, cuDNN autotuning, compilation
-                    sid_iteration(s)
+                cfg, it = sid_iterations(method, setting, B, device, workdir)
+                for _ in range(1 + 2 * cfg.compile):  # warm-up: set-up, allocator, cuDNN autotuning, compilation
+                    run_iteration(it)
                 times, cpu_times, peak = [], [], 0.0
                 for _ in range(args.repeat):
                     m = [0.0]
@@ -251,20 +194,21 @@ def bench_sid(args):
                     with peak_memory_mib(device, m):
                         _sync(device)
                         t0, c0 = time.perf_counter(), time.process_time()
-                        sid_iteration(s)
+                        run_iteration(it)
                         _sync(device)
                         times.append(time.perf_counter() - t0)
                         cpu_times.append(time.process_time() - c0)  # all threads; robust to other loads
                     peak = max(peak, m[0])
                 # Model FLOPs of one iteration, counted once per (method, batch) on an eager run without
                 # recomputation: compiled kernels bypass the counter, checkpointing's recompute is not model work.
-                if (method, B) not in flops and not (s['cfg'].compile or s['cfg'].checkpointing):
+                if (method, B) not in flops and not (cfg.compile or cfg.checkpointing):
                     with FlopCounterMode(display=False) as fc:
-                        sid_iteration(s)
+                        run_iteration(it)
                     flops[method, B] = fc.get_total_flops()
                 results.append((method, setting, B, statistics.median(times), statistics.median(cpu_times),
                                 resident, peak))
-                del s
+                it.close()
+                del it
                 if device.type == 'cuda':
                     torch.cuda.empty_cache()
     rows, by_key = [], {}

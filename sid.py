@@ -11,7 +11,7 @@ Papers: SiD, Zhou et al., ICML 2024 (arXiv 2404.04057); SiDA, Zhou et al., ICLR 
 SIGN, Zaman et al. 2025 (arXiv 2509.21470; no public code, our reconstruction is documented in README).
 Reading order: identities -> losses -> toy -> data -> config -> loop -> generation -> command line.
 """
-import copy, dataclasses, io, json, math, os, pathlib, pickle, sys, tarfile, time, zipfile, zlib
+import copy, dataclasses, io, json, math, os, pathlib, pickle, sys, tarfile, time, types, zipfile, zlib
 import numpy as np
 import PIL.Image
 import torch
@@ -87,10 +87,12 @@ def sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha, with_logi
 def fake_score_loss(f_psi, x_g, sigma, noise, labels, augment_labels=None, sigma_data=0.5):
     """EDM denoising score matching on generated images: lambda(sigma) * sum_pixels (f_psi(x_g + sigma*noise) - x_g)^2."""
     x_g = x_g.detach()
-    D_x = f_psi(x_g + sigma * noise, sigma, labels, augment_labels)
+    return _dsm(f_psi(x_g + sigma * noise, sigma, labels, augment_labels), x_g, sigma, sigma_data)
+
+def _dsm(D_x, x_g, sigma, sigma_data):
+    """lambda(sigma) * sum_pixels (D_x - x_g)^2 per sample, NaN samples dropped (shared by SiD's and SiDA's f_psi)."""
     keep = _keep_finite(x_g, D_x)
-    lam = edm_weight(sigma, sigma_data).expand_as(x_g)
-    return (lam * (D_x - x_g) ** 2)[keep].flatten(1).sum(1)
+    return (edm_weight(sigma, sigma_data) * (D_x - x_g) ** 2)[keep].flatten(1).sum(1)
 
 #----------------------------------------------------------------------------
 # SiDA fake-score + discriminator loss (Zhou et al., ICLR 2025; official sida_loss.py:77-126). The
@@ -110,10 +112,9 @@ def sida_fake_score_loss(f_psi, x_g, x_r, sigma, noise, labels, aug_labels_g=Non
     D_x, logits_fake = f_psi(x_g + sigma * noise, sigma, labels, aug_labels_g, return_logits=True)  # one forward
     logits_real = f_psi(x_r + sigma * noise, sigma, labels, aug_labels_r, encoder_only=True)       # encoder only
     lam = edm_weight(sigma, sigma_data).flatten().expand(len(x_g))  # [B]
-    dsm = lam * (D_x - x_g).square().flatten(1).sum(1)  # [B]
     bce = F.binary_cross_entropy_with_logits
     d_loss = lam * (bce(logits_real, torch.ones_like(logits_real)) + bce(logits_fake, torch.zeros_like(logits_fake))) / 2
-    return dsm[_keep_finite(x_g, D_x)], d_loss
+    return _dsm(D_x, x_g, sigma, sigma_data), d_loss
 
 #----------------------------------------------------------------------------
 # SiDA generator loss (Zhou et al., ICLR 2025; official sida_loss.py:25-75): SiD's loss plus a
@@ -222,7 +223,7 @@ def flow_loss(f, f_bar, f_phi, x, sigma, sigma_next, noise, labels=None):
 def sign_student_loss(G, G_bar, f_phi, f_psi, x_g, labels, sigma, noise, alpha=1.0, x=None,
                       sigma_f=None, sigma_f_next=None, noise_f=None,
                       lam_idem=10.0, lam_rec=10.0, lam_flow=10.0, sigma_c=2.5):
-    """Per-sample SIGN terms and the loop's scalar, for x_g = generate(G, z, labels, sigma_c) with its graph.
+    """Per-sample SIGN terms for x_g = generate(G, z, labels, sigma_c) with its graph.
     sigma, noise: draws of the SiD term; sigma_f, sigma_f_next, noise_f: of L_flow (see flow_sigmas).
     x: real images of the same batch (labels shared); x=None is the data-free switch, x = sg(x_g).
     Returns per-sample dict(dm [B'], idem, rec, flow [B]) (B' < B when SiD drops NaN rows); the loop forms
@@ -395,7 +396,7 @@ def toy_picture(frames, teacher, path, size=256, extent=1.4):
 
 # SIGN's multi-step noise levels on the toy. The student is time-free, and in 2-D a re-noised point x + sigma*eps
 # with sigma above the mode width (s = 0.1) looks like a clean tail point, so f cannot undo the noise: re-noising
-# at 0.8 or 0.2 makes the samples worse (notes/README_sign.md), at <= 0.1 each step sharpens them. (In image space
+# at 0.8 or 0.2 makes the samples worse (README, SIGN), at <= 0.1 each step sharpens them. (In image space
 # sigma is readable from the input itself, ||x_sigma - x|| ~ sigma*sqrt(d), and larger levels are usable.)
 TOY_SIGN_SIGMAS = (0.1, 0.05, 0.02)
 
@@ -748,8 +749,10 @@ def checkpoint_unet_blocks_(net):
 # step on fresh generator samples, then a generator step against the just-updated f_psi, then the EMA of G.
 # Progress is counted in generator images (kimg), not iterations.
 
-def train(cfg, nets=None):
-    """Run (or resume) a distillation; returns the final (G, G_ema, f_psi). `nets` = (f_phi, G, f_psi) for tests."""
+def iterate(cfg, nets=None):
+    """Run (or resume) a distillation as a generator: one namespace per iteration (images seen, this iteration's
+    losses as tensors, the networks), then a last one when the run has ended. `nets` = (f_phi, G, f_psi) for tests;
+    bench.py times next() on it. train() below runs it to the end."""
     from contextlib import nullcontext
     import torch.distributed as dist
     # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPUs.
@@ -770,6 +773,11 @@ def train(cfg, nets=None):
     torch.backends.cudnn.benchmark = True  # official default: cuDNN times its conv algorithms once per shape
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == 'bf16' else nullcontext
     log = print if rank == 0 else (lambda *a, **k: None)
+
+    def append_stats(entry):  # one JSON line of stats.jsonl (rank 0 only)
+        if rank == 0:
+            with open(os.path.join(cfg.outdir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(entry) + '\n')
 
     if cfg.dataset == 'toy':
         device = torch.device('cpu')  # the toy is tiny: the CPU is faster than launching GPU kernels
@@ -857,8 +865,8 @@ def train(cfg, nets=None):
         log(f'toy start: energy distance {q0[0]:.4f}, modes covered {q0[1]}/8, within 2 std of a mode {q0[2]:.3f} (exact: 0.865)')
     end_nimg = int(cfg.duration_mimg * 1e6)
     tick_nimg, tick_time, start_time = cur_nimg, time.time(), time.time()
-    loss_psi_sum = loss_G_sum = extra_sum = 0.0
-    n_iter_tick = 0
+    # losses (fake score, G, SiDA's GAN / SIGN's IGN terms) summed as tensors: no host sync per micro-batch
+    tick_sums, n_iter_tick = torch.zeros(3, dtype=torch.float64, device=device), 0
     G_frozen = frozen_copy(G) if cfg.method == 'sign' else None  # SIGN's f_theta-bar, refreshed every step
 
     # Fast paths, off by default. After every deepcopy of G (G_ema, G_frozen): a copy would share the patched or
@@ -876,6 +884,7 @@ def train(cfg, nets=None):
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
     reseed(cur_nimg)
     while cur_nimg < end_nimg:
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # this iteration's losses
         # Phase 1: fake-score step. G makes samples without a graph, with its dropout off; f_psi trains with
         # dropout on, on augmented images (SiDA: plus the discriminator term on real images).
         G.eval(); f_psi.train().requires_grad_(True)
@@ -898,7 +907,7 @@ def train(cfg, nets=None):
                     else:
                         loss = fake_score_loss(psi_ddp, y, sigma, noise, c, aug).sum() * cfg.ls / batch_gpu_total
                 loss.backward()
-                loss_psi_sum += loss.item()
+                sums[0] += loss.detach()
         sanitize_grads_(f_psi.parameters(), 1.0 if cfg.method == 'sida' else None)  # SiDA clips at +-1
         opt_psi.step()
 
@@ -923,7 +932,7 @@ def train(cfg, nets=None):
                             sid, gan = sida_generator_loss(f_phi, f_psi, x_g, sigma, noise, c, cfg.alpha)
                             loss = sid.sum() * cfg.lsg / batch_gpu_total
                             loss_gan = gan.sum() * cfg.lsg_gan / batch_gpu_total
-                            extra_sum += loss_gan.item()
+                            sums[2] += loss_gan.detach()
                             total = 0.5 * loss + 0.5 * loss_gan if phase == 'mix' else loss
                         elif cfg.method == 'sign':  # x_r None: data-free, x = sg(x_g)
                             sf, sf_next = flow_sigmas(SIGN_DT + (cfg.tmax / 1000 - SIGN_DT) * torch.rand_like(sigma))
@@ -933,13 +942,13 @@ def train(cfg, nets=None):
                             loss = terms['dm'].sum() * cfg.lsg / batch_gpu_total
                             extra = sum(getattr(cfg, 'lambda_' + k) * terms[k].sum() for k in ('idem', 'rec', 'flow'))
                             extra = extra / batch_gpu_total
-                            extra_sum += extra.item()
+                            sums[2] += extra.detach()
                             total = loss + extra
                         else:
                             loss = sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, c, cfg.alpha).sum() * cfg.lsg / batch_gpu_total
                             total = loss
                     total.backward()
-                    loss_G_sum += loss.item()
+                    sums[1] += loss.detach()
             sanitize_grads_(G.parameters())
             opt_G.step()
 
@@ -950,11 +959,17 @@ def train(cfg, nets=None):
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.copy_(p.detach().lerp(p_ema, beta))
         cur_nimg += cfg.batch
+        tick_sums += sums
         n_iter_tick += 1
+        yield types.SimpleNamespace(cur_nimg=cur_nimg, loss_fake=sums[0], loss_G=sums[1], loss_extra=sums[2],
+                                    G=G, G_ema=G_ema, f_psi=f_psi)
 
         # Phase 4: maintenance once per tick: status line, stats.jsonl, snapshots, FID, toy frames.
         done = cur_nimg >= end_nimg
-        crossed = lambda every_kimg: every_kimg > 0 and (done or cur_nimg // max(round(every_kimg * 1e3), 1) > (cur_nimg - cfg.batch) // max(round(every_kimg * 1e3), 1))
+
+        def crossed(every_kimg):  # did this iteration cross a multiple of every_kimg (or end the run)?
+            every = max(round(every_kimg * 1e3), 1)
+            return every_kimg > 0 and (done or cur_nimg // every > (cur_nimg - cfg.batch) // every)
         if cfg.dataset == 'toy' and crossed(cfg.duration_mimg * 1e3 / 40):
             with torch.no_grad():
                 toy_frames.append((f'{cur_nimg / 1e3:.0f} kimg', generate(G_ema, toy_z.to(device), None, cfg.sigma_init).cpu()))
@@ -963,45 +978,42 @@ def train(cfg, nets=None):
                 check_ranks_agree((G, f_psi), f' at {cur_nimg / 1e3:.1f} kimg')
                 # each rank summed its own share of the batch (loss / batch_gpu_total): the mean over ranks is the
                 # loss of the whole batch, the number a single GPU would log
-                t = torch.tensor([loss_psi_sum, loss_G_sum, extra_sum], dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                loss_psi_sum, loss_G_sum, extra_sum = (t / world).tolist()
+                dist.all_reduce(tick_sums)
+                tick_sums /= world
+            loss_fake, loss_G, loss_extra = (tick_sums / n_iter_tick).tolist()
             now = time.time()
             sec_per_kimg = (now - tick_time) / max((cur_nimg - tick_nimg) / 1e3, 1e-9)
-            entry = dict(kimg=cur_nimg / 1e3, sec_per_kimg=sec_per_kimg, loss_fake=loss_psi_sum / n_iter_tick,
-                         loss_G=loss_G_sum / n_iter_tick, time=now - start_time)
+            entry = dict(kimg=cur_nimg / 1e3, sec_per_kimg=sec_per_kimg, loss_fake=loss_fake, loss_G=loss_G,
+                         time=now - start_time)
             if cfg.method in ('sida', 'sign'):
-                entry['loss_' + ('gan' if cfg.method == 'sida' else 'ign')] = extra_sum / n_iter_tick
+                entry['loss_' + ('gan' if cfg.method == 'sida' else 'ign')] = loss_extra
             if device.type == 'cuda':
                 entry['mem_gb'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             eta = sec_per_kimg * (end_nimg - cur_nimg) / 1e3
             log(f"kimg {entry['kimg']:<9.1f} sec/kimg {sec_per_kimg:<7.3f} eta {eta / 3600:<6.2f}h "
                 f"loss_fake {entry['loss_fake']:<9.4g} loss_G {entry['loss_G']:<+9.4g}"
                 + ''.join(f' {k} {entry[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in entry))
-            if rank == 0:
-                with open(os.path.join(cfg.outdir, 'stats.jsonl'), 'a') as f:
-                    f.write(json.dumps(entry) + '\n')
+            append_stats(entry)
             tick_nimg, tick_time, n_iter_tick = cur_nimg, now, 0
-            loss_psi_sum = loss_G_sum = extra_sum = 0.0
+            tick_sums.zero_()
         if crossed(cfg.fid_every_kimg):
             fid_value = evaluate_fid(cfg, G_ema, device, rank, world, fid_tools)
             stats_fid.append((cur_nimg / 1e6, fid_value))
             log(f'FID {fid_value:.3f} at {cur_nimg / 1e3:.1f} kimg')
+            append_stats(dict(kimg=cur_nimg / 1e3, fid=fid_value))
             if rank == 0:
-                with open(os.path.join(cfg.outdir, 'stats.jsonl'), 'a') as f:
-                    f.write(json.dumps(dict(kimg=cur_nimg / 1e3, fid=fid_value)) + '\n')
                 fid.plot_curve(stats_fid, os.path.join(cfg.outdir, 'fid.png'))
                 if fid_value <= min(v for _, v in stats_fid):
                     save_snapshot(cfg, G_ema, cur_nimg, os.path.join(cfg.outdir, 'network-snapshot-best.pt'), fid_value)
-        if crossed(cfg.snap_kimg) and rank == 0:
-            save_snapshot(cfg, G_ema, cur_nimg, os.path.join(cfg.outdir, f'network-snapshot-{cur_nimg // 1000:06d}.pt'))
-            save_atomic(dict(G=G.state_dict(), G_ema=G_ema.state_dict(), f_psi=f_psi.state_dict(),
-                             opt_G=opt_G.state_dict(), opt_psi=opt_psi.state_dict(), cur_nimg=cur_nimg,
-                             data_images=data_batches * cfg.batch_gpu * world, fid=stats_fid,
-                             config=dataclasses.asdict(cfg)), os.path.join(cfg.outdir, 'training-state.pt'))
-            if is_image:
-                save_grid(G_ema, os.path.join(cfg.outdir, f'samples-{cur_nimg // 1000:06d}.png'), cfg.sigma_init, device)
         if crossed(cfg.snap_kimg):
+            if rank == 0:
+                save_snapshot(cfg, G_ema, cur_nimg, os.path.join(cfg.outdir, f'network-snapshot-{cur_nimg // 1000:06d}.pt'))
+                save_atomic(dict(G=G.state_dict(), G_ema=G_ema.state_dict(), f_psi=f_psi.state_dict(),
+                                 opt_G=opt_G.state_dict(), opt_psi=opt_psi.state_dict(), cur_nimg=cur_nimg,
+                                 data_images=data_batches * cfg.batch_gpu * world, fid=stats_fid,
+                                 config=dataclasses.asdict(cfg)), os.path.join(cfg.outdir, 'training-state.pt'))
+                if is_image:
+                    save_grid(G_ema, os.path.join(cfg.outdir, f'samples-{cur_nimg // 1000:06d}.png'), cfg.sigma_init, device)
             reseed(cur_nimg)  # the same on every rank and in a resumed run
 
     if cfg.dataset == 'toy' and rank == 0:
@@ -1028,7 +1040,13 @@ def train(cfg, nets=None):
         log(f"wrote {os.path.join(cfg.outdir, 'toy.png')} and toy.gif")
     if own_group:
         dist.destroy_process_group()
-    return G, G_ema, f_psi
+    yield types.SimpleNamespace(cur_nimg=cur_nimg, G=G, G_ema=G_ema, f_psi=f_psi)  # the run has ended
+
+def train(cfg, nets=None):
+    """Run (or resume) a distillation to its end; returns the final (G, G_ema, f_psi)."""
+    for it in iterate(cfg, nets):
+        pass
+    return it.G, it.G_ema, it.f_psi
 
 def save_snapshot(cfg, G_ema, cur_nimg, path, fid_value=None):
     """G_ema for sampling, readable with torch.load(weights_only=True) and by load_generator()."""

@@ -2450,21 +2450,18 @@ def test_fast_options_reject_other_values():
             sid.make_config({'dataset': 'cifar10', k: 2})
 
 #----------------------------------------------------------------------------
-# bench.py runs the same iteration as train(): with train()'s per-micro-batch seeds it reproduces its losses.
+# bench.py times sid.iterate(), the loop train() runs: its first iteration reproduces train()'s logged losses.
 
 def test_bench_iteration_matches_train(tmp_path):
-    import numpy as np
     import bench
     cfg = sid.make_config(img_cfg(tmp_path / 'train', 1, batch=4, batch_gpu=4, lr=1e-5, glr=1e-5))  # bench's lr
     sid.train(cfg)
     e = stats(cfg.outdir)[0]
-    s = bench.sid_setup('sid', 'fp32', 4, torch.device('cpu'), net_overrides=TINY_JSON)
-    reseed = lambda phase: torch.manual_seed(int(np.random.SeedSequence([0, 0, phase, 0]).generate_state(1, np.uint64)[0]))
-    loss_psi, loss_G = bench.sid_iteration(s, reseed)
+    _, it = bench.sid_iterations('sid', 'fp32', 4, torch.device('cpu'), str(tmp_path / 'bench'), net_overrides=TINY_JSON)
+    out = bench.run_iteration(it)
+    loss_psi, loss_G = float(out.loss_fake), float(out.loss_G)
     assert math.isclose(loss_psi, e['loss_fake'], rel_tol=1e-6) and math.isclose(loss_G, e['loss_G'], rel_tol=1e-6)
 
-if __name__ == '__main__':
-    _driver(sys.argv[1])
 
 #============================================================================
 # SiDA and SiD²A on the toy (mixture samples as the real data).
@@ -2488,3 +2485,6 @@ def test_toy_sida_keeps_quality_of_sid_and_sid2a_starts_from_sid(tmp_path):
                                sida_warmup_kimg=100, outdir=str(tmp_path / 'sid2a')))
     q_2a = _toy_end_quality(cfg)
     assert q_2a[0] == pytest.approx(q_sid[0], rel=0.05) and q_2a[1] == 8
+
+if __name__ == '__main__':  # the torchrun worker of the DDP section
+    _driver(sys.argv[1])
