@@ -436,6 +436,7 @@ class EDMPrecond(torch.nn.Module):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
+        self.img_shape = [img_channels, img_resolution, img_resolution] if img_resolution else [img_channels]  # points: [C]
         # Everything needed to rebuild this net; saved next to our own checkpoints ('net_kwargs').
         self.init_kwargs = copy.deepcopy(dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                                               use_fp16=use_fp16, sigma_min=sigma_min, sigma_max=sigma_max,
@@ -445,7 +446,7 @@ class EDMPrecond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None, force_fp32=False, return_logits=False, encoder_only=False):
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)  # scalar sigma broadcasts
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, *[1] * (x.dim() - 1))  # scalar broadcasts
         if self.label_dim == 0:
             class_labels = None
         elif class_labels is None:
@@ -467,11 +468,45 @@ class EDMPrecond(torch.nn.Module):
         D_x = c_skip * x + c_out * F_x.to(torch.float32)  # (B, C, H, W) float32
         return (D_x, logits.to(torch.float32)) if return_logits else D_x
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
+
+#----------------------------------------------------------------------------
+# The 2-D toy's body (sid's toy.py): an MLP on c_in*x and a sinusoidal embedding of c_noise. Inside EDMPrecond it is
+# the toy's G and f_psi with the same preconditioning as the image nets; its first layers play SiDA's encoder.
+
+class ToyMLP(torch.nn.Module):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, hidden=128, depth=3, dropout=0.0):
+        super().__init__()
+        nn = torch.nn
+        self.enc = nn.Sequential(nn.Linear(in_channels + 16, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        layers = []
+        for _ in range(depth - 2):
+            layers += [nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.SiLU()]
+        self.dec = nn.Sequential(*layers, nn.Linear(hidden, out_channels))
+        self.register_buffer('freqs', torch.arange(1, 9, dtype=torch.float32))
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, return_logits=False, encoder_only=False):
+        c_noise = noise_labels.reshape(-1, 1).expand(x.shape[0], 1)
+        h = self.enc(torch.cat([x, (c_noise * self.freqs).sin(), (c_noise * self.freqs).cos()], 1))
+        logits = h.mean(1, keepdim=True)  # (B, 1): channel mean of the encoder features, as SiDA's on the U-Nets
+        if encoder_only:
+            return logits
+        return (self.dec(h), logits) if return_logits else self.dec(h)
 
 
-_MODEL_TYPES = dict(SongUNet=SongUNet, DhariwalUNet=DhariwalUNet)
+_MODEL_TYPES = dict(SongUNet=SongUNet, DhariwalUNet=DhariwalUNet, ToyMLP=ToyMLP)
+
+
+def checkpoint_blocks(net):
+    """Gradient checkpointing: each UNetBlock of `net` keeps only its inputs and recomputes its activations in
+    backward. Non-reentrant checkpointing gives input gradients (the teacher's and f_psi's in SiD's generator step)
+    and works under DDP and torch.compile; preserve_rng_state replays the same dropout masks. Patches the instances
+    in place: apply it after any deepcopy of `net` (a copy would call the original's blocks)."""
+    from torch.utils.checkpoint import checkpoint
+    for block in net.modules():
+        if isinstance(block, UNetBlock):
+            block.forward = lambda x, emb, fwd=block.forward: (
+                checkpoint(fwd, x, emb, use_reentrant=False, preserve_rng_state=True) if torch.is_grad_enabled() else fwd(x, emb))
+    return net
 
 #----------------------------------------------------------------------------
 # The five official EDM teachers used by SiD (EDM train.py presets; FIDs are EDM's, sampler in brackets).
@@ -838,3 +873,138 @@ class AugmentPipe:
         return images, labels
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# TEMPORARY (replaced by the hardened file-format section): atomic writes, PNG, datasets, checkpoints.
+import contextlib, json, pathlib, tarfile, zlib
+import PIL.Image
+import torch.nn.functional as F
+
+@contextlib.contextmanager
+def atomic_write(path):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        yield f
+    os.replace(tmp, path)
+
+def save_png(path, images, cols=None):
+    images = torch.as_tensor(images)
+    if images.dim() == 3:
+        images = images[None]
+    n, ch, h, w = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    grid = torch.zeros(rows * h, cols * w, ch, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im.permute(1, 2, 0)
+    arr = grid.numpy()
+    with atomic_write(path) as f:
+        PIL.Image.fromarray(arr[:, :, 0] if ch == 1 else arr).save(f, format='PNG')
+
+def read_image(data, name=''):
+    with PIL.Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        a = np.asarray(im if im.mode in ('L', 'RGB') else im.convert('L' if im.mode in ('1', 'LA') else 'RGB'))
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+def load_checkpoint(path):
+    if path in PRESETS:
+        path = PRESETS[path]['url']
+    path = download(path) if '://' in str(path) or os.path.exists(path) else path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if zipfile.is_zipfile(path):
+        data = torch.load(path, map_location='cpu', weights_only=True)
+        net = _build_and_load(data['net_kwargs'], data.get('G_ema', data.get('ema')), path)
+        return net, dict(path=path, config=data.get('config', {}), kimg=data.get('kimg'))
+    return load_edm_pickle(path), dict(path=path, config={}, kimg=None)
+
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+_NP_RECONSTRUCT = np.ndarray(0).__reduce__()[0]  # numpy's array-unpickling helper, whatever its module path
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR-10 batches are plain dicts of bytes, lists and numpy arrays: allow only numpy's array
+    reconstruction (plus the bytes codec that Python-3 protocol-2 pickles use), refuse every other global."""
+    def find_class(self, module, name):
+        if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+            return _NP_RECONSTRUCT
+        if module == 'numpy' and name in ('ndarray', 'dtype'):
+            return getattr(np, name)
+        if (module, name) == ('_codecs', 'encode'):
+            return lambda s, encoding='utf-8': s.encode(encoding)  # str.encode admits text codecs only
+        raise pickle.UnpicklingError(f'refusing to unpickle global {module}.{name}')
+
+def _one_hot(ys, path, num=None):
+    """Integer class labels -> float32 one-hot [N, num], num = max + 1 unless given (EDM's label_dim)."""
+    ys = torch.as_tensor(ys)
+    if ys.dim() != 1 or ys.is_floating_point() or (ys < 0).any() or (num is not None and (ys >= num).any()):
+        raise ValueError(f'{path}: labels must be one integer class in [0, {num or "inf"}) per image')
+    return F.one_hot(ys.long(), num or int(ys.max()) + 1).float()
+
+def _load_cifar_archive(path):
+    """cifar-10-python.tar.gz -> uint8 [50000,3,32,32] and labels, data_batch_1..5 in order (as EDM's dataset_tool)."""
+    xs, ys = [], []
+    try:
+        with tarfile.open(path, 'r:gz') as tar:
+            for i in range(1, 6):
+                d = _CifarUnpickler(tar.extractfile(f'cifar-10-batches-py/data_batch_{i}'), encoding='bytes').load()
+                xs.append(np.asarray(d[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys += list(d[b'labels'])
+    except (tarfile.TarError, EOFError, OSError, zlib.error, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f'{path}: not a readable CIFAR-10 python archive ({type(e).__name__}: {e})') from None
+    images = np.concatenate(xs)
+    if len(ys) != len(images):
+        raise ValueError(f'{path}: {len(images)} images but {len(ys)} labels')
+    return images, _one_hot(ys, path, 10)
+
+def _load_image_files(path):
+    """EDM layout: image files at any depth, sorted by name; dataset.json {"labels": [[name, int], ...] or null}."""
+    if os.path.isdir(path):
+        names = [os.path.relpath(os.path.join(r, f), path).replace(os.sep, '/') for r, _, fs in os.walk(path) for f in fs]
+        read = lambda name: pathlib.Path(path, name).read_bytes()
+    else:
+        zf = zipfile.ZipFile(path)
+        names, read = zf.namelist(), zf.read
+    files = sorted(n for n in names if n.lower().endswith(('.png', '.jpg', '.jpeg')))
+    if not files:
+        raise ValueError(f'{path}: no .png/.jpg images found')
+    labels = torch.zeros(len(files), 0)
+    meta = json.loads(read('dataset.json')).get('labels') if 'dataset.json' in names else None
+    if meta is not None:  # check the labels before decoding anything
+        meta = dict(meta)
+        missing, extra = [n for n in files if n not in meta], sorted(set(meta) - set(files))
+        if missing:
+            raise ValueError(f'{path}: dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}')
+        if extra:
+            raise ValueError(f'{path}: dataset.json names {len(extra)} file(s) not in the dataset, e.g. {extra[0]}')
+        labels = _one_hot([meta[n] for n in files], path)
+    images = None
+    for i, name in enumerate(files):
+        with PIL.Image.open(io.BytesIO(read(name))) as im:  # grayscale -> C=1, anything else -> RGB
+            a = np.asarray(im if im.mode in ('L', 'RGB') else im.convert('L' if im.mode in ('1', 'LA') else 'RGB'))
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
+        if images is None:
+            images = np.empty((len(files), *a.shape), dtype=np.uint8)
+        elif a.shape != images.shape[1:]:
+            raise ValueError(f'{path}: {name} is {a.shape} (C,H,W) but {files[0]} is {images.shape[1:]}')
+        images[i] = a
+    return images, labels
+
+def load_dataset(path):
+    """Real images -> (uint8 [N,C,H,W], float32 one-hot labels [N,L], L=0 without labels). path: 'cifar10'
+    (the python archive, downloaded once to the cache), a cifar-10-python.tar.gz, an EDM .zip or a folder."""
+    path = os.fspath(path)
+    if path == 'cifar10':
+        path = download(CIFAR10_URL)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'dataset not found: {path}')
+    if path.endswith(('.tar.gz', '.tgz')):
+        images, labels = _load_cifar_archive(path)
+    elif os.path.isdir(path) or path.endswith('.zip'):
+        try:
+            images, labels = _load_image_files(path)
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, json.JSONDecodeError) as e:
+            raise ValueError(f'{path}: unreadable dataset ({type(e).__name__}: {e})') from None
+    else:
+        raise ValueError(f'{path}: expected cifar10, a CIFAR-10 python .tar.gz, an EDM-style .zip or a folder')
+    return torch.from_numpy(images), labels
+
