@@ -1008,3 +1008,31 @@ def load_dataset(path):
         raise ValueError(f'{path}: expected cifar10, a CIFAR-10 python .tar.gz, an EDM-style .zip or a folder')
     return torch.from_numpy(images), labels
 
+
+
+def infinite_batches(images, labels, batch, seed, rank=0, world_size=1, start=0, pin=False):
+    """Endless (x [batch,C,H,W] in [-1,1], labels). Epoch e is a permutation drawn from (seed, e), the same on all
+    ranks; rank r takes every world_size-th entry (disjoint shards). `start` skips batches (resume) without drawing."""
+    n, idx = len(images), torch.zeros(0, dtype=torch.long)
+    if n < world_size:
+        raise ValueError(f'{n} images cannot be sharded over {world_size} ranks')
+    epoch, skip = divmod(start * batch, len(range(rank, n, world_size)))
+    while True:
+        while len(idx) < batch:
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]))
+            idx, epoch, skip = torch.cat([idx, torch.randperm(n, generator=gen)[rank::world_size][skip:]]), epoch + 1, 0
+        b, idx = idx[:batch], idx[batch:]
+        x = images[b].float() / 127.5 - 1
+        yield (x.pin_memory() if pin else x), labels[b]  # pinned: the copy to the GPU needs no synchronisation
+
+
+def check_dataset_matches(images, labels, net):
+    """Fail before training if the data cannot feed the network; -> the labels to use (none if unconditional)."""
+    C, H, W = images.shape[1:]
+    if H != net.img_resolution or W != net.img_resolution:
+        raise ValueError(f'dataset resolution {H}x{W} does not match the teacher resolution {net.img_resolution}')
+    if C != net.img_channels:
+        raise ValueError(f'dataset has {C} channels but the teacher has {net.img_channels}')
+    if net.label_dim and labels.shape[1] != net.label_dim:
+        raise ValueError(f'dataset label_dim {labels.shape[1]} does not match the teacher label_dim {net.label_dim}')
+    return labels if net.label_dim else labels[:, :0]

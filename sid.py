@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import edm_nets, fid, toy
+import edm_nets, fid, runs, toy
+from runs import generate
 
 #----------------------------------------------------------------------------
 # Identities and noise levels (SiD §3-4). Tweedie: a denoiser D(x; sigma) ~ E[x_0 | x_t = x] gives the score
@@ -49,11 +50,6 @@ def finite_rows(*ts):
 #----------------------------------------------------------------------------
 # SiD losses (SiD Eq. 22/23 in the official code's form; EDM denoising score matching for f_psi). Pure functions:
 # sigma and noise are arguments. Each returns per-sample pixel sums [B]; the objectives below reduce them.
-
-def generate(G, z, labels, sigma_init):
-    """One-step generation x_g = G(z; sigma_init) with z = sigma_init * eps (SiD §4): EDM's denoiser at sigma_init."""
-    # contiguous: a channels_last net returns NHWC memory, and randn_like(x_g) would draw other numbers
-    return G(z, z.new_full([z.shape[0]] + [1] * (z.dim() - 1), sigma_init), labels).contiguous()
 
 def sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha, with_logits=False):
     """SiD generator loss per sample, with x_t = x_g + sigma*noise and w = mean|x_g - f_phi| (no grad):
@@ -187,34 +183,6 @@ def sign_student_loss(G, G_bar, f_phi, f_psi, x_g, labels, sigma, noise, alpha=1
                 rec=D * rec_loss(f, x) if lam_rec else zero,
                 flow=D * flow_loss(f, f_bar, f_phi, x, sigma_f, sigma_f_next, noise_f, labels) if lam_flow else zero)
 
-@torch.no_grad()
-def multistep_sample(f, z, sigmas=(), noises=None):
-    """x_1 = f(z), x_{k+1} = f(x_k + sigmas[k-1] * noises[k-1]): K = len(sigmas) + 1 calls (IGN's re-application
-    with fresh noise, as in consistency models). noises=None draws torch.randn. Returns [x_1, ..., x_K]."""
-    xs = [f(z)]
-    for k, s in enumerate(sigmas):
-        xs.append(f(xs[-1] + s * (torch.randn_like(xs[-1]) if noises is None else noises[k])))
-    return xs
-
-@torch.no_grad()
-def project(f, y, sigma=0.0, noise=None, repeat=1):
-    """Projection / zero-shot editing: y <- f(y + sigma * eps_k), `repeat` times (sigma = 0: plain projection f(y)).
-    noise: a list of `repeat` tensors, a torch.Generator on y's device, or None."""
-    for k in range(repeat):
-        if sigma > 0:
-            eps = noise[k] if isinstance(noise, (list, tuple)) else torch.randn(y.shape, generator=noise, device=y.device)
-            y = y + sigma * eps
-        y = f(y)
-    return y
-
-@torch.no_grad()
-def sign_evaluation(f, z, x_data, sigmas, noises, noise_proj, sigma_proj=0.2):
-    """IGN's two properties and SIGN's uses: idempotence error E|f(f(z)) - f(z)|, fixed-point error E|f(x) - x| on
-    data, multi-step samples, and the projection of data + sigma_proj * eps."""
-    xs, y = multistep_sample(f, z, sigmas, noises), x_data + sigma_proj * noise_proj
-    err = lambda a, b: float((a - b).flatten(1).norm(dim=1).mean())
-    return dict(idem=err(f(xs[0]), xs[0]), fix=err(f(x_data), x_data), steps=xs, data=x_data, noisy=y, projected=project(f, y))
-
 #----------------------------------------------------------------------------
 # The three methods as objectives: what one micro-batch of generator samples x_g (with real images x_r and labels
 # c where the method uses them) contributes to the f_psi step and to the G step. Each draws its own noise (the
@@ -295,7 +263,7 @@ def opt(default, help, group='training'):
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = opt('toy', ' | '.join(['toy', 'cifar10', 'cifar10-cond', 'imagenet64', 'ffhq64', 'afhqv2-64']), 'method')
+    dataset: str = opt('toy', 'toy | cifar10 | cifar10-cond | imagenet64 | ffhq64 | afhqv2-64', 'method')
     method: str = opt('sid', 'sid | sida (SiD²A with --init-generator) | sign', 'method')
     alpha: float = opt(1.2, "SiD's alpha in the generator loss", 'method')
     sigma_init: float = opt(2.5, "the generator's input noise level: x_g = G(sigma_init*eps; sigma_init)", 'method')
@@ -316,14 +284,14 @@ class Config:
     seed: int = opt(0, 'seed of every random draw')
     batch: int = opt(256, 'images per iteration over all GPUs (the unit of kimg)')
     batch_gpu: int = opt(16, 'images per GPU per micro-batch (accumulation fills the rest)')
-    lr: float = opt(1e-5, "Adam lr of the fake score f_psi")
+    lr: float = opt(1e-5, 'Adam lr of the fake score f_psi')
     glr: float = opt(1e-5, 'Adam lr of the generator G')
     g_beta1: float = opt(0.0, "G's Adam beta1 (f_psi's is 0)")
     dropout: float = opt(0.13, 'dropout of G and f_psi (never the teacher)')
     augment: float = opt(0.12, "EDM augmentation probability in f_psi's step (0: none)")
-    ema_mimg: float = opt(0.5, 'half-life of G_ema (5 % ramp-up)')
+    ema_mimg: float = opt(0.5, 'half-life of G_ema (5 %% ramp-up)')
     duration_mimg: float = opt(500, 'training length in generator images')
-    fast: bool = opt(False, 'the GPU fast path: ' + 'bf16 + channels_last + fused Adam + compiled U-Net blocks', 'speed')
+    fast: bool = opt(False, 'the GPU fast path: bf16, channels_last, fused Adam, compiled U-Net blocks', 'speed')
     precision: str = opt('fp32', 'fp32 (TF32 off, official) | tf32 | bf16 (autocast) | fp16 (EDM per-layer casting)', 'speed')
     channels_last: bool = opt(False, 'NHWC memory layout for the U-Nets (same maths)', 'speed')
     fused_adam: bool = opt(False, "Adam's fused kernel (same update up to rounding)", 'speed')
@@ -354,7 +322,7 @@ PRESETS = {  # SiD, official run_sid.sh
     'afhqv2-64':    dict(P64, teacher='afhqv2-64x64-uncond-vp', fid_ref='afhqv2-64x64', alpha=1.0, lr=5e-6, glr=5e-6,
                          duration_mimg=500),
 }
-METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches; SiD²A trains 100 Mimg
+METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches; SiD²A (--init-generator) 100 Mimg
     'sida': {'cifar10': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'cifar10-cond': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'imagenet64': dict(alpha=1.0, batch_gpu=32, duration_mimg=300),
@@ -362,49 +330,63 @@ METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches;
              'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200),
              'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0)},  # scaled to the toy (README)
 }
-# Options that may differ when a run is resumed; any other change would alter the maths of the run.
+# What a resumed run may change; anything else would change its maths.
 RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg', 'fid_num',
              'fid_ref', 'device', 'batch_gpu', 'fast', 'compile', 'checkpointing', 'channels_last', 'fused_adam'}
+RANGES = dict(batch=(1, None), batch_gpu=(1, None), fid_num=(2, None), seed=(0, 2 ** 32 - 1), alpha=(0, 2),
+              sigma_init=(0.002, 80), tmax=(0, 1000), dropout=(0, 0.99), augment=(0, 1), g_beta1=(0, 0.99))
+POSITIVE = {'alpha', 'tmax', 'lr', 'glr', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'ema_mimg'}
+for _k in ('ls', 'lsg', 'lsd', 'lsg_gan', 'lambda_idem', 'lambda_rec', 'lambda_flow', 'fid_every_kimg', 'sida_warmup_kimg',
+           'sida_mix_kimg'):
+    RANGES[_k] = (0, None)
 
-def preset(dataset='toy', method='sid', init_generator=''):
-    if dataset not in PRESETS:
-        raise ValueError(f"unknown --dataset '{dataset}' (choose from {', '.join(PRESETS)})")
-    if method not in METHODS:
-        raise ValueError(f"unknown --method '{method}' (choose from {', '.join(METHODS)})")
+def preset(dataset='toy', method='sid', init_generator='', fast=False):
+    """The resolved defaults of a dataset and method."""
+    if dataset not in PRESETS or method not in METHODS:
+        raise ValueError(f"unknown --dataset '{dataset}' or --method '{method}' (datasets: {', '.join(PRESETS)}; "
+                         f"methods: {', '.join(METHODS)})")
     p = dict(PRESETS[dataset], dataset=dataset, method=method, **METHOD_PRESETS.get(method, {}).get(dataset, {}))
-    if method == 'sida' and init_generator and dataset != 'toy':
-        p['duration_mimg'] = 100  # SiD²A
-    return p
+    p.update(dict(duration_mimg=100) if method == 'sida' and init_generator and dataset != 'toy' else {})  # SiD²A
+    return dict(p, **FAST, fast=True) if fast else p
 
 def make_config(overrides):
-    """Defaults <- dataset preset <- method preset <- --fast <- overrides (<- a resumed run's saved options); checked."""
+    """Defaults <- presets <- --fast <- overrides (a resumed run: its saved options <- what may change); checked."""
     over = {k: v for k, v in overrides.items() if v is not None}
-    if over.get('resume'):
-        over = resumed_options(over)
-    base = preset(over.get('dataset', 'toy'), over.get('method', 'sid'), over.get('init_generator', ''))
-    if over.get('fast', base.get('fast')):
-        base.update(FAST)
-    cfg = Config(**{**base, **over})
-    if not cfg.outdir:
-        cfg.outdir = cfg.resume if cfg.resume else new_run_dir('runs', f'{cfg.dataset}-{cfg.method}')
-    check_config(cfg)
+    over = resumed_options(over) if over.get('resume') else over
+    cfg = Config(**{**preset(*(over.get(k, d) for k, d in (('dataset', 'toy'), ('method', 'sid'), ('init_generator', ''),
+                                                              ('fast', False)))), **over})
+    cfg.outdir = cfg.outdir or new_run_dir('runs', f'{cfg.dataset}-{cfg.method}')
+    for f in dataclasses.fields(cfg):
+        v, name, (lo, hi) = getattr(cfg, f.name), '--' + f.name.replace('_', '-'), RANGES.get(f.name, (None, None))
+        if f.type is bool and v not in (0, 1):
+            raise ValueError(f'{name} is a switch (0 or 1), got {v!r}')
+        if f.type in (int, float) and (type(v) not in (int, f.type) or not math.isfinite(v) or (lo is not None and v < lo)
+                                       or (hi is not None and v > hi) or (f.name in POSITIVE and v <= 0)):
+            rng = [f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'] if lo is not None else []
+            rng += ['> 0'] if f.name in POSITIVE else []
+            raise ValueError(f"{name} must be a finite {f.type.__name__} {' and '.join(rng)}, got {v!r}".replace('  ', ' '))
+        setattr(cfg, f.name, bool(v) if f.type is bool else v)
+    for ok, msg in [(cfg.precision in ('fp32', 'tf32', 'bf16', 'fp16'), f"unknown --precision '{cfg.precision}'"),
+                    (re.fullmatch(r'(cpu|cuda(:\d+)?)?', cfg.device), f"--device must be cpu or cuda, got '{cfg.device}'"),
+                    (not cfg.device.startswith('cuda') or torch.cuda.is_available(), f'--device {cfg.device}: no CUDA here'),
+                    (cfg.dataset not in toy.WORLDS or not (cfg.data or cfg.fid_every_kimg or cfg.teacher or cfg.net_overrides),
+                     '--data, --teacher, --net-overrides and --fid-every-kimg do not apply to the toy (its teacher is exact)')]:
+        if not ok:
+            raise ValueError(msg)
+    net_overrides(cfg)
     return cfg
 
 def resumed_options(over):
-    """The saved options of the run in over['resume'], with the command line's changes of RESUMABLE fields."""
-    path = over['resume']
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    """The saved options of the run being resumed, with the command line's changes of RESUMABLE fields."""
+    folder = over['resume'] if os.path.isdir(over['resume']) else os.path.dirname(over['resume'])
     try:
         with open(os.path.join(folder, 'config.json')) as f:
-            saved = json.load(f)
-        assert isinstance(saved, dict)
-    except (OSError, ValueError, AssertionError):
+            saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
+    except (OSError, ValueError, AttributeError):
         raise ValueError(f'--resume: no readable config.json in {folder or "."}') from None
-    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}}
-    changed = sorted(k for k, v in over.items() if k not in RESUMABLE and k in saved and v != saved[k])
+    changed = sorted('--' + k.replace('_', '-') for k, v in over.items() if k not in RESUMABLE and k in saved and v != saved[k])
     if changed:
-        raise ValueError(f'--resume: the run was made with other values of {", ".join("--" + k.replace("_", "-") for k in changed)}; '
-                         'a resumed run keeps its maths (start a new run instead)')
+        raise ValueError(f'--resume: {", ".join(changed)} differ from the run\'s; a resumed run keeps its maths (start a new run)')
     return {**saved, **over, 'outdir': over.get('outdir') or folder}
 
 def new_run_dir(parent, desc):
@@ -412,49 +394,55 @@ def new_run_dir(parent, desc):
     nums = [int(m.group(1)) for d in (os.listdir(parent) if os.path.isdir(parent) else []) if (m := re.match(r'(\d+)-', d))]
     return os.path.join(parent, f'{max(nums, default=-1) + 1:05d}-{desc}')
 
-def check_config(cfg):
-    """One-line errors for values that cannot work, before anything heavy runs."""
-    err = lambda msg: ValueError(msg)
-    for f in dataclasses.fields(cfg):
-        v, name = getattr(cfg, f.name), '--' + f.name.replace('_', '-')
-        if f.type is bool:
-            if v not in (0, 1):
-                raise err(f'{name} is a switch: 0 or 1, got {v!r}')
-            setattr(cfg, f.name, bool(v))
-        elif f.type in (int, float) and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise err(f'{name} must be a finite number, got {v!r}')
-    positive = ['batch', 'batch_gpu', 'lr', 'glr', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'ema_mimg', 'sigma_init', 'tmax']
-    for k in positive + ['ls', 'lsg', 'lsd', 'lsg_gan', 'lambda_idem', 'lambda_rec', 'lambda_flow', 'fid_every_kimg',
-                         'sida_warmup_kimg', 'sida_mix_kimg', 'seed']:
-        if getattr(cfg, k) < 0 or (k in positive and getattr(cfg, k) == 0):
-            raise err(f'--{k.replace("_", "-")} must be {"positive" if k in positive else ">= 0"}, got {getattr(cfg, k)}')
-    checks = [(cfg.seed < 2 ** 32, '--seed must be below 2**32'), (0 < cfg.alpha <= 2, '--alpha must lie in (0, 2]'),
-              (0.002 < cfg.sigma_init <= 80, '--sigma-init must lie in (0.002, 80]'), (cfg.tmax <= 1000, '--tmax must be <= 1000'),
-              (0 <= cfg.dropout < 1 and 0 <= cfg.augment <= 1 and 0 <= cfg.g_beta1 < 1, '--dropout, --augment, --g-beta1 must lie in [0, 1)'),
-              (cfg.fid_num >= 2, '--fid-num must be >= 2'),
-              (cfg.precision in ('fp32', 'tf32', 'bf16', 'fp16'), f"unknown --precision '{cfg.precision}' (fp32, tf32, bf16, fp16)"),
-              (re.fullmatch(r'(cpu|cuda(:\d+)?)?', cfg.device), f"--device must be cpu or cuda, got '{cfg.device}'"),
-              (not cfg.device.startswith('cuda') or torch.cuda.is_available(), f'--device {cfg.device}: CUDA is not available here'),
-              (cfg.dataset not in toy.WORLDS or not (cfg.data or cfg.fid_every_kimg or cfg.teacher or cfg.net_overrides),
-               '--data, --teacher, --net-overrides and --fid-every-kimg do not apply to the toy (its teacher is exact)')]
-    for ok, msg in checks:
-        if not ok:
-            raise err(msg)
-    net_overrides(cfg)
-
 def net_overrides(cfg):
     try:
-        over = json.loads(cfg.net_overrides) if cfg.net_overrides else {}
+        over = json.loads(cfg.net_overrides or '{}')
     except json.JSONDecodeError:
         over = None
     if not isinstance(over, dict):
-        raise ValueError(f"--net-overrides must be a JSON object of network arguments, e.g. '{{\"model_channels\": 16}}', "
-                         f"got {cfg.net_overrides!r}")
+        raise ValueError(f"--net-overrides must be a JSON object of network arguments, e.g. '{{\"model_channels\": 16}}'")
     return over
 
 #----------------------------------------------------------------------------
-# Set-up: processes, networks, optimisers, data, resume. Teacher f_phi, fake score f_psi and generator G all start
-# from the teacher's weights (SiD §4); G and f_psi are rebuilt with the run's dropout and precision.
+# Set-up. Teacher f_phi, fake score f_psi and generator G all start from the teacher's weights (SiD §4); G and f_psi
+# are rebuilt with the run's dropout and precision. Everything the loop needs lives in one namespace, `run`.
+
+def setup(cfg, nets=None):
+    run = init_processes(cfg)
+    run.toy = toy.WORLDS[cfg.dataset]() if cfg.dataset in toy.WORLDS else None
+    if run.rank == 0:  # before anything heavy: a new run never writes into another's
+        if not cfg.resume and os.path.exists(os.path.join(cfg.outdir, 'config.json')):
+            raise ValueError(f'--outdir {cfg.outdir} holds a run: continue it with --resume {cfg.outdir}, or choose another')
+        os.makedirs(cfg.outdir, exist_ok=True)
+        runs.remove_stale_temporaries(cfg.outdir)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'  # official: off
+    torch.backends.cudnn.benchmark = True  # official default: cuDNN times its algorithms once per shape
+    run.autocast = lambda: torch.autocast(run.device.type, torch.bfloat16) if cfg.precision == 'bf16' else nullcontext()
+    run.f_phi, run.G, run.f_psi = nets if nets is not None else build_networks(cfg, run.device, run.toy)
+    if cfg.channels_last and run.G.img_resolution:  # before DDP, whose gradient buckets copy the parameters' layout
+        for net in (run.f_phi, run.G, run.f_psi):
+            net.to(memory_format=torch.channels_last)
+    run.G_ema = copy.deepcopy(run.G).eval().requires_grad_(False)
+    run.G_bar = frozen_copy(run.G) if cfg.method == 'sign' else None  # SIGN's f_theta', refreshed every step
+    pipe = edm_nets.AugmentPipe(p=cfg.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    run.augment = pipe if cfg.augment > 0 and run.G.img_resolution else (lambda x: (x, None))
+    eps, fused = (1e-6 if cfg.precision == 'fp16' else 1e-8), (True if cfg.fused_adam else None)  # official eps
+    run.opt_psi = torch.optim.Adam(run.f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
+    run.opt_G = torch.optim.Adam(run.G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
+    run.cur_nimg, run.data_batches, run.stats_fid, run.end_nimg = 0, 0, [], int(cfg.duration_mimg * 1e6)
+    if cfg.resume:
+        resume(run)
+    open_data(run)
+    if cfg.fid_every_kimg > 0:  # reference and detector now: a bad --fid-ref fails before training
+        run.fid_tools = (*fid.load_ref(cfg.fid_ref or PRESETS[cfg.dataset]['fid_ref']), fid.load_detector(run.device))
+    for net in (run.f_phi, run.G, run.f_psi):  # after every deepcopy of G: a copy would share the patched call
+        edm_nets.checkpoint_blocks(net) if cfg.checkpointing else None
+        net.compile() if cfg.compile else None  # keeps state_dict names; compiled dropout draws other masks (same law)
+    run.G_ddp, run.psi_ddp = ddp(run, run.G, ['map_augment']), ddp(run, run.f_psi, [] if cfg.augment else ['map_augment'])
+    if run.rank == 0:
+        runs.write_json(os.path.join(cfg.outdir, 'config.json'), dataclasses.asdict(cfg))
+    run.written = ['config.json']
+    return run
 
 def init_processes(cfg):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPUs. A caller's group is left alone."""
@@ -467,18 +455,17 @@ def init_processes(cfg):
     own_group = world_size > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    batch_gpu = cfg.batch_gpu
-    if batch_gpu * world_size > cfg.batch:  # as the official code: the micro-batch shrinks to batch / GPUs
-        batch_gpu = cfg.batch // world_size
+    log = print if rank == 0 else (lambda *a, **k: None)
+    batch_gpu = min(cfg.batch_gpu, cfg.batch // world_size)  # as the official code: at most batch / GPUs
+    if batch_gpu < cfg.batch_gpu:
+        log(f'--batch-gpu {cfg.batch_gpu} > --batch {cfg.batch} / {world_size} GPUs: using micro-batches of {batch_gpu}')
     if batch_gpu < 1 or cfg.batch % (batch_gpu * world_size):
-        raise ValueError(f'--batch {cfg.batch} must be a multiple of --batch-gpu {cfg.batch_gpu} x {world_size} GPU(s)')
-    return types.SimpleNamespace(cfg=cfg, rank=rank, world_size=world_size, device=device, own_group=own_group,
-                                 batch_gpu=batch_gpu, n=cfg.batch // world_size, rounds=cfg.batch // world_size // batch_gpu,
-                                 log=print if rank == 0 else (lambda *a, **k: None))
+        raise ValueError(f'--batch {cfg.batch} must be a multiple of --batch-gpu {batch_gpu} x {world_size} GPU(s)')
+    return types.SimpleNamespace(cfg=cfg, rank=rank, world_size=world_size, device=device, own_group=own_group, log=log,
+                                 batch_gpu=batch_gpu, n=cfg.batch // world_size, rounds=cfg.batch // world_size // batch_gpu)
 
 def build_networks(cfg, device, world=None):
-    """-> (f_phi, G, f_psi): f_phi frozen in eval mode; G, f_psi its copies with the run's dropout (a toy: its exact
-    teacher, and a small net fitted to it)."""
+    """-> (f_phi frozen in eval mode, G, f_psi); a toy world gives its exact teacher and a small net fitted to it."""
     if world is not None:
         f_phi, G = world.teacher, world.student(cfg.dropout)
     else:
@@ -492,120 +479,50 @@ def build_networks(cfg, device, world=None):
         f_phi, G = edm_nets.EDMPrecond(**dict(kw, dropout=0.0)), edm_nets.EDMPrecond(**dict(kw, dropout=cfg.dropout))
         for net in (f_phi, G):
             net.load_state_dict(state)
+    f_psi = copy.deepcopy(G)
     if cfg.init_generator:  # SiD²A: G (and so G_ema) from a SiD generator; f_psi stays the teacher
-        G_init = edm_nets.load_checkpoint(snapshot_path(cfg.init_generator))[0]
-        f_psi = copy.deepcopy(G)
-        G.load_state_dict(G_init.state_dict())
-    else:
-        f_psi = copy.deepcopy(G)
+        G.load_state_dict(edm_nets.load_checkpoint(runs.snapshot_path(cfg.init_generator))[0].state_dict())
     return f_phi.to(device).eval().requires_grad_(False), G.to(device), f_psi.to(device)
 
-def setup(cfg, nets=None):
-    """Everything the loop needs, as one namespace `run`."""
-    run = init_processes(cfg)
-    run.toy = toy.WORLDS[cfg.dataset]() if cfg.dataset in toy.WORLDS else None
-    prepare_outdir(run)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'  # official: off
-    torch.backends.cudnn.benchmark = True  # official default: cuDNN times its algorithms once per shape
-    bf16 = cfg.precision == 'bf16'
-    run.autocast = lambda: torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    run.f_phi, run.G, run.f_psi = nets if nets is not None else build_networks(cfg, run.device, run.toy)
-    if cfg.channels_last and run.G.img_resolution:  # before DDP, whose gradient buckets copy the parameters' layout
-        for net in (run.f_phi, run.G, run.f_psi):
-            net.to(memory_format=torch.channels_last)
-    run.G_ema = copy.deepcopy(run.G).eval().requires_grad_(False)
-    run.G_bar = frozen_copy(run.G) if cfg.method == 'sign' else None  # SIGN's f_theta', refreshed every step
-    pipe = edm_nets.AugmentPipe(p=cfg.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-    run.augment = pipe if cfg.augment > 0 and run.G.img_resolution else (lambda x: (x, None))
-    eps, fused = (1e-6 if cfg.precision == 'fp16' else 1e-8), (True if cfg.fused_adam else None)
-    run.opt_psi = torch.optim.Adam(run.f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
-    run.opt_G = torch.optim.Adam(run.G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
-    run.cur_nimg, run.data_batches, run.stats_fid, run.end_nimg = 0, 0, [], int(cfg.duration_mimg * 1e6)
-    if cfg.resume:
-        load_state(run)
-    open_data(run)
-    run.fid_tools = load_fid_tools(cfg, run.device) if cfg.fid_every_kimg > 0 else None  # fail before training
-    wrap_for_speed_and_ddp(run, pipe)
-    return run
-
-def wrap_for_speed_and_ddp(run, pipe):
-    """Fast options and DDP, after every deepcopy of G (a copy would share the patched or compiled call). DDP wraps G and
-    f_psi, not the frozen teacher. G never gets augmentation labels, f_psi only with --augment: those embeddings get
-    no gradient and are excluded (DDP would wait for them forever). Only gradients are averaged: batch statistics
-    (SiDA's micro-batch BCE means) stay per rank, as officially."""
-    cfg = run.cfg
-    for net in (run.f_phi, run.G, run.f_psi):
-        if cfg.checkpointing:
-            edm_nets.checkpoint_blocks(net)
-        if cfg.compile:  # keeps state_dict names; compiled dropout draws other masks than eager (same law)
-            net.compile()
-    run.G_ddp, run.psi_ddp = run.G, run.f_psi
-    if run.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        for name, net, unused in (('G_ddp', run.G, ['map_augment']), ('psi_ddp', run.f_psi, [] if cfg.augment else ['map_augment'])):
-            DDP._set_params_and_buffers_to_ignore_for_model(net, [n for n, _ in net.named_parameters() if any(u in n for u in unused)])
-            setattr(run, name, DDP(net, device_ids=[run.device] if run.device.type == 'cuda' else None, broadcast_buffers=False))
-
-def prepare_outdir(run):
-    """Rank 0: the run folder exists and is writable before anything heavy; a new run never writes into another's."""
-    cfg = run.cfg
-    if run.rank == 0:
-        if not cfg.resume and os.path.exists(os.path.join(cfg.outdir, 'config.json')):
-            raise ValueError(f'--outdir {cfg.outdir} already holds a run: continue it with --resume {cfg.outdir} '
-                             'or choose another --outdir')
-        os.makedirs(cfg.outdir, exist_ok=True)
-        with edm_nets.atomic_write(os.path.join(cfg.outdir, 'config.json')) as f:
-            f.write(json.dumps(dataclasses.asdict(cfg), indent=2).encode())
-    run.written = ['config.json']
+def ddp(run, net, unused):
+    """DistributedDataParallel of G or f_psi (not the frozen teacher), as officially without buffer broadcast. Parameters
+    that never get a gradient (G never sees augmentation labels) are excluded, else DDP waits for them forever.
+    Only gradients are averaged: batch statistics (SiDA's micro-batch BCE means) stay per rank, as officially."""
+    if run.world_size == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    DDP._set_params_and_buffers_to_ignore_for_model(net, [n for n, _ in net.named_parameters() if any(u in n for u in unused)])
+    return DDP(net, device_ids=[run.device] if run.device.type == 'cuda' else None, broadcast_buffers=False)
 
 def open_data(run):
-    """Class labels for conditional nets and real images for SiDA / SIGN: a toy's exact samples, else --data
-    (official: labels from the dataset; without --data, uniform labels)."""
-    cfg = run.cfg
-    run.data = None
+    """Real images for SiDA / SIGN and labels for conditional nets: a toy's exact samples, else --data (official:
+    labels from the dataset; without --data, uniform labels). Streams resume at the saved position."""
+    cfg, run.data = run.cfg, None
     if run.toy is not None and cfg.method in ('sida', 'sign'):
-        run.data = world_batches(run.toy, run.batch_gpu, cfg.seed * run.world_size + run.rank, start=run.data_batches)
+        run.data = run.toy.batches(run.batch_gpu, cfg.seed * run.world_size + run.rank, start=run.data_batches)
     elif cfg.method == 'sida' or cfg.data:
         if not cfg.data:
             raise ValueError(f'--method {cfg.method} needs real images: pass --data PATH')
         images, labels = edm_nets.load_dataset(cfg.data)
-        labels = check_dataset_matches(images, labels, run.f_phi)
-        run.data = infinite_batches(images, labels, run.batch_gpu, cfg.seed, run.rank, run.world_size,
-                                    start=run.data_batches, pin=run.device.type == 'cuda')
+        labels = edm_nets.check_dataset_matches(images, labels, run.f_phi)
+        run.data = edm_nets.infinite_batches(images, labels, run.batch_gpu, cfg.seed, run.rank, run.world_size,
+                                             start=run.data_batches, pin=run.device.type == 'cuda')
 
-def world_batches(world, batch, seed, start=0):
-    """Endless exact samples of a toy world, from their own generator (replayed up to `start` on resume)."""
-    gen = torch.Generator().manual_seed(seed + 99)
-    for _ in range(start):
-        world.sample(batch, gen)
-    while True:
-        yield world.sample(batch, gen)
-
-def infinite_batches(images, labels, batch, seed, rank=0, world_size=1, start=0, pin=False):
-    """Endless (x [batch,C,H,W] in [-1,1], labels). Epoch e is a permutation drawn from (seed, e), the same on all
-    ranks; rank r takes every world_size-th entry (disjoint shards). `start` skips batches (resume) without drawing."""
-    n, idx = len(images), torch.zeros(0, dtype=torch.long)
-    if n < world_size:
-        raise ValueError(f'{n} images cannot be sharded over {world_size} ranks')
-    epoch, skip = divmod(start * batch, len(range(rank, n, world_size)))
-    while True:
-        while len(idx) < batch:
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]))
-            idx, epoch, skip = torch.cat([idx, torch.randperm(n, generator=gen)[rank::world_size][skip:]]), epoch + 1, 0
-        b, idx = idx[:batch], idx[batch:]
-        x = images[b].float() / 127.5 - 1
-        yield (x.pin_memory() if pin else x), labels[b]  # pinned: the copy to the GPU needs no synchronisation
-
-def check_dataset_matches(images, labels, net):
-    """Fail before training if the data cannot feed the teacher; -> the labels to use (none if unconditional)."""
-    C, H, W = images.shape[1:]
-    if H != net.img_resolution or W != net.img_resolution:
-        raise ValueError(f'dataset resolution {H}x{W} does not match the teacher resolution {net.img_resolution}')
-    if C != net.img_channels:
-        raise ValueError(f'dataset has {C} channels but the teacher has {net.img_channels}')
-    if net.label_dim and labels.shape[1] != net.label_dim:
-        raise ValueError(f'dataset label_dim {labels.shape[1]} does not match the teacher label_dim {net.label_dim}')
-    return labels if net.label_dim else labels[:, :0]
+def resume(run):
+    """Weights, optimisers, images seen, data position, history (stats.jsonl is cut back to the state's point, the
+    toy keeps its frames); the random draws follow from (seed, images seen)."""
+    path = os.path.join(run.cfg.resume, 'training-state.pt') if os.path.isdir(run.cfg.resume) else run.cfg.resume
+    st = runs.read_training_state(path, dict(G=run.G, G_ema=run.G_ema, f_psi=run.f_psi, opt_G=run.opt_G,
+                                                 opt_psi=run.opt_psi), run.device)
+    if st['cur_nimg'] >= run.end_nimg:
+        raise ValueError(f"--resume: the run already reached {st['cur_nimg'] / 1e6:g} Mimg; pass a longer --duration-mimg")
+    run.cur_nimg, run.stats_fid = st['cur_nimg'], st['fid']
+    run.data_batches = st['data_images'] // (run.batch_gpu * run.world_size)
+    if run.toy is not None and st['frames']:
+        run.toy.frames = st['frames']
+    if run.rank == 0:
+        runs.truncate_stats(os.path.join(run.cfg.outdir, 'stats.jsonl'), run.cur_nimg / 1e3)
+    run.log(f'resumed from {path} at {run.cur_nimg / 1e3:.1f} kimg')
 
 #----------------------------------------------------------------------------
 # The training loop (SiD Algorithm 1, official update order): per iteration a fake-score step on fresh generator
@@ -613,9 +530,8 @@ def check_dataset_matches(images, labels, net):
 # is counted in generator images (kimg). A generator: one namespace per iteration (bench.py and the tests drive it).
 
 def iterate(cfg, nets=None):
-    run = setup(cfg, nets)
-    method = METHODS[cfg.method]
-    if run.toy is not None:
+    run, method = setup(cfg, nets), METHODS[cfg.method]
+    if run.toy is not None and not cfg.resume:
         run.log(f'toy start: {run.toy.quality_line(run.toy.observe(run.G_ema, cfg.sigma_init, "0 kimg"))}')
     run.log(startup_line(run))
     run.tick = types.SimpleNamespace(nimg=run.cur_nimg, time=time.time(), start=time.time(), index=0, iters=0,
@@ -674,9 +590,8 @@ def next_batch(run):
         run.data_batches += 1
         x_r, c = next(run.data)
         return x_r.to(run.device, non_blocking=True), (c.to(run.device) if run.G.label_dim else None)
-    if not run.G.label_dim:
-        return None, None
-    return None, F.one_hot(torch.randint(run.G.label_dim, (run.batch_gpu,), device=run.device), run.G.label_dim).float()
+    L = run.G.label_dim
+    return None, F.one_hot(torch.randint(L, (run.batch_gpu,), device=run.device), L).float() if L else None
 
 def sanitize_grads_(params, clip_value=None):
     """As the official loops: NaN -> 0, +-inf -> +-1e5; SiDA also clips f_psi's gradients element-wise to +-1."""
@@ -689,14 +604,14 @@ def sanitize_grads_(params, clip_value=None):
 
 @torch.no_grad()
 def update_ema(G_ema, G, cfg, cur_nimg):
-    """G_ema <- beta G_ema + (1 - beta) G with half-life ema_mimg, ramped up over the first 5 % of the images seen
-    before this step (beta = 0 at the start): beta = 0.5^(batch / min(half-life, 0.05 cur_nimg))."""
+    """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5^(batch / h), half-life h = min(ema_mimg, 5 % of the images seen
+    before this step): a ramp-up from beta = 0 (official)."""
     beta = 0.5 ** (cfg.batch / max(min(cfg.ema_mimg * 1e6, 0.05 * cur_nimg), 1e-8))
     ema = list(G_ema.parameters())
     torch._foreach_copy_(ema, torch._foreach_lerp([p.detach() for p in G.parameters()], ema, beta))
 
 #----------------------------------------------------------------------------
-# Maintenance once per tick (status line, stats.jsonl), FID and snapshots at their intervals; resume; the end.
+# Maintenance: once per tick a status line and a stats.jsonl entry; FID and snapshots at their intervals; the end.
 
 def maintain(run, method):
     cfg, done = run.cfg, run.cur_nimg >= run.end_nimg
@@ -709,16 +624,24 @@ def maintain(run, method):
     if crossed(cfg.tick_kimg):
         report_tick(run, method)
     if crossed(cfg.fid_every_kimg):
-        value = evaluate_fid(cfg, run.G_ema, run.device, run.rank, run.world_size, run.fid_tools)
+        value = runs.generator_fid(run.G_ema, cfg.fid_num, cfg.sigma_init, run.fid_tools, run.device, run.rank, run.world_size)
         run.stats_fid.append((run.cur_nimg / 1e6, value))
         run.log(f'FID {value:.3f} at {run.cur_nimg / 1e3:.1f} kimg')
         if run.rank == 0:
-            append_stats(run, dict(kimg=run.cur_nimg / 1e3, fid=value))
+            runs.append_stats(cfg.outdir, dict(kimg=run.cur_nimg / 1e3, fid=value))
             fid.plot_curve(run.stats_fid, os.path.join(cfg.outdir, 'fid.png'))
             if value <= min(v for _, v in run.stats_fid):
-                save_snapshot(run, 'network-snapshot-best.pt', value)
-    if crossed(cfg.snap_kimg) and run.rank == 0:
-        save_checkpoint(run)
+                save(run, 'network-snapshot-best.pt', runs.save_snapshot, run.G_ema, run.cur_nimg, cfg, value)
+    if crossed(cfg.snap_kimg) and run.rank == 0:  # names count images, so they never collide
+        save(run, f'network-snapshot-{run.cur_nimg:09d}.pt', runs.save_snapshot, run.G_ema, run.cur_nimg, cfg)
+        save(run, 'training-state.pt', runs.write_training_state, run)
+        if run.G.img_resolution:
+            images = fid.to_uint8(runs.sample_images(run.G_ema, range(64), cfg.sigma_init, run.device)).cpu()
+            save(run, f'samples-{run.cur_nimg:09d}.png', edm_nets.save_png, images)
+
+def save(run, name, writer, *args):
+    writer(os.path.join(run.cfg.outdir, name), *args)
+    run.written += [] if name in run.written else [name]
 
 def report_tick(run, method):
     cfg, t = run.cfg, run.tick
@@ -727,33 +650,24 @@ def report_tick(run, method):
         check_ranks_agree((run.G, run.f_psi), f' at {run.cur_nimg / 1e3:.1f} kimg')
         dist.all_reduce(t.sums)
         t.sums /= run.world_size
-    loss_fake, loss_G, extra = (t.sums / t.iters).tolist()
-    now = time.time()
+    now, (loss_fake, loss_G, extra) = time.time(), (t.sums / t.iters).tolist()
     sec_per_kimg = (now - t.time) / max((run.cur_nimg - t.nimg) / 1e3, 1e-9)
-    e = dict(tick=t.index, kimg=run.cur_nimg / 1e3, time=now - t.start, sec_per_kimg=sec_per_kimg, loss_fake=loss_fake, loss_G=loss_G)
-    if method.extra:
-        e[method.extra] = extra
-    if run.device.type == 'cuda':
-        e['mem_gb'] = torch.cuda.max_memory_allocated(run.device) / 2 ** 30
-    eta = sec_per_kimg * (run.end_nimg - run.cur_nimg) / 1e3
-    run.log(f"tick {t.index:<4d} kimg {e['kimg']:<9.1f} time {fmt_time(e['time']):<8s} sec/kimg {sec_per_kimg:<7.3g} "
-            f"eta {fmt_time(eta):<8s} loss_fake {loss_fake:<9.4g} loss_G {loss_G:<+9.4g}"
-            + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e))
+    e = dict(tick=t.index, kimg=run.cur_nimg / 1e3, time=now - t.start, sec_per_kimg=sec_per_kimg, loss_fake=loss_fake,
+             loss_G=loss_G, **({method.extra: extra} if method.extra else {}),
+             **({'mem_gb': torch.cuda.max_memory_allocated(run.device) / 2 ** 30} if run.device.type == 'cuda' else {}))
+    run.log(f"tick {t.index:<4d} kimg {e['kimg']:<9.1f} time {fmt_time(e['time']):<7s} sec/kimg {sec_per_kimg:<7.3g} "
+            f"eta {fmt_time(sec_per_kimg * (run.end_nimg - run.cur_nimg) / 1e3):<7s} loss_fake {loss_fake:<9.4g} "
+            f"loss_G {loss_G:<+9.4g}" + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e))
     if run.rank == 0:
-        append_stats(run, e)
+        runs.append_stats(cfg.outdir, e)
+        run.written += [] if 'stats.jsonl' in run.written else ['stats.jsonl']
     t.nimg, t.time, t.iters, t.index = run.cur_nimg, now, 0, t.index + 1
     t.sums.zero_()
 
 def fmt_time(s):
     s = int(round(s))
-    return f'{s}s' if s < 60 else f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m' if s < 86400 \
-        else f'{s // 86400}d{s // 3600 % 24:02d}h'
-
-def append_stats(run, entry):
-    with open(os.path.join(run.cfg.outdir, 'stats.jsonl'), 'a') as f:
-        f.write(json.dumps(entry) + '\n')
-    if 'stats.jsonl' not in run.written:
-        run.written.append('stats.jsonl')
+    return (f'{s}s' if s < 60 else f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
+            if s < 86400 else f'{s // 86400}d{s // 3600 % 24:02d}h')
 
 @torch.no_grad()
 def check_ranks_agree(nets, what=''):
@@ -763,77 +677,22 @@ def check_ranks_agree(nets, what=''):
     s = torch.stack([p.double().sum() for net in nets for p in net.parameters()])
     out = [torch.empty_like(s) for _ in range(dist.get_world_size())]
     dist.all_gather(out, s)
-    bad = [r for r, o in enumerate(out) if not torch.equal(o, out[0])]
-    if bad:
-        raise RuntimeError(f'DDP replicas diverged{what}: rank(s) {bad} differ from rank 0')
-
-def save_snapshot(run, name, fid_value=None):
-    """G_ema for sampling: a weights_only torch file with its network arguments, read by edm_nets.load_checkpoint."""
-    G = run.G_ema
-    with edm_nets.atomic_write(os.path.join(run.cfg.outdir, name)) as f:
-        torch.save(dict(G_ema=G.state_dict(), net_kwargs=dict(G.init_kwargs, dropout=0.0), kimg=run.cur_nimg / 1e3,
-                        fid=fid_value, config=dataclasses.asdict(run.cfg)), f)
-    run.written.append(name) if name not in run.written else None
-
-def save_checkpoint(run):
-    """Snapshot (named by images seen, so names never collide), training state, and for images a sample grid."""
-    cfg = run.cfg
-    save_snapshot(run, f'network-snapshot-{run.cur_nimg:09d}.pt')
-    with edm_nets.atomic_write(os.path.join(cfg.outdir, 'training-state.pt')) as f:
-        torch.save(dict(G=run.G.state_dict(), G_ema=run.G_ema.state_dict(), f_psi=run.f_psi.state_dict(),
-                        opt_G=run.opt_G.state_dict(), opt_psi=run.opt_psi.state_dict(), cur_nimg=run.cur_nimg,
-                        data_images=run.data_batches * run.batch_gpu * run.world_size, fid=run.stats_fid,
-                        frames=run.toy.frames if run.toy is not None else []), f)
-    run.written.append('training-state.pt') if 'training-state.pt' not in run.written else None
-    if run.G.img_resolution:
-        name = f'samples-{run.cur_nimg:09d}.png'
-        edm_nets.save_png(os.path.join(cfg.outdir, name), fid.to_uint8(sample_images(run.G_ema, range(64), cfg.sigma_init, run.device)).cpu())
-        run.written.append(name)
-
-def load_state(run):
-    """Continue a run: weights, optimisers, images seen, data position and history (stats.jsonl is cut back to the
-    state's point); the random draws follow from (seed, images seen)."""
-    cfg = run.cfg
-    path = os.path.join(cfg.resume, 'training-state.pt') if os.path.isdir(cfg.resume) else cfg.resume
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--resume: no training state at {path}')
-    try:
-        st = torch.load(path, map_location=run.device, weights_only=True)
-        for obj, key in ((run.G, 'G'), (run.G_ema, 'G_ema'), (run.f_psi, 'f_psi'), (run.opt_G, 'opt_G'), (run.opt_psi, 'opt_psi')):
-            obj.load_state_dict(st[key])
-        run.cur_nimg, data_images = int(st['cur_nimg']), int(st['data_images'])
-        run.stats_fid = [(float(m), float(v)) for m, v in st.get('fid', [])]
-        frames = [(str(t), torch.as_tensor(x)) for t, x in st.get('frames', [])]
-    except Exception as e:  # a foreign or corrupt file: one line naming it
-        msg = str(e).strip().splitlines()
-        raise ValueError(f'--resume: {path} is not a training state of this run ({type(e).__name__}: {msg[0] if msg else ""})') from None
-    if run.cur_nimg >= run.end_nimg:
-        raise ValueError(f'--resume: the run already reached {run.cur_nimg / 1e6:g} Mimg; pass a longer --duration-mimg')
-    run.data_batches = data_images // (run.batch_gpu * run.world_size)
-    if run.toy is not None and frames:
-        run.toy.frames = frames
-    stats = os.path.join(cfg.outdir, 'stats.jsonl')
-    if run.rank == 0 and os.path.exists(stats):  # drop the lines written after the state being resumed
-        with open(stats) as f:
-            keep = [l for l in f if json.loads(l).get('kimg', 0) <= run.cur_nimg / 1e3 + 1e-9]
-        with edm_nets.atomic_write(stats) as f:
-            f.write(''.join(keep).encode())
-    run.log(f'resumed from {path} at {run.cur_nimg / 1e3:.1f} kimg')
+    if any(not torch.equal(o, out[0]) for o in out):
+        raise RuntimeError(f'DDP replicas diverged{what}: rank(s) {[r for r, o in enumerate(out) if not torch.equal(o, out[0])]}')
 
 def startup_line(run):
-    cfg, ref = run.cfg, Config(**preset(run.cfg.dataset, run.cfg.method, run.cfg.init_generator))
-    diff = {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(ref, k) and k != 'outdir'}
-    return (f'{cfg.method} on {cfg.dataset}' + (f" with {', '.join(f'{k}={v}' for k, v in diff.items())}" if diff else '') +
-            f'; {run.world_size} process(es) on {run.device}, {run.rounds} round(s) of {run.batch_gpu} per step; '
-            f'G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M parameters; writing to {cfg.outdir}')
+    cfg, ref = run.cfg, Config(**preset(run.cfg.dataset, run.cfg.method, run.cfg.init_generator, run.cfg.fast))
+    diff = ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if v != getattr(ref, k) and k != 'outdir')
+    return (f'{cfg.method} on {cfg.dataset}{" with " + diff if diff else ""}; {run.world_size} process(es) on '
+            f'{run.device}, {run.rounds} round(s) of {run.batch_gpu} per step; G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M '
+            f'parameters; writing to {cfg.outdir}')
 
 def finish(run):
     cfg = run.cfg
     if run.toy is not None and run.rank == 0:
         sign = None
-        if cfg.method == 'sign':
-            z, x_data, sigmas, noises, noise_proj = run.toy.sign_inputs()
-            sign = sign_evaluation(lambda v: generate(run.G_ema, v, None, cfg.sigma_init), z, x_data, sigmas, noises, noise_proj)
+        if cfg.method == 'sign':  # IGN's properties and SIGN's multi-step sampling and projection, on fixed draws
+            sign = runs.sign_evaluation(lambda v: generate(run.G_ema, v, None, cfg.sigma_init), *run.toy.sign_inputs())
         run.written += [os.path.basename(p) for p in run.toy.report(cfg.outdir, run.log, sign)]
     if run.own_group:
         import torch.distributed as dist
@@ -848,77 +707,43 @@ def train(cfg, nets=None):
     return it.G, it.G_ema, it.f_psi
 
 #----------------------------------------------------------------------------
-# Samples of a generator from seeds, as EDM's generate.py (one generator per seed for its latent, label and any
-# re-noising), for the snapshots' grids, the FID and generate.py.
+# Command line: `python sid.py [options]` trains; `python sid.py generate|project` use a trained generator (runs.py).
+# Options come from Config, grouped, with the defaults of the chosen --dataset and --method.
 
-def sample_images(G, seeds, sigma_init, device, class_idx=None, sigmas=()):
-    """G(z) for the seeds; with SIGN's `sigmas`, x_{k+1} = f(x_k + sigma_k eps_k) after the first step."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    z = torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device) * sigma_init
-    c = None
-    if G.label_dim:
-        idx = [class_idx if class_idx is not None else int(torch.randint(G.label_dim, (), generator=g)) for g in gens]
-        c = F.one_hot(torch.tensor(idx), G.label_dim).float().to(device)
-    noises = [torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device) for _ in sigmas]
-    return multistep_sample(lambda v: generate(G, v, c, sigma_init), z, sigmas, noises)[-1]
-
-def load_fid_tools(cfg, device):
-    mu, sigma = fid.load_ref(cfg.fid_ref or PRESETS[cfg.dataset].get('fid_ref', ''))
-    return mu, sigma, fid.load_detector(device)
-
-def evaluate_fid(cfg, G, device, rank=0, world_size=1, tools=None):
-    """FID of G on cfg.fid_num images from seeds 0.. (own generators: the training RNG stream is untouched)."""
-    mu, sigma, detector = tools or load_fid_tools(cfg, device)
-    return fid.fid_of_generator(lambda seeds: sample_images(G, seeds, cfg.sigma_init, device), cfg.fid_num,
-                                mu, sigma, detector, device, batch=64, rank=rank, world_size=world_size)
-
-def snapshot_path(path):
-    """A run folder -> its best snapshot, else its latest; a file -> itself."""
-    if not os.path.isdir(path):
-        return path
-    snaps = sorted(f for f in os.listdir(path) if re.fullmatch(r'network-snapshot-\d+\.pt', f))
-    if os.path.exists(os.path.join(path, 'network-snapshot-best.pt')):
-        return os.path.join(path, 'network-snapshot-best.pt')
-    if not snaps:
-        raise FileNotFoundError(f'no network-snapshot-*.pt in {path}')
-    return os.path.join(path, snaps[-1])
-
-#----------------------------------------------------------------------------
-# Command line: `python sid.py [options]` trains (generate.py uses a trained generator). Options come from Config,
-# grouped; the defaults shown are those of the chosen --dataset and --method.
-
-GROUPS = {'method': 'method', 'data': 'teacher and data', 'training': 'training', 'speed': 'precision and speed',
-          'output': 'output'}
 EXAMPLES = """examples:
-  python sid.py --dataset toy                                 # 2-D toy, exact teacher, ~15 s on a CPU
+  python sid.py --dataset toy                                  # 2-D toy, exact teacher, ~15 s on a CPU
   python sid.py --dataset toy --method sign --dry-run          # print the resolved options and stop
-  torchrun --nproc_per_node=4 sid.py --dataset cifar10 --fast  # SiD on EDM's CIFAR-10 teacher, fast path
+  torchrun --nproc_per_node=4 sid.py --dataset cifar10 --fast  # SiD on EDM's CIFAR-10 teacher, GPU fast path
   python sid.py --dataset cifar10 --method sida --init-generator runs/00001-cifar10-sid   # SiD²A
-  python sid.py --resume runs/00001-cifar10-sid --duration-mimg 600                     # continue, longer"""
+  python sid.py --resume runs/00001-cifar10-sid --duration-mimg 600                     # continue, for longer
+  python sid.py generate --help ; python sid.py project --help                          # use a trained generator"""
 
 def parser(argv):
     pre = argparse.ArgumentParser(add_help=False)
     for k in ('dataset', 'method', 'init_generator'):
         pre.add_argument('--' + k.replace('_', '-'), default=Config.__dataclass_fields__[k].default)
+    pre.add_argument('--fast', action='store_true')
     known = pre.parse_known_args(argv)[0]
     try:
-        defaults = Config(**preset(known.dataset, known.method, known.init_generator))
+        defaults = Config(**preset(known.dataset, known.method, known.init_generator, known.fast))
     except ValueError:
         defaults = Config()
-    p = argparse.ArgumentParser(prog='sid.py', description='SiD / SiDA / SIGN distillation of an EDM teacher into a one-step '
-                                f'generator (defaults shown for --dataset {defaults.dataset} --method {defaults.method}).',
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='sid.py', epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description='SiD / SiDA / SIGN distillation of an EDM teacher into a one-step generator '
+                                            f'(defaults shown for --dataset {defaults.dataset} --method {defaults.method}).')
     p.add_argument('--dry-run', action='store_true', help='print the resolved options and exit')
-    groups = {k: p.add_argument_group(v) for k, v in GROUPS.items()}
+    groups = {g: p.add_argument_group(g) for g in ('method', 'data', 'training', 'speed', 'output')}
     for f in dataclasses.fields(Config):
-        name, default = '--' + f.name.replace('_', '-'), getattr(defaults, f.name)
         unit = 'MIMG' if f.name.endswith('_mimg') else 'KIMG' if f.name.endswith('_kimg') else f.type.__name__.upper()
         kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type, metavar=unit)
-        groups[f.metadata['group']].add_argument(name, default=None, help=f"{f.metadata['help']} (default: {default!r})", **kw)
+        groups[f.metadata['group']].add_argument('--' + f.name.replace('_', '-'), default=None, **kw,
+                                                 help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
     return p
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] in (['generate'], ['project']):
+        return runs.main(argv)
     try:
         args = vars(parser(argv).parse_args(argv))
         dry = args.pop('dry_run')

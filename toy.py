@@ -121,6 +121,14 @@ class Toy2D:
         """Exact samples and (empty) labels: the toy's real data for SiDA and SIGN."""
         return self.teacher.sample(n, gen), torch.zeros(n, 0)
 
+    def batches(self, batch, seed, start=0):
+        """Endless exact samples from their own generator (replayed up to `start` on resume)."""
+        gen = torch.Generator().manual_seed(seed + 99)
+        for _ in range(start):
+            self.sample(batch, gen)
+        while True:
+            yield self.sample(batch, gen)
+
     def observe(self, G_ema, sigma_init, title):
         with torch.no_grad():
             self.frames.append((title, G_ema(self.z, torch.full([len(self.z), 1], sigma_init)).contiguous()))

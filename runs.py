@@ -1,17 +1,144 @@
-"""Using a trained one-step generator: images per seed as EDM's generate.py, and SIGN's multi-step sampling and
-projection of corrupted images (imports sid for the maths).
+"""Using a one-step generator: the SiD generator call, images per seed as EDM's generate.py, SIGN's multi-step
+sampling and projection of corrupted images, the FID of a generator; the `generate` and `project` commands.
 
     python generate.py --ckpt RUN --seeds 0-49999 --outdir out/c10           # one PNG per seed (then fid.py calc)
     python generate.py --ckpt RUN --seeds 0-63 --grid --outdir out/grid       # one grid.png
     python generate.py --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps, re-noised between
     python generate.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/proj   # SIGN: f(y + sigma eps)
 """
-import argparse, math, os, sys
+import argparse, dataclasses, json, math, os, re, sys
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import edm_nets, fid, sid, toy
+import edm_nets, fid, toy
+
+#----------------------------------------------------------------------------
+# The SiD generator (SiD §4): EDM's denoiser at sigma_init applied to z = sigma_init * eps.
+
+def generate(G, z, labels, sigma_init):
+    """One-step generation x_g = G(z; sigma_init) with z = sigma_init * eps (SiD §4): EDM's denoiser at sigma_init."""
+    # contiguous: a channels_last net returns NHWC memory, and randn_like(x_g) would draw other numbers
+    return G(z, z.new_full([z.shape[0]] + [1] * (z.dim() - 1), sigma_init), labels).contiguous()
+
+#----------------------------------------------------------------------------
+# SIGN's uses of an idempotent generator f (Zaman et al. 2025; IGN, Shocher et al. 2024): multi-step sampling,
+# projection (editing) of corrupted inputs, and IGN's two diagnostics.
+
+@torch.no_grad()
+def multistep_sample(f, z, sigmas=(), noises=None):
+    """x_1 = f(z), x_{k+1} = f(x_k + sigmas[k-1] * noises[k-1]): K = len(sigmas) + 1 calls (IGN's re-application
+    with fresh noise, as in consistency models). noises=None draws torch.randn. Returns [x_1, ..., x_K]."""
+    xs = [f(z)]
+    for k, s in enumerate(sigmas):
+        xs.append(f(xs[-1] + s * (torch.randn_like(xs[-1]) if noises is None else noises[k])))
+    return xs
+
+@torch.no_grad()
+def project(f, y, sigma=0.0, noise=None, repeat=1):
+    """Projection / zero-shot editing: y <- f(y + sigma * eps_k), `repeat` times (sigma = 0: plain projection f(y)).
+    noise: a list of `repeat` tensors, a torch.Generator on y's device, or None."""
+    for k in range(repeat):
+        if sigma > 0:
+            eps = noise[k] if isinstance(noise, (list, tuple)) else torch.randn(y.shape, generator=noise, device=y.device)
+            y = y + sigma * eps
+        y = f(y)
+    return y
+
+@torch.no_grad()
+def sign_evaluation(f, z, x_data, sigmas, noises, noise_proj, sigma_proj=0.2):
+    """IGN's two properties and SIGN's uses: idempotence error E|f(f(z)) - f(z)|, fixed-point error E|f(x) - x| on
+    data, multi-step samples, and the projection of data + sigma_proj * eps."""
+    xs, y = multistep_sample(f, z, sigmas, noises), x_data + sigma_proj * noise_proj
+    err = lambda a, b: float((a - b).flatten(1).norm(dim=1).mean())
+    return dict(idem=err(f(xs[0]), xs[0]), fix=err(f(x_data), x_data), steps=xs, data=x_data, noisy=y, projected=project(f, y))
+
+#----------------------------------------------------------------------------
+# Samples from seeds, as EDM's generate.py: one random generator per seed for its latent, label and any re-noising,
+# so an image depends on its seed only (sid.py's sample grids and FID use them too).
+
+def sample_images(G, seeds, sigma_init, device, class_idx=None, sigmas=()):
+    """G(z) for the seeds; with SIGN's `sigmas`, x_{k+1} = f(x_k + sigma_k eps_k) after the first step."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    z = torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device) * sigma_init
+    c = None
+    if G.label_dim:
+        idx = [class_idx if class_idx is not None else int(torch.randint(G.label_dim, (), generator=g)) for g in gens]
+        c = F.one_hot(torch.tensor(idx), G.label_dim).float().to(device)
+    noises = [torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device) for _ in sigmas]
+    return multistep_sample(lambda v: generate(G, v, c, sigma_init), z, sigmas, noises)[-1]
+
+def generator_fid(G, num, sigma_init, tools, device, rank=0, world_size=1):
+    """FID of G on `num` images from seeds 0.. (own generators: a training run's random stream is untouched);
+    tools = (reference mu, reference sigma, detector)."""
+    return fid.fid_of_generator(lambda seeds: sample_images(G, seeds, sigma_init, device), num, *tools, device,
+                                batch=64, rank=rank, world_size=world_size)
+
+def snapshot_path(path):
+    """A run folder -> its best snapshot, else its latest; a file -> itself."""
+    if not os.path.isdir(path):
+        return path
+    snaps = sorted(f for f in os.listdir(path) if re.fullmatch(r'network-snapshot-\d+\.pt', f))
+    if os.path.exists(os.path.join(path, 'network-snapshot-best.pt')):
+        return os.path.join(path, 'network-snapshot-best.pt')
+    if not snaps:
+        raise FileNotFoundError(f'no network-snapshot-*.pt in {path}')
+    return os.path.join(path, snaps[-1])
+
+#----------------------------------------------------------------------------
+# A run's files: config.json, stats.jsonl, snapshots (G_ema with its network arguments, read back by
+# edm_nets.load_checkpoint) and the training state. Every file is written atomically (edm_nets.atomic_write).
+
+def write_json(path, obj):
+    with edm_nets.atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2).encode())
+
+def append_stats(outdir, entry):
+    with open(os.path.join(outdir, 'stats.jsonl'), 'a') as f:
+        f.write(json.dumps(entry) + '\n')
+
+def truncate_stats(path, kimg):
+    """Drop the lines written after `kimg`: a resumed run continues from its training state, not from its last tick."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line).get('kimg', 0) <= kimg + 1e-9]
+        with edm_nets.atomic_write(path) as f:
+            f.write(''.join(keep).encode())
+
+def save_snapshot(path, G_ema, cur_nimg, cfg, fid_value=None):
+    with edm_nets.atomic_write(path) as f:
+        torch.save(dict(G_ema=G_ema.state_dict(), net_kwargs=dict(G_ema.init_kwargs, dropout=0.0), kimg=cur_nimg / 1e3,
+                        fid=fid_value, config=dataclasses.asdict(cfg)), f)
+
+def write_training_state(path, run):
+    with edm_nets.atomic_write(path) as f:
+        torch.save(dict(G=run.G.state_dict(), G_ema=run.G_ema.state_dict(), f_psi=run.f_psi.state_dict(),
+                        opt_G=run.opt_G.state_dict(), opt_psi=run.opt_psi.state_dict(), cur_nimg=run.cur_nimg,
+                        data_images=run.data_batches * run.batch_gpu * run.world_size, fid=run.stats_fid,
+                        frames=run.toy.frames if run.toy is not None else []), f)
+
+def read_training_state(path, objects, device):
+    """Load a training state into `objects` (name -> module or optimiser) -> dict(cur_nimg, data_images, fid, frames).
+    A missing, foreign or corrupt file gives one line naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--resume: no training state at {path}')
+    try:
+        st = torch.load(path, map_location=device, weights_only=True)
+        for key, obj in objects.items():
+            obj.load_state_dict(st[key])
+        return dict(cur_nimg=int(st['cur_nimg']), data_images=int(st['data_images']),
+                    fid=[(float(m), float(v)) for m, v in st.get('fid', [])],
+                    frames=[(str(t), torch.as_tensor(x).float()) for t, x in st.get('frames', [])])
+    except Exception as e:  # torch.load and load_state_dict raise many types for foreign files
+        msg = str(e).strip().splitlines()
+        raise ValueError(f'--resume: {path} is not a training state of this run ({type(e).__name__}: '
+                         f'{msg[0][:200] if msg else ""})') from None
+
+def remove_stale_temporaries(folder):
+    pass  # replaced by edm_nets' version
+
+#----------------------------------------------------------------------------
+# The commands.
 
 MAX_SEEDS = 10_000_000
 
@@ -45,7 +172,7 @@ def open_generator(a):
         raise ValueError(f'--device {a.device}: CUDA is not available here')
     if os.path.isdir(a.outdir) and os.listdir(a.outdir):
         raise ValueError(f'--outdir {a.outdir} is not empty: choose a new folder (nothing is overwritten)')
-    G, info = edm_nets.load_checkpoint(sid.snapshot_path(a.ckpt))
+    G, info = edm_nets.load_checkpoint(snapshot_path(a.ckpt))
     if a.class_idx is not None and not 0 <= a.class_idx < G.label_dim:
         raise ValueError(f'--class-idx {a.class_idx}: ' + (f'this generator has classes 0..{G.label_dim - 1}' if G.label_dim
                                                           else 'this generator is unconditional'))
@@ -59,7 +186,7 @@ def cmd_generate(a):
     G, sigma_init, device = open_generator(a)
     os.makedirs(a.outdir, exist_ok=True)
     if not G.img_resolution:  # the 2-D toy: points and a picture
-        x = sid.sample_images(G, seeds, sigma_init, device, None, sigmas).cpu()
+        x = sample_images(G, seeds, sigma_init, device, None, sigmas).cpu()
         with edm_nets.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
             np.save(f, x.numpy())
         toy.toy_picture([(f'{len(seeds)} samples', x)], toy.ToyMixture(), os.path.join(a.outdir, 'samples.png'))
@@ -70,7 +197,7 @@ def cmd_generate(a):
         # independent of the batch split (on CPU; GPU kernels give no such promise).
         mkldnn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, device.type != 'cpu'
         try:
-            x = fid.to_uint8(sid.sample_images(G, seeds[i:i + a.batch], sigma_init, device, a.class_idx, sigmas)).cpu()
+            x = fid.to_uint8(sample_images(G, seeds[i:i + a.batch], sigma_init, device, a.class_idx, sigmas)).cpu()
         finally:
             torch.backends.mkldnn.enabled = mkldnn
         grid += [x] if a.grid else []
@@ -92,7 +219,7 @@ def cmd_project(a):
         y = np.load(a.input, allow_pickle=False)
         if y.ndim != 2 or y.shape[1] != G.img_channels or G.img_resolution:
             raise ValueError(f'{a.input}: expected points [N, {G.img_channels}] for a 2-D toy generator, got {list(y.shape)}')
-        x = sid.project(lambda v: sid.generate(G, v, None, sigma_init), torch.from_numpy(y).float().to(device), a.sigma, gen, a.repeat)
+        x = project(lambda v: generate(G, v, None, sigma_init), torch.from_numpy(y).float().to(device), a.sigma, gen, a.repeat)
         os.makedirs(a.outdir, exist_ok=True)
         with edm_nets.atomic_write(os.path.join(a.outdir, 'projected.npy')) as f:
             np.save(f, x.cpu().numpy())
@@ -112,7 +239,7 @@ def cmd_project(a):
         images.append(torch.from_numpy(y.copy()).float() / 127.5 - 1)
     os.makedirs(a.outdir, exist_ok=True)
     for path, y in zip(files, images):
-        x = sid.project(lambda v: sid.generate(G, v, c, sigma_init), y[None].to(device), a.sigma, gen, a.repeat)
+        x = project(lambda v: generate(G, v, c, sigma_init), y[None].to(device), a.sigma, gen, a.repeat)
         edm_nets.save_png(os.path.join(a.outdir, os.path.basename(path).rsplit('.', 1)[0] + '.png'), fid.to_uint8(x)[0].cpu())
     print(f'wrote {len(files)} projected image(s) to {a.outdir}')
 
