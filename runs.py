@@ -89,6 +89,20 @@ def snapshot_path(path):
 # A run's files: config.json, stats.jsonl, snapshots (G_ema with its network arguments, read back by
 # edm_nets.load_checkpoint) and the training state. Every file is written atomically (edm_nets.atomic_write).
 
+def new_run_dir(parent, desc):
+    """EDM's convention: a fresh numbered folder parent/NNNNN-desc, one more than the largest number there."""
+    nums = [int(m.group(1)) for d in (os.listdir(parent) if os.path.isdir(parent) else []) if (m := re.match(r'(\d+)-', d))]
+    return os.path.join(parent, f'{max(nums, default=-1) + 1:05d}-{desc}')
+
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        assert isinstance(obj, dict)
+        return obj
+    except (OSError, ValueError, AssertionError):
+        raise ValueError(f'{what}: no readable {os.path.basename(path)} in {os.path.dirname(path) or "."}') from None
+
 def write_json(path, obj):
     with edm_nets.atomic_write(path) as f:
         f.write(json.dumps(obj, indent=2).encode())

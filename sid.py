@@ -355,7 +355,7 @@ def make_config(overrides):
     over = resumed_options(over) if over.get('resume') else over
     cfg = Config(**{**preset(*(over.get(k, d) for k, d in (('dataset', 'toy'), ('method', 'sid'), ('init_generator', ''),
                                                               ('fast', False)))), **over})
-    cfg.outdir = cfg.outdir or new_run_dir('runs', f'{cfg.dataset}-{cfg.method}')
+    cfg.outdir = cfg.outdir or runs.new_run_dir('runs', f'{cfg.dataset}-{cfg.method}')
     for f in dataclasses.fields(cfg):
         v, name, (lo, hi) = getattr(cfg, f.name), '--' + f.name.replace('_', '-'), RANGES.get(f.name, (None, None))
         if f.type is bool and v not in (0, 1):
@@ -379,20 +379,11 @@ def make_config(overrides):
 def resumed_options(over):
     """The saved options of the run being resumed, with the command line's changes of RESUMABLE fields."""
     folder = over['resume'] if os.path.isdir(over['resume']) else os.path.dirname(over['resume'])
-    try:
-        with open(os.path.join(folder, 'config.json')) as f:
-            saved = {k: v for k, v in json.load(f).items() if k in Config.__dataclass_fields__}
-    except (OSError, ValueError, AttributeError):
-        raise ValueError(f'--resume: no readable config.json in {folder or "."}') from None
+    saved = {k: v for k, v in runs.read_json(os.path.join(folder, 'config.json'), '--resume').items() if k in Config.__dataclass_fields__}
     changed = sorted('--' + k.replace('_', '-') for k, v in over.items() if k not in RESUMABLE and k in saved and v != saved[k])
     if changed:
-        raise ValueError(f'--resume: {", ".join(changed)} differ from the run\'s; a resumed run keeps its maths (start a new run)')
+        raise ValueError(f'--resume: the run used other values of {", ".join(changed)}; a resumed run keeps its maths (start a new run)')
     return {**saved, **over, 'outdir': over.get('outdir') or folder}
-
-def new_run_dir(parent, desc):
-    """EDM's convention: a fresh numbered folder parent/NNNNN-desc, one more than the largest number there."""
-    nums = [int(m.group(1)) for d in (os.listdir(parent) if os.path.isdir(parent) else []) if (m := re.match(r'(\d+)-', d))]
-    return os.path.join(parent, f'{max(nums, default=-1) + 1:05d}-{desc}')
 
 def net_overrides(cfg):
     try:
@@ -534,7 +525,8 @@ def iterate(cfg, nets=None):
     if run.toy is not None and not cfg.resume:
         run.log(f'toy start: {run.toy.quality_line(run.toy.observe(run.G_ema, cfg.sigma_init, "0 kimg"))}')
     run.log(startup_line(run))
-    run.tick = types.SimpleNamespace(nimg=run.cur_nimg, time=time.time(), start=time.time(), index=0, iters=0,
+    run.tick = types.SimpleNamespace(nimg=run.cur_nimg, time=time.time(), start=time.time(), iters=0,
+                                     index=round(run.cur_nimg / max(cfg.tick_kimg * 1e3, 1)),
                                      sums=torch.zeros(3, dtype=torch.float64, device=run.device))
     while run.cur_nimg < run.end_nimg:
         # 1. f_psi learns the score of G's current samples: G makes them without a graph and with dropout off,
