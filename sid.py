@@ -405,6 +405,8 @@ def setup(cfg, nets=None):
         if not cfg.resume and os.path.exists(os.path.join(cfg.outdir, 'config.json')):
             raise ValueError(f'--outdir {cfg.outdir} holds a run: continue it with --resume {cfg.outdir}, or choose another')
         os.makedirs(cfg.outdir, exist_ok=True)
+        if not os.access(cfg.outdir, os.W_OK | os.X_OK):
+            raise ValueError(f'--outdir {cfg.outdir}: not writable')
         runs.remove_stale_temporaries(cfg.outdir)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'  # official: off
     torch.backends.cudnn.benchmark = True  # official default: cuDNN times its algorithms once per shape
