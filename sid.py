@@ -409,100 +409,7 @@ def toy_data_stream(teacher, batch, seed, start=0):
         yield teacher.sample(batch, gen), torch.zeros(batch, 0)
 
 #----------------------------------------------------------------------------
-# Real data (SiDA's real images; fid.py's reference sets): the CIFAR-10 python archive, or an EDM-style
-# zip / folder of images with optional dataset.json labels. Everything is decoded once and held in memory
-# as uint8, like EDM's ImageFolderDataset(cache=True).
-
-CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-_NP_RECONSTRUCT = np.ndarray(0).__reduce__()[0]  # numpy's array-unpickling helper, whatever its module path
-
-class _CifarUnpickler(pickle.Unpickler):
-    """The CIFAR-10 batches are plain dicts of bytes, lists and numpy arrays: allow only numpy's array
-    reconstruction (plus the bytes codec that Python-3 protocol-2 pickles use), refuse every other global."""
-    def find_class(self, module, name):
-        if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-            return _NP_RECONSTRUCT
-        if module == 'numpy' and name in ('ndarray', 'dtype'):
-            return getattr(np, name)
-        if (module, name) == ('_codecs', 'encode'):
-            return lambda s, encoding='utf-8': s.encode(encoding)  # str.encode admits text codecs only
-        raise pickle.UnpicklingError(f'refusing to unpickle global {module}.{name}')
-
-def _one_hot(ys, path, num=None):
-    """Integer class labels -> float32 one-hot [N, num], num = max + 1 unless given (EDM's label_dim)."""
-    ys = torch.as_tensor(ys)
-    if ys.dim() != 1 or ys.is_floating_point() or (ys < 0).any() or (num is not None and (ys >= num).any()):
-        raise ValueError(f'{path}: labels must be one integer class in [0, {num or "inf"}) per image')
-    return F.one_hot(ys.long(), num or int(ys.max()) + 1).float()
-
-def _load_cifar_archive(path):
-    """cifar-10-python.tar.gz -> uint8 [50000,3,32,32] and labels, data_batch_1..5 in order (as EDM's dataset_tool)."""
-    xs, ys = [], []
-    try:
-        with tarfile.open(path, 'r:gz') as tar:
-            for i in range(1, 6):
-                d = _CifarUnpickler(tar.extractfile(f'cifar-10-batches-py/data_batch_{i}'), encoding='bytes').load()
-                xs.append(np.asarray(d[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                ys += list(d[b'labels'])
-    except (tarfile.TarError, EOFError, OSError, zlib.error, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f'{path}: not a readable CIFAR-10 python archive ({type(e).__name__}: {e})') from None
-    images = np.concatenate(xs)
-    if len(ys) != len(images):
-        raise ValueError(f'{path}: {len(images)} images but {len(ys)} labels')
-    return images, _one_hot(ys, path, 10)
-
-def _load_image_files(path):
-    """EDM layout: image files at any depth, sorted by name; dataset.json {"labels": [[name, int], ...] or null}."""
-    if os.path.isdir(path):
-        names = [os.path.relpath(os.path.join(r, f), path).replace(os.sep, '/') for r, _, fs in os.walk(path) for f in fs]
-        read = lambda name: pathlib.Path(path, name).read_bytes()
-    else:
-        zf = zipfile.ZipFile(path)
-        names, read = zf.namelist(), zf.read
-    files = sorted(n for n in names if n.lower().endswith(('.png', '.jpg', '.jpeg')))
-    if not files:
-        raise ValueError(f'{path}: no .png/.jpg images found')
-    labels = torch.zeros(len(files), 0)
-    meta = json.loads(read('dataset.json')).get('labels') if 'dataset.json' in names else None
-    if meta is not None:  # check the labels before decoding anything
-        meta = dict(meta)
-        missing, extra = [n for n in files if n not in meta], sorted(set(meta) - set(files))
-        if missing:
-            raise ValueError(f'{path}: dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}')
-        if extra:
-            raise ValueError(f'{path}: dataset.json names {len(extra)} file(s) not in the dataset, e.g. {extra[0]}')
-        labels = _one_hot([meta[n] for n in files], path)
-    images = None
-    for i, name in enumerate(files):
-        with PIL.Image.open(io.BytesIO(read(name))) as im:  # grayscale -> C=1, anything else -> RGB
-            a = np.asarray(im if im.mode in ('L', 'RGB') else im.convert('L' if im.mode in ('1', 'LA') else 'RGB'))
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
-        if images is None:
-            images = np.empty((len(files), *a.shape), dtype=np.uint8)
-        elif a.shape != images.shape[1:]:
-            raise ValueError(f'{path}: {name} is {a.shape} (C,H,W) but {files[0]} is {images.shape[1:]}')
-        images[i] = a
-    return images, labels
-
-def load_image_dataset(path):
-    """Real images -> (uint8 [N,C,H,W], float32 one-hot labels [N,L], L=0 without labels). path: 'cifar10'
-    (the python archive, downloaded once to the cache), a cifar-10-python.tar.gz, an EDM .zip or a folder."""
-    path = os.fspath(path)
-    if path == 'cifar10':
-        import edm_nets  # only needed for the download
-        path = edm_nets.download(CIFAR10_URL)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'dataset not found: {path}')
-    if path.endswith(('.tar.gz', '.tgz')):
-        images, labels = _load_cifar_archive(path)
-    elif os.path.isdir(path) or path.endswith('.zip'):
-        try:
-            images, labels = _load_image_files(path)
-        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, json.JSONDecodeError) as e:
-            raise ValueError(f'{path}: unreadable dataset ({type(e).__name__}: {e})') from None
-    else:
-        raise ValueError(f'{path}: expected cifar10, a CIFAR-10 python .tar.gz, an EDM-style .zip or a folder')
-    return torch.from_numpy(images), labels
+# Real data (SiDA's real images): edm_nets.load_dataset reads the CIFAR-10 archive or an EDM zip/folder.
 
 def infinite_batches(images, labels, batch, seed, rank=0, world_size=1, start=0):
     """Endless (x [batch,C,H,W] float32 in [-1,1], labels [batch,L]). Each epoch is a permutation drawn from
@@ -663,7 +570,7 @@ def build_networks(cfg, device):
             torch.manual_seed(0)
             f_phi = edm_nets.build_preset(PRESETS[cfg.dataset]['teacher'], **over)
         else:
-            f_phi = edm_nets.load_edm_pickle(edm_nets.PRESETS[name]['url'] if name in edm_nets.PRESETS else name)
+            f_phi = edm_nets.load_checkpoint(name)[0]
         kw = dict(f_phi.init_kwargs, **over, use_fp16=cfg.precision == 'fp16')
         state = f_phi.state_dict()
         f_phi = edm_nets.EDMPrecond(**dict(kw, dropout=0.0))
@@ -698,8 +605,9 @@ def load_generator(path):
         except Exception as e:
             raise ValueError(f'cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}')
         return net.eval().requires_grad_(False), ck.get('config', {})
-    import edm_nets  # an official .pkl through the safe loader (no code from the pickle is run)
-    return edm_nets.load_edm_pickle(path), {}
+    import edm_nets  # an official .pkl through the bounded loader (no code from the pickle is run)
+    net, info = edm_nets.load_checkpoint(path)
+    return net, info['config']
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
@@ -818,7 +726,8 @@ def iterate(cfg, nets=None):
     elif needs_real:
         if not cfg.data:
             raise ValueError(f'--method {cfg.method} needs real images: pass --data PATH')
-        images, labels = load_image_dataset(cfg.data)
+        import edm_nets
+        images, labels = edm_nets.load_dataset(cfg.data)
         labels = check_dataset_matches(images, labels, f_phi)
         data = infinite_batches(images, labels, cfg.batch_gpu, cfg.seed, rank, world, start=data_batches)
     # FID reference and detector are fetched now: a bad --fid-ref fails before training, not at the first FID.
