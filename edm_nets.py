@@ -8,6 +8,7 @@
 # Additions for SiD/SiDA (Zhou et al. 2024): `return_logits` / `encoder_only` expose the channel mean of
 # the last encoder feature map, which SiDA uses as its discriminator.
 
+import _compat_pickle
 import collections
 import contextlib
 import copy
@@ -713,6 +714,9 @@ class _BoundedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so tha
         self.allow, self.persistent = allow, persistent
 
     def find_class(self, module, name):
+        if self.proto < 3 and self.fix_imports:  # Python 2 spellings (__builtin__.set, ...), as pickle does
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in self.allow:
             raise _Refused(f'refusing to load global {module}.{name} (not on the allow-list for this file)')
         return self.allow[(module, name)]
