@@ -988,16 +988,8 @@ def sample_images(G, seeds, sigma_init, device, class_idx=None, sigmas=()):
 
 def save_png_grid(images, path, cols=None):
     """uint8 NCHW -> one grid PNG (atomic)."""
-    from PIL import Image
-    n, ch, h, w = images.shape
-    cols = cols or int(math.ceil(math.sqrt(n)))
-    rows = (n + cols - 1) // cols
-    grid = torch.zeros(rows * h, cols * w, ch, dtype=torch.uint8)
-    for i, im in enumerate(images):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im.permute(1, 2, 0)
-    arr = grid.numpy()
-    Image.fromarray(arr[:, :, 0] if ch == 1 else arr).save(path + '.tmp', format='PNG')
-    os.replace(path + '.tmp', path)
+    import edm_nets
+    edm_nets.save_png(path, images, cols)
 
 def save_grid(G, path, sigma_init, device, n=64):
     """A grid of G_ema samples from the fixed seeds 0..n-1 (written at every snapshot)."""
