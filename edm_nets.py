@@ -1,4 +1,5 @@
-# EDM teacher networks, safe checkpoint loading, the EDM sampler and EDM's augmentation, in one file.
+# EDM teacher networks, all file I/O of sid (atomic writes, images, downloads, datasets, bounded checkpoint
+# loading), the EDM sampler and EDM's augmentation, in one file.
 #
 # A from-scratch re-implementation of the networks of Karras et al. 2022, "Elucidating the Design Space
 # of Diffusion-Based Generative Models" (EDM, github.com/NVlabs/edm), written from a description of the
@@ -7,18 +8,28 @@
 # Additions for SiD/SiDA (Zhou et al. 2024): `return_logits` / `encoder_only` expose the channel mean of
 # the last encoder feature map, which SiDA uses as its discriminator.
 
+import _compat_pickle
 import collections
+import contextlib
 import copy
 import hashlib
 import http.client
 import io
+import json
+import math
 import os
+import pathlib
 import pickle
+import re
+import secrets
+import struct
 import sys
-import tempfile
+import tarfile
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -545,109 +556,492 @@ def build_preset(name, **overrides):
     return EDMPrecond(**{**copy.deepcopy(PRESETS[name]['kwargs']), **overrides})
 
 #----------------------------------------------------------------------------
-# Download with a cache: a temporary file in the cache dir, renamed only when complete (urllib only).
+# Atomic writes: a uniquely named temporary file in the destination's folder, opened with O_EXCL|O_NOFOLLOW
+# (a symlink planted at that name is never followed), fsync'ed and renamed; nothing is left on failure.
 
-def download(url_or_path, cache_dir=None):
-    """Local path of a file; URLs are fetched once into $SID_CACHE (default ~/.cache/sid)."""
-    src = str(url_or_path)
+_TMP_PREFIX, _TMP_SUFFIX = '.', '.tmp'
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Context manager yielding a binary file that replaces `path` only when the block ends without error."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_BINARY', 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f'{_TMP_PREFIX}{name}.{secrets.token_hex(3)}{_TMP_SUFFIX}')
+        try:
+            fd = os.open(tmp, flags, 0o644)
+            break
+        except FileExistsError:  # a clash, or something planted: pick another name, never reuse it
+            continue
+    else:
+        raise OSError(f'cannot create a temporary file next to {path}')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable (not possible on every platform)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def remove_stale_temporaries(folder):
+    """Delete leftovers `.NAME.XXXXXX.tmp` of atomic_write calls that were killed; returns their names."""
+    pattern = re.compile(r'^\..+\.[0-9a-f]{6}\.tmp$')
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        p = os.path.join(folder, name)
+        if pattern.match(name) and (os.path.islink(p) or os.path.isfile(p)):
+            with contextlib.suppress(OSError):
+                os.remove(p)
+                removed.append(name)
+    return removed
+
+#----------------------------------------------------------------------------
+# Images: the one PNG writer and the one image reader (bounded: decompression bombs are refused from the
+# header, before any pixel is decoded).
+
+MAX_IMAGE_PIXELS = 2 ** 26
+
+
+def save_png(path, images, cols=None):
+    """uint8 [C,H,W] -> one image, [N,C,H,W] -> a grid (cols = ceil(sqrt N)); C in {1, 3}; written atomically."""
+    import PIL.Image
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images).detach().cpu()
+    if x.ndim == 3:
+        x = x[None]
+        cols = 1
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f'save_png expects uint8 [C,H,W] or [N,C,H,W] with C in (1, 3), got {x.dtype} {tuple(x.shape)}')
+    n, ch, h, w = x.shape
+    cols = int(cols or math.ceil(math.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    grid = torch.zeros(rows * h, cols * w, ch, dtype=torch.uint8)
+    for i, im in enumerate(x):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im.permute(1, 2, 0)
+    arr = grid.numpy()
+    with atomic_write(path) as f:
+        PIL.Image.fromarray(arr[:, :, 0] if ch == 1 else arr).save(f, format='PNG')
+
+
+def read_image(data_or_path, name=''):
+    """Bytes or a path -> uint8 numpy [C,H,W]: grayscale -> C=1, anything else -> RGB (C=3)."""
+    import PIL.Image
+    name = name or (str(data_or_path) if not isinstance(data_or_path, (bytes, bytearray)) else '<bytes>')
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', PIL.Image.DecompressionBombWarning)  # PIL's warning -> one-line error
+            with PIL.Image.open(src) as im:
+                w, h = im.size  # from the header: nothing decoded yet
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ValueError(f'{name}: image of {w}x{h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels')
+                a = np.asarray(im if im.mode in ('L', 'RGB') else im.convert('L' if im.mode in ('1', 'LA') else 'RGB'))
+    except ValueError as e:
+        raise ValueError(str(e).splitlines()[0] if str(e).startswith(name) else f'{name}: {e}') from None
+    except (OSError, SyntaxError, EOFError, PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning,
+            zlib.error) as e:
+        raise ValueError(f'{name}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+    return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+
+#----------------------------------------------------------------------------
+# Download with a cache keyed on the whole URL (so two URLs with one file name never collide); atomic,
+# optionally checked against a sha256.
+
+def download(url, cache_dir=None, sha256=None):
+    """Local path of a file; URLs are fetched once into `cache_dir` or $SID_CACHE (default ~/.cache/sid)."""
+    src = os.fspath(url) if not isinstance(url, str) else url
     if '://' not in src:
         if not os.path.isfile(src):
             raise FileNotFoundError(f'no such file: {src}')
-        return url_or_path
+        return src
     cache_dir = cache_dir or os.environ.get('SID_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'sid')
-    name = os.path.basename(urllib.parse.urlparse(src).path) or hashlib.sha1(src.encode()).hexdigest()
-    path = os.path.join(cache_dir, name)
+    base = re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(urllib.parse.urlparse(src).path)) or 'download'
+    path = os.path.join(cache_dir, f'{hashlib.sha256(src.encode()).hexdigest()[:16]}-{base}')
     if os.path.isfile(path):
+        _check_sha256(path, sha256)
         return path
-    tmp = None
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=name + '.', suffix='.tmp')
-        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(src, timeout=60) as resp:
+        with atomic_write(path) as f, urllib.request.urlopen(src, timeout=60) as resp:
             total = resp.headers.get('Content-Length')
-            total = int(total) if total else None
-            done = 0
+            total, done, h = (int(total) if total else None), 0, hashlib.sha256()
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
+                h.update(chunk)
                 done += len(chunk)
                 print(f'\rdownloading {src}: {done / 2**20:.1f}' + (f'/{total / 2**20:.1f}' if total else '') + ' MiB',
                       end='', file=sys.stderr, flush=True)
             print(file=sys.stderr)
-        if total is not None and done != total:
-            raise OSError(f'truncated download, got {done} of {total} bytes')
-        os.replace(tmp, path)
-        tmp = None
+            if total is not None and done != total:
+                raise OSError(f'truncated download, got {done} of {total} bytes')
+            if sha256 and h.hexdigest() != sha256.lower():
+                raise OSError(f'sha256 mismatch: got {h.hexdigest()}, expected {sha256}')
     except (OSError, ValueError, http.client.HTTPException) as e:
-        raise RuntimeError(f'could not download {src} ({e}); fetch it by hand to {path} '
-                           f'(or pass --teacher PATH)') from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+        raise RuntimeError(f'could not download {src} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); '
+                           f'fetch it by hand to {path}') from None
     return path
 
+
+def _check_sha256(path, sha256):
+    if sha256:
+        h = hashlib.sha256()
+        with open(path, 'rb') as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != sha256.lower():
+            raise RuntimeError(f'{path}: sha256 {h.hexdigest()} does not match the expected {sha256}; delete it to refetch')
 #----------------------------------------------------------------------------
-# Safe reader for EDM/SiD `.pkl` checkpoints (pickled torch_utils.persistence objects). Only an exact
-# allow-list of data rebuilders is resolvable; persistent objects become inert records, and their embedded
-# `module_src` is hashed, never executed. Then the module tree is flattened into a state dict.
+# One bounded unpickler for every pickle we read (EDM/SiD .pkl, the storages inside them, the data.pkl of
+# torch.save files, the CIFAR-10 batches). Besides an exact allow-list of globals per use, it bounds the
+# work a hostile file can cause: reads never exceed the file, dict keys and set elements are plain scalars
+# (so no attacker-built object is ever hashed), numpy arrays are never object arrays and must match their
+# bytes, tensor views must fit their storage, and the result's depth and tree size are capped.
+
+MAX_DEPTH, MAX_CONTAINER, MAX_NODES = 64, 10 ** 6, 2 * 10 ** 6
+_KEY_TYPES = (str, bytes, int, float, bool, type(None))
+_Refused = pickle.UnpicklingError
+
+
+class _BoundedReader:
+    """File wrapper for the unpickler: a read larger than what is left is refused before any allocation."""
+    def __init__(self, f):
+        pos = f.tell()
+        self.f, self.left = f, f.seek(0, 2) - pos
+        f.seek(pos)
+
+    def read(self, n=-1):
+        if n is None or n < 0 or n > self.left:
+            raise _Refused(f'the pickle claims {n} bytes but only {self.left} remain')
+        b = self.f.read(n)
+        self.left -= len(b)
+        return b
+
+    def readline(self):
+        b = self.f.readline()
+        self.left -= len(b)
+        return b
+
+
+def _check_keys(keys):
+    for k in keys:
+        if type(k) not in _KEY_TYPES:
+            raise _Refused(f'refusing a {type(k).__name__} as a dict key or set element (only plain scalars)')
+
+
+def _check_size(n):
+    if n > MAX_CONTAINER:
+        raise _Refused(f'a container of {n} items exceeds the limit of {MAX_CONTAINER}')
+
+
+class _BoundedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so that opcodes can be overridden
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, f, allow, persistent=None, encoding='ASCII'):
+        super().__init__(_BoundedReader(f), encoding=encoding)
+        self.allow, self.persistent = allow, persistent
+
+    def find_class(self, module, name):
+        if self.proto < 3 and self.fix_imports:  # Python 2 spellings (__builtin__.set, ...), as pickle does
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) not in self.allow:
+            raise _Refused(f'refusing to load global {module}.{name} (not on the allow-list for this file)')
+        return self.allow[(module, name)]
+
+    def persistent_load(self, pid):
+        if self.persistent is None:
+            raise _Refused('refusing a persistent id in this pickle')
+        return self.persistent(pid)
+
+    def _dict_items(self, d, items):
+        if not isinstance(d, dict):
+            raise _Refused(f'refusing to set items on a {type(d).__name__}')
+        _check_keys(items[::2])
+        _check_size(len(d) + len(items) // 2)
+        for i in range(0, len(items) - 1, 2):
+            d[items[i]] = items[i + 1]
+
+    def load_dict(self):
+        items = self.pop_mark()
+        d = {}
+        self._dict_items(d, items)
+        self.append(d)
+
+    def load_setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        self._dict_items(self.stack[-1], [key, value])
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        self._dict_items(self.stack[-1], items)
+
+    def load_additems(self):
+        items = self.pop_mark()
+        s = self.stack[-1]
+        if not isinstance(s, set):
+            raise _Refused(f'refusing to add items to a {type(s).__name__}')
+        _check_keys(items)
+        _check_size(len(s) + len(items))
+        s.update(items)
+
+    def load_frozenset(self):
+        items = self.pop_mark()
+        _check_keys(items)
+        _check_size(len(items))
+        self.append(frozenset(items))
+
+    def load_appends(self):
+        items = self.pop_mark()
+        lst = self.stack[-1]
+        if not isinstance(lst, list):
+            raise _Refused(f'refusing to append to a {type(lst).__name__}')
+        _check_size(len(lst) + len(items))
+        lst.extend(items)
+
+    def load_appends_one(self):
+        value = self.stack.pop()
+        lst = self.stack[-1]
+        if not isinstance(lst, list):
+            raise _Refused(f'refusing to append to a {type(lst).__name__}')
+        _check_size(len(lst) + 1)
+        lst.append(value)
+
+    def load_build(self):
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.ndarray):
+            _check_array_state(state)
+        elif isinstance(inst, np.dtype):
+            if not (isinstance(state, tuple) and len(state) == 8 and state[2:5] == (None, None, None)):
+                raise _Refused('refusing a structured or sub-array numpy dtype')
+        elif isinstance(inst, dict):  # OrderedDict state dicts carry `_metadata` as instance state
+            if not isinstance(state, dict) and not (isinstance(state, tuple) and len(state) == 2 and state[1] is None):
+                raise _Refused('refusing slot state on a dict')
+        elif not isinstance(inst, _InertModule):
+            raise _Refused(f'refusing to set the state of a {type(inst).__name__}')
+        super().load_build()
+
+    for _op, _fn in ((pickle.DICT, load_dict), (pickle.SETITEM, load_setitem), (pickle.SETITEMS, load_setitems),
+                     (pickle.ADDITEMS, load_additems), (pickle.FROZENSET, load_frozenset),
+                     (pickle.APPENDS, load_appends), (pickle.APPEND, load_appends_one), (pickle.BUILD, load_build)):
+        dispatch[_op[0]] = _fn
+    del _op, _fn
+
+
+def _check_tree(obj):
+    """Depth <= MAX_DEPTH and at most MAX_NODES nodes counted as a tree (shared sub-objects count each
+    time), so that no later walk (repr, json, state-dict flattening) can blow up; cycles exceed the depth."""
+    todo, count = [(obj, 0)], 0
+    while todo:
+        x, depth = todo.pop()
+        count += 1
+        if depth > MAX_DEPTH or count > MAX_NODES:
+            raise _Refused(f'nesting deeper than {MAX_DEPTH} or more than {MAX_NODES} objects')
+        if isinstance(x, dict):
+            todo += [(v, depth + 1) for v in x.values()]
+            if type(x) is not dict and getattr(x, '__dict__', None):
+                todo.append((x.__dict__, depth + 1))
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            todo += [(v, depth + 1) for v in x]
+        elif isinstance(x, _InertModule):
+            todo.append((x.state, depth + 1))
+
+
+def bounded_unpickle(f, allow, source, persistent=None, encoding='ASCII'):
+    """Unpickle one object from the binary file `f` with the allow-list `allow` {(module, name): callable};
+    every refusal or malformation becomes one ValueError line naming `source`."""
+    try:
+        obj = _BoundedUnpickler(f, allow, persistent, encoding).load()
+        _check_tree(obj)
+        return obj
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            struct.error, MemoryError, RecursionError, OverflowError, RuntimeError, UnicodeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f'{source}: unsafe or unreadable pickle ({msg})') from None
+
+#----------------------------------------------------------------------------
+# Safe stand-ins for the globals that the allowed pickles use (numpy arrays and dtypes, bytes, sets,
+# ordered dicts, torch tensors and storages, EDM's persistence records).
 
 try:
     from numpy._core import multiarray as _np_multiarray  # numpy >= 2
 except ImportError:  # pragma: no cover
     from numpy.core import multiarray as _np_multiarray
 
+_NDARRAY = object()  # numpy.ndarray is only a marker for _reconstruct: calling it would allocate any shape
+
+
+def _check_array_state(state):
+    ok = isinstance(state, tuple) and len(state) == 5 and isinstance(state[1], tuple) and len(state[1]) <= 32
+    if ok:
+        _, shape, dtype, _, raw = state
+        ok = (isinstance(dtype, np.dtype) and not dtype.hasobject and dtype.names is None and dtype.subdtype is None
+              and all(type(s) is int and s >= 0 for s in shape) and isinstance(raw, (bytes, str))
+              and math.prod(shape) * dtype.itemsize == len(raw))
+    if not ok:
+        raise _Refused('refusing a numpy array whose dtype is object/structured or whose data does not match its shape')
+
+
+def _np_reconstruct(subtype, shape, code):
+    if subtype is not _NDARRAY or shape != (0,):
+        raise _Refused('refusing numpy _reconstruct other than the empty placeholder array')
+    return _np_multiarray._reconstruct(np.ndarray, (0,), b'b')
+
+
+def _np_dtype(spec, align=False, copy=True):
+    if not (isinstance(spec, str) and re.fullmatch(r'[biufc]\d{1,2}', spec)):
+        raise _Refused(f'refusing numpy dtype {spec!r} (only plain numeric dtypes)')
+    return np.dtype(spec, align=bool(align), copy=bool(copy))
+
+
+def _np_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, str)) or len(data) != dtype.itemsize:
+        raise _Refused('refusing a numpy scalar that is not a plain number')
+    return _np_multiarray.scalar(dtype, data)
+
+
+def _codecs_encode(s, encoding='utf-8'):  # bytes in protocol-2 pickles written by Python 3
+    if not isinstance(s, str) or encoding not in ('latin1', 'latin-1', 'utf-8', 'utf8'):
+        raise _Refused('refusing _codecs.encode other than text to bytes')
+    return s.encode(encoding)
+
+
+def _ordered_dict(*args):
+    if args:
+        raise _Refused('refusing OrderedDict built from arguments (items must come as plain dict items)')
+    return collections.OrderedDict()
+
+
+def _safe_set(items=()):
+    items = list(items) if isinstance(items, (list, tuple)) else None
+    if items is None:
+        raise _Refused('refusing a set built from a non-list')
+    _check_keys(items)
+    _check_size(len(items))
+    return set(items)
+
+
+_NUMPY_GLOBALS = {('numpy', 'ndarray'): _NDARRAY, ('numpy', 'dtype'): _np_dtype, ('_codecs', 'encode'): _codecs_encode}
+for _mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # numpy 1.x and 2.x spellings
+    _NUMPY_GLOBALS[(_mod, 'scalar')] = _np_scalar
+    _NUMPY_GLOBALS[(_mod, '_reconstruct')] = _np_reconstruct
+CIFAR_GLOBALS = dict(_NUMPY_GLOBALS)
+
+_STORAGE_DTYPES = dict(FloatStorage=torch.float32, DoubleStorage=torch.float64, HalfStorage=torch.float16,
+                       BFloat16Storage=torch.bfloat16, LongStorage=torch.int64, IntStorage=torch.int32,
+                       ShortStorage=torch.int16, CharStorage=torch.int8, ByteStorage=torch.uint8, BoolStorage=torch.bool)
+
+
+class _StorageType:
+    def __init__(self, dtype):
+        self.dtype, self.itemsize = dtype, torch.empty(0, dtype=dtype).element_size()
+
+
+_STORAGE_GLOBALS = {('torch', k): _StorageType(v) for k, v in _STORAGE_DTYPES.items()}
+
+
+def _check_view(numel, offset, size, stride):
+    """A tensor view (offset, size, stride) must lie inside a storage of `numel` elements."""
+    ok = (type(offset) is int and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
+          and len(size) == len(stride) <= 16 and all(type(s) is int and s >= 0 for s in size + stride))
+    if not ok:
+        raise _Refused('refusing a tensor with a malformed offset/size/stride')
+    if 0 not in size and offset + sum((s - 1) * st for s, st in zip(size, stride)) >= numel:
+        raise _Refused(f'refusing a tensor view {list(size)} at offset {offset} that exceeds its storage of {numel} elements')
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    if not isinstance(storage, torch.storage.TypedStorage) or hooks or metadata:
+        raise _Refused('refusing a tensor without plain storage or with hooks/metadata')
+    _check_view(storage._size(), offset, size, stride)  # _size: the same, without the deprecation warning
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, bool(requires_grad), collections.OrderedDict())
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    if not isinstance(data, torch.Tensor) or hooks or state:
+        raise _Refused('refusing a parameter with hooks or extra state')
+    return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
+
+
+def _legacy_storage(b):
+    """torch.storage._load_from_bytes, re-done within bounds: the legacy torch.save stream of one storage
+    (magic, protocol, sys info, the storage record, its keys, then per key int64 numel + raw bytes)."""
+    if not isinstance(b, bytes):
+        raise _Refused('refusing a storage that is not bytes')
+    f, src = io.BytesIO(b), 'embedded storage'
+    head = [bounded_unpickle(f, {}, src) for _ in range(3)]
+    if head[0] != 0x1950a86a20f9469cfc6c or head[1] != 1001 or not isinstance(head[2], dict) or head[2].get('little_endian') is not True:
+        raise _Refused('refusing an embedded storage that is not a little-endian legacy torch.save stream')
+    pids = []
+    def persistent(pid):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == 'storage' and isinstance(pid[1], _StorageType)
+                and type(pid[4]) is int and pid[5] is None):
+            raise _Refused('refusing a malformed storage record')
+        pids.append(pid)
+        return len(pids) - 1
+    if bounded_unpickle(f, _STORAGE_GLOBALS, src, persistent) != 0 or len(pids) != 1:
+        raise _Refused('refusing an embedded stream that is not exactly one storage')
+    keys = bounded_unpickle(f, {}, src)
+    _, stype, key, _, numel, _ = pids[0]
+    n = struct.unpack('<q', f.read(8))[0] if keys == [key] else -1
+    if n != numel or n < 0 or n * stype.itemsize != len(b) - f.tell():
+        raise _Refused(f'refusing a storage that declares {numel} elements but holds {len(b) - f.tell()} bytes')
+    data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    return torch.storage.TypedStorage(wrap_storage=data.view(stype.dtype).untyped_storage() if n else
+                                      torch.empty(0, dtype=stype.dtype).untyped_storage(), dtype=stype.dtype, _internal=True)
+#----------------------------------------------------------------------------
+# EDM/SiD `.pkl` records (pickled torch_utils.persistence objects): persistent objects become inert records,
+# their embedded `module_src` is hashed, never executed; the module tree is then flattened to a state dict.
 
 class _InertModule:
     """Stand-in for torch container modules (ModuleDict etc.) in the pickle: keeps their state, runs nothing."""
     def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise _Refused('refusing a module state that is not a dict')
         self.state = state
 
 
 class _EasyDict(dict):
-    pass
+    def __init__(self, *args, **kwargs):  # only NEWOBJ + dict items: arguments would hash arbitrary keys
+        if args or kwargs:
+            raise _Refused('refusing EasyDict built from arguments')
 
 
 def _inert_persistent_obj(meta):
     # Replaces torch_utils.persistence._reconstruct_persistent_obj, which would exec meta['module_src'].
-    if not isinstance(meta, dict) or meta.get('type') != 'class':
-        raise RuntimeError('unexpected persistent object record in the pickle')
+    if not isinstance(meta, dict) or meta.get('type') != 'class' or not isinstance(meta.get('state') or {}, dict):
+        raise _Refused('unexpected persistent object record in the pickle')
     if meta.get('version') != 6:
         print(f'warning: persistence format version {meta.get("version")} (expected 6)', file=sys.stderr)
-    state = meta.get('state') or {}
-    src = meta.get('module_src') or ''
+    state, src = meta.get('state') or {}, meta.get('module_src') or ''
     return dict(class_name=meta.get('class_name'), init_kwargs=state.get('_init_kwargs', {}), state=state,
-                module_src_sha1=hashlib.sha1(src.encode()).hexdigest())
+                module_src_sha1=hashlib.sha1(str(src).encode()).hexdigest())
 
 
-def _load_storage_bytes(b):  # torch.storage._load_from_bytes, restricted to tensor data
-    return torch.load(io.BytesIO(b), weights_only=True, map_location='cpu')
-
-
-_SAFE_GLOBALS = {
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state,
-    ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
+EDM_GLOBALS = {
+    **_NUMPY_GLOBALS,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _legacy_storage,
+    ('collections', 'OrderedDict'): _ordered_dict,
     ('torch.nn.modules.container', 'ModuleDict'): _InertModule,
     ('torch.nn.modules.container', 'ModuleList'): _InertModule,
     ('torch.nn.modules.container', 'Sequential'): _InertModule,
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _inert_persistent_obj,
     ('dnnlib.util', 'EasyDict'): _EasyDict,
-    ('builtins', 'set'): set,  # sets in protocol < 4 pickles
-    ('numpy', 'dtype'): np.dtype,
-    ('numpy', 'ndarray'): np.ndarray,
+    ('builtins', 'set'): _safe_set,  # sets in protocol < 4 pickles
 }
-for _mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # numpy 1.x and 2.x spellings
-    _SAFE_GLOBALS[(_mod, 'scalar')] = _np_multiarray.scalar
-    _SAFE_GLOBALS[(_mod, '_reconstruct')] = _np_multiarray._reconstruct
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _SAFE_GLOBALS:
-            raise RuntimeError(f'refusing to load global {module}.{name} from the pickle (not a tensor/numpy/EDM '
-                               f'persistence type; the file may be unsafe or from an unsupported version)')
-        return _SAFE_GLOBALS[(module, name)]
 
 
 def _flatten_state(rec, prefix='', out=None):
@@ -659,68 +1053,296 @@ def _flatten_state(rec, prefix='', out=None):
         for name, t in (state.get(group) or {}).items():
             if t is not None and not (group == '_buffers' and name in skip):
                 if not isinstance(t, torch.Tensor):
-                    raise RuntimeError(f'checkpoint entry {prefix}{name} is not a tensor')
-                out[prefix + name] = t.detach()
+                    raise ValueError(f'checkpoint entry {prefix}{name} is not a tensor')
+                out[f'{prefix}{name}'] = t.detach()
     for name, child in (state.get('_modules') or {}).items():
         if child is not None:
             _flatten_state(child, f'{prefix}{name}.', out)
     return out
 
+#----------------------------------------------------------------------------
+# Network kwargs: checked per model_type (types and ranges) before anything is built; then the net is built
+# on the meta device to compare every shape with the stored tensors and to count its parameters.
 
-def _build_and_load(kwargs, state_dict, source):
-    kwargs = dict(kwargs)
-    class_name = str(kwargs.pop('class_name', 'EDMPrecond'))
-    if class_name.rsplit('.', 1)[-1] != 'EDMPrecond':
-        raise RuntimeError(f'{source}: unsupported network class "{class_name}" (only EDMPrecond)')
+MAX_PARAMS = 2e9
+_i = lambda lo, hi: lambda v: type(v) is int and lo <= v <= hi
+_f = lambda lo, hi: lambda v: type(v) in (int, float) and lo <= v <= hi
+_ints = lambda lo, hi, n: lambda v: isinstance(v, (list, tuple)) and len(v) <= n and all(_i(lo, hi)(x) for x in v)
+_one_of = lambda *c: lambda v: isinstance(v, str) and v in c
+_UNET_KWARGS = dict(augment_dim=_i(0, 64), model_channels=_i(1, 4096), channel_mult=_ints(1, 64, 8),
+                    channel_mult_emb=_i(1, 64), num_blocks=_i(1, 64), attn_resolutions=_ints(1, 4096, 16),
+                    dropout=_f(0, 1), label_dropout=_f(0, 1))
+NET_KWARGS = {  # None: EDMPrecond's own arguments; then one table per model_type (extend here)
+    None: dict(img_resolution=_i(0, 4096), img_channels=_i(1, 16), label_dim=_i(0, 100000),
+               use_fp16=lambda v: type(v) is bool, sigma_min=_f(0, math.inf), sigma_max=_f(0, math.inf),
+               sigma_data=_f(1e-9, 1e9), model_type=lambda v: v in NET_KWARGS and v is not None),
+    'SongUNet': dict(_UNET_KWARGS, embedding_type=_one_of('positional', 'fourier'), channel_mult_noise=_i(1, 64),
+                     encoder_type=_one_of('standard', 'skip', 'residual'), decoder_type=_one_of('standard', 'skip'),
+                     resample_filter=_ints(1, 1 << 16, 8)),
+    'DhariwalUNet': dict(_UNET_KWARGS),
+    'ToyMLP': dict(hidden=_i(1, 1 << 16), depth=_i(1, 64), dropout=_f(0, 1)),
+}
+
+
+def check_net_kwargs(kwargs, source):
+    """EDMPrecond kwargs from a file -> a plain dict, or one ValueError line naming the offending key."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f'{source}: network kwargs are not a dict of names')
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    table = dict(NET_KWARGS[None], **NET_KWARGS.get(kwargs.get('model_type', 'DhariwalUNet'), {}))
+    for k, v in kwargs.items():
+        if k not in table or not table[k](v):
+            raise ValueError(f'{source}: network kwarg {k}={str(v)[:60]} is unknown or out of range')
+    return kwargs
+
+
+def _build_checked(kwargs, state_dict, source):
+    """An eval-mode frozen EDMPrecond with `state_dict`, built for real only after the meta-device check."""
+    kwargs = check_net_kwargs(kwargs, source)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f'{source}: the weights are not a dict of tensors')
     try:
-        net = EDMPrecond(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise RuntimeError(f'{source}: cannot build the network from its stored kwargs ({e})') from None
-    try:
-        net.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        ours = set(net.state_dict())
-        missing, unexpected = sorted(ours - set(state_dict)), sorted(set(state_dict) - ours)
-        detail = f'missing keys {missing[:5]}, unexpected keys {unexpected[:5]}' if missing or unexpected else str(e).splitlines()[-1]
-        raise RuntimeError(f'{source}: weights do not match the network built from its kwargs: {detail}') from None
+        with torch.device('meta'):
+            meta = EDMPrecond(**kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f'{source}: cannot build the network from its stored kwargs ({str(e).splitlines()[0]})') from None
+    count = sum(p.numel() for p in meta.parameters())
+    if count > MAX_PARAMS:
+        raise ValueError(f'{source}: the stored kwargs describe {count:.3g} parameters (limit {MAX_PARAMS:.3g})')
+    ours = meta.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
+    if missing or unexpected:
+        raise ValueError(f'{source}: weights do not match the network built from its kwargs: '
+                         f'missing keys {missing[:5]}, unexpected keys {unexpected[:5]}')
+    for k, t in ours.items():
+        if state_dict[k].shape != t.shape:
+            raise ValueError(f'{source}: {k} has shape {list(state_dict[k].shape)}, the network needs {list(t.shape)}')
+    net = EDMPrecond(**kwargs)
+    net.load_state_dict(state_dict, strict=True)
     return net.eval().requires_grad_(False)
 
+#----------------------------------------------------------------------------
+# The one checkpoint reader: official EDM/SiD .pkl, or our torch.save files.
 
-def load_edm_pickle(path_or_url):
-    """Eval-mode EDMPrecond with the `ema` weights of an EDM/SiD .pkl, or of our torch.save'd checkpoints
-    ({'ema' or 'G_ema': state_dict, 'net_kwargs': dict}). Accepts a path, a URL or a PRESETS name."""
-    if path_or_url in PRESETS:
-        path_or_url = PRESETS[path_or_url]['url']
-    path = download(path_or_url)
-    if zipfile.is_zipfile(path):  # torch.save format: only tensors and plain containers are allowed
-        try:
-            data = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise RuntimeError(f'{path}: cannot read checkpoint safely ({str(e).splitlines()[0]})') from None
-        key = next((k for k in ('ema', 'G_ema') if isinstance(data, dict) and k in data), None)
-        if key is None or 'net_kwargs' not in data:
-            raise RuntimeError(f'{path}: expected keys "ema" or "G_ema" and "net_kwargs", found {list(data)[:10] if isinstance(data, dict) else type(data).__name__}')
-        net = _build_and_load(data['net_kwargs'], data[key], path)
-        return net
+def _scan_torch_zip(path):
+    """Bounded pre-scan of a torch.save zip: member sizes, then data.pkl through the bounded unpickler with
+    every storage checked against its member and every tensor view against its storage."""
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+        total = sum(i.file_size for i in infos.values())
+        if total > os.path.getsize(path) + (1 << 20):  # torch stores members uncompressed
+            raise ValueError(f'{path}: zip members declare {total} bytes, more than the file holds')
+        pkl = [n for n in infos if n.endswith('/data.pkl') and n.count('/') == 1]
+        if len(pkl) != 1:
+            raise ValueError(f'{path}: not a torch.save archive (no single */data.pkl)')
+        prefix = pkl[0][:-len('data.pkl')]
+        def persistent(pid):
+            ok = (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[1], _StorageType)
+                  and isinstance(pid[2], str) and type(pid[4]) is int and f'{prefix}data/{pid[2]}' in infos)
+            if not ok or infos[f'{prefix}data/{pid[2]}'].file_size != pid[4] * pid[1].itemsize:
+                raise _Refused(f'refusing a storage record that does not match its data member: {str(pid)[:80]}')
+            return pid[4]
+        def tensor(numel, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+            _check_view(numel, offset, size, stride)
+            return ()
+        allow = {**_STORAGE_GLOBALS, ('collections', 'OrderedDict'): _ordered_dict,
+                 ('torch._utils', '_rebuild_tensor_v2'): tensor}
+        with zf.open(pkl[0]) as f:
+            bounded_unpickle(io.BytesIO(f.read()), allow, path, persistent)
+
+
+def _load_torch_file(path):
+    _scan_torch_zip(path)
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many types for a bad archive
+        raise ValueError(f'{path}: cannot read checkpoint safely ({str(e).splitlines()[0]})') from None
+    key = next((k for k in ('G_ema', 'ema') if isinstance(data, dict) and k in data), None)
+    if key is None or 'net_kwargs' not in data:
+        found = list(data)[:10] if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f'{path}: expected keys "ema" or "G_ema" and "net_kwargs", found {found}')
+    config = data.get('config')
+    info = dict(path=str(path), config=config if isinstance(config, dict) else {}, kimg=data.get('kimg'))
+    return _build_checked(data['net_kwargs'], data[key], path), info
+
+
+def _load_edm_file(path):
     with open(path, 'rb') as f:
-        try:
-            data = _SafeUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-            raise RuntimeError(f'{path}: not a readable EDM pickle ({e})') from None
+        data = bounded_unpickle(f, EDM_GLOBALS, path)
     if not isinstance(data, dict) or 'ema' not in data:
-        raise RuntimeError(f'{path}: no "ema" network in the checkpoint (found {list(data)[:10] if isinstance(data, dict) else type(data).__name__})')
+        found = list(data)[:10] if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f'{path}: no "ema" network in the checkpoint (found {found})')
     rec = data['ema']
     if not isinstance(rec, dict) or 'state' not in rec:
-        raise RuntimeError(f'{path}: "ema" is not a persistent network record')
+        raise ValueError(f'{path}: "ema" is not a persistent network record')
     state = rec['state']
     if state.get('_init_args'):
-        raise RuntimeError(f'{path}: positional constructor arguments are not supported')
-    net = _build_and_load(dict(state.get('_init_kwargs', {}), class_name=rec['class_name']), _flatten_state(rec), path)
+        raise ValueError(f'{path}: positional constructor arguments are not supported')
+    if str(rec['class_name']).rsplit('.', 1)[-1] != 'EDMPrecond':
+        raise ValueError(f'{path}: unsupported network class "{rec["class_name"]}" (only EDMPrecond)')
+    net = _build_checked(state.get('_init_kwargs', {}), _flatten_state(rec), path)
     for attr in ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max', 'sigma_data'):
         if attr in state and state[attr] != getattr(net, attr):
-            raise RuntimeError(f'{path}: {attr}={state[attr]} in the pickle but {getattr(net, attr)} after rebuilding')
-    net.checkpoint_info = dict(path=str(path), class_name=rec['class_name'], module_src_sha1=rec['module_src_sha1'])
-    return net
+            raise ValueError(f'{path}: {attr}={state[attr]} in the pickle but {getattr(net, attr)} after rebuilding')
+    return net, dict(path=str(path), config={}, kimg=None, class_name=rec['class_name'],
+                     module_src_sha1=rec['module_src_sha1'])
+
+
+def load_checkpoint(src):
+    """(eval-mode frozen EDMPrecond, info) from an EDM/SiD .pkl (its `ema`) or our torch.save file
+    ({'G_ema' or 'ema': state_dict, 'net_kwargs': dict, 'config': dict, 'kimg'}); src: a path, URL or
+    PRESETS name. info = dict(path, config ({} for .pkl), kimg). Nothing from the file is executed."""
+    path = download(PRESETS[src]['url'] if src in PRESETS else src)
+    return _load_torch_file(path) if zipfile.is_zipfile(path) else _load_edm_file(path)
+#----------------------------------------------------------------------------
+# Real data (SiDA's real images; fid.py's reference sets): the CIFAR-10 python archive, or an EDM-style
+# zip / folder of images with optional dataset.json labels, decoded once into memory as uint8 (like EDM's
+# ImageFolderDataset(cache=True)). Sizes declared by archives are checked before anything is read.
+
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+MAX_MEMBER_BYTES, MAX_DATASET_BYTES, MAX_LABEL = 1 << 28, 1 << 36, 100000
+
+
+def _one_hot(ys, path, num=None):
+    """Integer class labels -> float32 one-hot [N, num], num = max + 1 unless given (EDM's label_dim)."""
+    if not all(type(y) is int and 0 <= y < (num or MAX_LABEL) for y in ys):
+        raise ValueError(f'{path}: labels must be one integer class in [0, {num or MAX_LABEL}) per image')
+    ys = torch.as_tensor(ys, dtype=torch.long)
+    return F.one_hot(ys, num or (int(ys.max()) + 1 if len(ys) else 0)).float()
+
+
+def _load_cifar_archive(path):
+    """cifar-10-python.tar.gz -> uint8 [50000,3,32,32] and labels, data_batch_1..5 in order (as EDM's dataset_tool)."""
+    xs, ys = [], []
+    try:
+        with tarfile.open(path, 'r:gz') as tar:
+            for i in range(1, 6):
+                member = tar.getmember(f'cifar-10-batches-py/data_batch_{i}')
+                if not member.isfile() or member.size > MAX_MEMBER_BYTES:
+                    raise ValueError(f'{member.name} is not a file of at most {MAX_MEMBER_BYTES} bytes')
+                d = bounded_unpickle(tar.extractfile(member), CIFAR_GLOBALS, f'{path}:{member.name}', encoding='bytes')
+                x, y = d[b'data'], d[b'labels']
+                if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072
+                        and isinstance(y, list) and len(y) == len(x)):
+                    raise ValueError(f'{member.name}: expected uint8 data [N, 3072] and N labels')
+                xs.append(x.reshape(-1, 3, 32, 32))
+                ys += y
+    except (tarfile.TarError, EOFError, OSError, zlib.error, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f'{path}: not a readable CIFAR-10 python archive ({type(e).__name__}: {e})') from None
+    return np.concatenate(xs), _one_hot(ys, path, 10)
+
+
+def _list_members(path):
+    """(names, read(name) -> bytes) for a folder or a zip; every size is checked before reading."""
+    if os.path.isdir(path):
+        names = [os.path.relpath(os.path.join(r, f), path).replace(os.sep, '/') for r, _, fs in os.walk(path) for f in fs]
+        def read(name):
+            p = os.path.join(path, name)
+            if os.path.getsize(p) > MAX_MEMBER_BYTES:
+                raise ValueError(f'{path}: {name} is larger than {MAX_MEMBER_BYTES} bytes')
+            return pathlib.Path(p).read_bytes()
+        return names, read
+    zf = zipfile.ZipFile(path)
+    infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
+    big = [i for i in infos.values() if i.file_size > MAX_MEMBER_BYTES]
+    if big:
+        raise ValueError(f'{path}: member {big[0].filename} declares {big[0].file_size} bytes (limit {MAX_MEMBER_BYTES})')
+    total = sum(i.file_size for i in infos.values())
+    if total > max(MAX_DATASET_BYTES, 0):
+        raise ValueError(f'{path}: members declare {total} bytes in all (limit {MAX_DATASET_BYTES})')
+    return list(infos), zf.read  # zipfile stops at the declared size and checks the CRC
+
+
+def _read_labels(path, names, read, files):
+    """dataset.json {"labels": [[name, int], ...] or null} -> labels of `files`, checked before decoding."""
+    try:
+        meta = json.loads(read('dataset.json')) if 'dataset.json' in names else None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f'{path}: dataset.json is not valid JSON ({type(e).__name__})') from None
+    labels = meta.get('labels') if isinstance(meta, dict) else None
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f'{path}: dataset.json must be an object with "labels"')
+    if labels is None:
+        return torch.zeros(len(files), 0)
+    if not (isinstance(labels, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                             and type(p[1]) is int and 0 <= p[1] < MAX_LABEL for p in labels)):
+        raise ValueError(f'{path}: dataset.json labels must be a list of [name, int in [0, {MAX_LABEL})] pairs')
+    meta = dict(labels)
+    if len(meta) != len(labels):
+        raise ValueError(f'{path}: dataset.json names an image twice')
+    missing, extra = [n for n in files if n not in meta], sorted(set(meta) - set(files))
+    if missing:
+        raise ValueError(f'{path}: dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}')
+    if extra:
+        raise ValueError(f'{path}: dataset.json names {len(extra)} file(s) not in the dataset, e.g. {extra[0]}')
+    return _one_hot([meta[n] for n in files], path)
+
+
+def _load_image_files(path):
+    """EDM layout: image files at any depth, sorted by name, all of one size; optional dataset.json labels."""
+    names, read = _list_members(path)
+    files = sorted(n for n in names if n.lower().endswith(('.png', '.jpg', '.jpeg')))
+    if not files:
+        raise ValueError(f'{path}: no .png/.jpg images found')
+    labels = _read_labels(path, names, read, files)
+    images = None
+    for i, name in enumerate(files):
+        a = read_image(read(name), f'{path}:{name}')
+        if images is None:
+            if len(files) * a.size > MAX_DATASET_BYTES:
+                raise ValueError(f'{path}: {len(files)} images of {a.shape} exceed {MAX_DATASET_BYTES} bytes')
+            images = np.empty((len(files), *a.shape), dtype=np.uint8)
+        elif a.shape != images.shape[1:]:
+            raise ValueError(f'{path}: {name} is {a.shape} (C,H,W) but {files[0]} is {images.shape[1:]}')
+        images[i] = a
+    return images, labels
+
+
+def load_dataset(path):
+    """Real images -> (uint8 [N,C,H,W], float32 one-hot labels [N,L], L=0 without labels). path: 'cifar10'
+    (the python archive, downloaded once to the cache), a cifar-10-python.tar.gz, an EDM .zip or a folder."""
+    path = os.fspath(path)
+    if path == 'cifar10':
+        path = download(CIFAR10_URL)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'dataset not found: {path}')
+    if path.endswith(('.tar.gz', '.tgz')):
+        images, labels = _load_cifar_archive(path)
+    elif os.path.isdir(path) or path.endswith('.zip'):
+        try:
+            images, labels = _load_image_files(path)
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, MemoryError) as e:
+            raise ValueError(f'{path}: unreadable dataset ({type(e).__name__}: {e})') from None
+    else:
+        raise ValueError(f'{path}: expected cifar10, a CIFAR-10 python .tar.gz, an EDM-style .zip or a folder')
+    return torch.from_numpy(images), labels
+
+def infinite_batches(images, labels, batch, seed, rank=0, world_size=1, start=0, pin=False):
+    """Endless (x [batch,C,H,W] in [-1,1], labels). Epoch e is a permutation drawn from (seed, e), the same on all
+    ranks; rank r takes every world_size-th entry (disjoint shards). `start` skips batches (resume) without drawing."""
+    n, idx = len(images), torch.zeros(0, dtype=torch.long)
+    if n < world_size:
+        raise ValueError(f'{n} images cannot be sharded over {world_size} ranks')
+    epoch, skip = divmod(start * batch, len(range(rank, n, world_size)))
+    while True:
+        while len(idx) < batch:
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]))
+            idx, epoch, skip = torch.cat([idx, torch.randperm(n, generator=gen)[rank::world_size][skip:]]), epoch + 1, 0
+        b, idx = idx[:batch], idx[batch:]
+        x = images[b].float() / 127.5 - 1
+        yield (x.pin_memory() if pin else x), labels[b]  # pinned: the copy to the GPU needs no synchronisation
+
+
+def check_dataset_matches(images, labels, net):
+    """Fail before training if the data cannot feed the network; -> the labels to use (none if unconditional)."""
+    C, H, W = images.shape[1:]
+    if H != net.img_resolution or W != net.img_resolution:
+        raise ValueError(f'dataset resolution {H}x{W} does not match the teacher resolution {net.img_resolution}')
+    if C != net.img_channels:
+        raise ValueError(f'dataset has {C} channels but the teacher has {net.img_channels}')
+    if net.label_dim and labels.shape[1] != net.label_dim:
+        raise ValueError(f'dataset label_dim {labels.shape[1]} does not match the teacher label_dim {net.label_dim}')
+    return labels if net.label_dim else labels[:, :0]
 
 #----------------------------------------------------------------------------
 # EDM sampler: Heun's 2nd-order method with optional churn, Algorithm 2 of Karras et al. 2022.
@@ -873,166 +1495,3 @@ class AugmentPipe:
         return images, labels
 
 #----------------------------------------------------------------------------
-
-#----------------------------------------------------------------------------
-# TEMPORARY (replaced by the hardened file-format section): atomic writes, PNG, datasets, checkpoints.
-import contextlib, json, pathlib, tarfile, zlib
-import PIL.Image
-import torch.nn.functional as F
-
-@contextlib.contextmanager
-def atomic_write(path):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        yield f
-    os.replace(tmp, path)
-
-def save_png(path, images, cols=None):
-    images = torch.as_tensor(images)
-    if images.dim() == 3:
-        images = images[None]
-    n, ch, h, w = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = (n + cols - 1) // cols
-    grid = torch.zeros(rows * h, cols * w, ch, dtype=torch.uint8)
-    for i, im in enumerate(images):
-        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im.permute(1, 2, 0)
-    arr = grid.numpy()
-    with atomic_write(path) as f:
-        PIL.Image.fromarray(arr[:, :, 0] if ch == 1 else arr).save(f, format='PNG')
-
-def read_image(data, name=''):
-    with PIL.Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        a = np.asarray(im if im.mode in ('L', 'RGB') else im.convert('L' if im.mode in ('1', 'LA') else 'RGB'))
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-def load_checkpoint(path):
-    if path in PRESETS:
-        path = PRESETS[path]['url']
-    path = download(path) if '://' in str(path) or os.path.exists(path) else path
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    if zipfile.is_zipfile(path):
-        data = torch.load(path, map_location='cpu', weights_only=True)
-        net = _build_and_load(data['net_kwargs'], data.get('G_ema', data.get('ema')), path)
-        return net, dict(path=path, config=data.get('config', {}), kimg=data.get('kimg'))
-    return load_edm_pickle(path), dict(path=path, config={}, kimg=None)
-
-CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-_NP_RECONSTRUCT = np.ndarray(0).__reduce__()[0]  # numpy's array-unpickling helper, whatever its module path
-
-class _CifarUnpickler(pickle.Unpickler):
-    """The CIFAR-10 batches are plain dicts of bytes, lists and numpy arrays: allow only numpy's array
-    reconstruction (plus the bytes codec that Python-3 protocol-2 pickles use), refuse every other global."""
-    def find_class(self, module, name):
-        if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-            return _NP_RECONSTRUCT
-        if module == 'numpy' and name in ('ndarray', 'dtype'):
-            return getattr(np, name)
-        if (module, name) == ('_codecs', 'encode'):
-            return lambda s, encoding='utf-8': s.encode(encoding)  # str.encode admits text codecs only
-        raise pickle.UnpicklingError(f'refusing to unpickle global {module}.{name}')
-
-def _one_hot(ys, path, num=None):
-    """Integer class labels -> float32 one-hot [N, num], num = max + 1 unless given (EDM's label_dim)."""
-    ys = torch.as_tensor(ys)
-    if ys.dim() != 1 or ys.is_floating_point() or (ys < 0).any() or (num is not None and (ys >= num).any()):
-        raise ValueError(f'{path}: labels must be one integer class in [0, {num or "inf"}) per image')
-    return F.one_hot(ys.long(), num or int(ys.max()) + 1).float()
-
-def _load_cifar_archive(path):
-    """cifar-10-python.tar.gz -> uint8 [50000,3,32,32] and labels, data_batch_1..5 in order (as EDM's dataset_tool)."""
-    xs, ys = [], []
-    try:
-        with tarfile.open(path, 'r:gz') as tar:
-            for i in range(1, 6):
-                d = _CifarUnpickler(tar.extractfile(f'cifar-10-batches-py/data_batch_{i}'), encoding='bytes').load()
-                xs.append(np.asarray(d[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                ys += list(d[b'labels'])
-    except (tarfile.TarError, EOFError, OSError, zlib.error, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f'{path}: not a readable CIFAR-10 python archive ({type(e).__name__}: {e})') from None
-    images = np.concatenate(xs)
-    if len(ys) != len(images):
-        raise ValueError(f'{path}: {len(images)} images but {len(ys)} labels')
-    return images, _one_hot(ys, path, 10)
-
-def _load_image_files(path):
-    """EDM layout: image files at any depth, sorted by name; dataset.json {"labels": [[name, int], ...] or null}."""
-    if os.path.isdir(path):
-        names = [os.path.relpath(os.path.join(r, f), path).replace(os.sep, '/') for r, _, fs in os.walk(path) for f in fs]
-        read = lambda name: pathlib.Path(path, name).read_bytes()
-    else:
-        zf = zipfile.ZipFile(path)
-        names, read = zf.namelist(), zf.read
-    files = sorted(n for n in names if n.lower().endswith(('.png', '.jpg', '.jpeg')))
-    if not files:
-        raise ValueError(f'{path}: no .png/.jpg images found')
-    labels = torch.zeros(len(files), 0)
-    meta = json.loads(read('dataset.json')).get('labels') if 'dataset.json' in names else None
-    if meta is not None:  # check the labels before decoding anything
-        meta = dict(meta)
-        missing, extra = [n for n in files if n not in meta], sorted(set(meta) - set(files))
-        if missing:
-            raise ValueError(f'{path}: dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}')
-        if extra:
-            raise ValueError(f'{path}: dataset.json names {len(extra)} file(s) not in the dataset, e.g. {extra[0]}')
-        labels = _one_hot([meta[n] for n in files], path)
-    images = None
-    for i, name in enumerate(files):
-        with PIL.Image.open(io.BytesIO(read(name))) as im:  # grayscale -> C=1, anything else -> RGB
-            a = np.asarray(im if im.mode in ('L', 'RGB') else im.convert('L' if im.mode in ('1', 'LA') else 'RGB'))
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
-        if images is None:
-            images = np.empty((len(files), *a.shape), dtype=np.uint8)
-        elif a.shape != images.shape[1:]:
-            raise ValueError(f'{path}: {name} is {a.shape} (C,H,W) but {files[0]} is {images.shape[1:]}')
-        images[i] = a
-    return images, labels
-
-def load_dataset(path):
-    """Real images -> (uint8 [N,C,H,W], float32 one-hot labels [N,L], L=0 without labels). path: 'cifar10'
-    (the python archive, downloaded once to the cache), a cifar-10-python.tar.gz, an EDM .zip or a folder."""
-    path = os.fspath(path)
-    if path == 'cifar10':
-        path = download(CIFAR10_URL)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'dataset not found: {path}')
-    if path.endswith(('.tar.gz', '.tgz')):
-        images, labels = _load_cifar_archive(path)
-    elif os.path.isdir(path) or path.endswith('.zip'):
-        try:
-            images, labels = _load_image_files(path)
-        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, json.JSONDecodeError) as e:
-            raise ValueError(f'{path}: unreadable dataset ({type(e).__name__}: {e})') from None
-    else:
-        raise ValueError(f'{path}: expected cifar10, a CIFAR-10 python .tar.gz, an EDM-style .zip or a folder')
-    return torch.from_numpy(images), labels
-
-
-
-def infinite_batches(images, labels, batch, seed, rank=0, world_size=1, start=0, pin=False):
-    """Endless (x [batch,C,H,W] in [-1,1], labels). Epoch e is a permutation drawn from (seed, e), the same on all
-    ranks; rank r takes every world_size-th entry (disjoint shards). `start` skips batches (resume) without drawing."""
-    n, idx = len(images), torch.zeros(0, dtype=torch.long)
-    if n < world_size:
-        raise ValueError(f'{n} images cannot be sharded over {world_size} ranks')
-    epoch, skip = divmod(start * batch, len(range(rank, n, world_size)))
-    while True:
-        while len(idx) < batch:
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]))
-            idx, epoch, skip = torch.cat([idx, torch.randperm(n, generator=gen)[rank::world_size][skip:]]), epoch + 1, 0
-        b, idx = idx[:batch], idx[batch:]
-        x = images[b].float() / 127.5 - 1
-        yield (x.pin_memory() if pin else x), labels[b]  # pinned: the copy to the GPU needs no synchronisation
-
-
-def check_dataset_matches(images, labels, net):
-    """Fail before training if the data cannot feed the network; -> the labels to use (none if unconditional)."""
-    C, H, W = images.shape[1:]
-    if H != net.img_resolution or W != net.img_resolution:
-        raise ValueError(f'dataset resolution {H}x{W} does not match the teacher resolution {net.img_resolution}')
-    if C != net.img_channels:
-        raise ValueError(f'dataset has {C} channels but the teacher has {net.img_channels}')
-    if net.label_dim and labels.shape[1] != net.label_dim:
-        raise ValueError(f'dataset label_dim {labels.shape[1]} does not match the teacher label_dim {net.label_dim}')
-    return labels if net.label_dim else labels[:, :0]

@@ -14,19 +14,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import edm_nets  # all file I/O (downloads, atomic writes, image and dataset readers)
+
 DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 REF_PRESETS = {name: f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{name}.npz'  # EDM's fid-refs
                for name in ['cifar10-32x32', 'imagenet-64x64', 'ffhq-64x64', 'afhqv2-64x64']}
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 def _fetch(url_or_path):
-    # Downloads go through edm_nets.download (cache + atomic write); imported lazily so fid.py stands alone.
-    if '://' not in url_or_path:
-        if not os.path.isfile(url_or_path):
-            raise FileNotFoundError(f'no such file: {url_or_path}')
-        return url_or_path
-    from edm_nets import download
-    return download(url_or_path)
+    return edm_nets.download(url_or_path)  # local paths pass through; URLs are cached atomically
 
 #----------------------------------------------------------------------------
 # Detector: NVIDIA's TorchScript port of TF Inception-v3 (StyleGAN2-ADA metrics, as used by SiD).
@@ -73,16 +69,6 @@ class FeatureStats:
         self.n += f.shape[0]
         self.sum += f.sum(0)
         self.sum_outer += f.T @ f  # float64 matters: FID is a small difference of traces ~1e3
-        return self
-
-    def merge(self, other):
-        """Add another accumulator's sums (e.g. from another process); merged == one accumulator."""
-        if other.n:
-            if self.sum is None:
-                self._init(other.sum.shape[0], other.sum.device)
-            self.n += other.n
-            self.sum += other.sum.to(self.sum.device)
-            self.sum_outer += other.sum_outer.to(self.sum.device)
         return self
 
     def all_reduce(self, all_reduce):
@@ -135,10 +121,8 @@ def load_ref(path_or_preset):
     return mu, sigma
 
 def save_ref(path, mu, sigma):
-    tmp = f'{path}.tmp{os.getpid()}'  # same folder, so os.replace is atomic
-    with open(tmp, 'wb') as f:
+    with edm_nets.atomic_write(path) as f:
         np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-    os.replace(tmp, path)
 
 #----------------------------------------------------------------------------
 # Statistics of an image stream and FID of a generator (used by the training loop, optionally under DDP).
@@ -150,8 +134,7 @@ def compute_stats_from_images(batches, detector, device):
         stats.update(extract_features(detector, images, device))
     return stats.mean_cov()
 
-def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device, batch=64,
-                     rank=0, world_size=1, all_reduce=None):
+def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device, batch=64, rank=0, world_size=1):
     """FID of images make_batch(seeds) (float in [-1, 1]) for seeds 0..num_images-1. Rank r takes seeds
     r, r+W, r+2W, ...; the raw sums are then added across ranks, so every rank returns the same FID."""
     if num_images < max(2, world_size):
@@ -163,11 +146,9 @@ def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device
             images = to_uint8(make_batch(seeds[i:i + batch]))  # quantised in memory, no PNG round trip
         stats.update(extract_features(detector, images, device))
     if world_size > 1:
-        if all_reduce is None:
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                raise RuntimeError('world_size > 1 needs all_reduce or an initialised torch.distributed')
-            all_reduce = torch.distributed.all_reduce
-        stats.all_reduce(all_reduce)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError('world_size > 1 needs an initialised torch.distributed')
+        stats.all_reduce(torch.distributed.all_reduce)
     mu, sigma = stats.mean_cov()
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
@@ -196,13 +177,13 @@ def iterate_image_files(files, batch):
     for i in range(0, len(files), batch):
         arrays = []
         for path in files[i:i + batch]:
-            with Image.open(path) as img:
-                if size is None:
-                    size = img.size
-                if img.size != size:
-                    raise ValueError(f'images of mixed sizes: {path} is {img.size}, expected {size}')
-                arrays.append(np.asarray(img.convert('RGB')))
-        yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            a = edm_nets.read_image(path)  # bounded: decompression bombs and broken files are refused
+            a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
+            size = size or a.shape[1:]
+            if a.shape[1:] != size:
+                raise ValueError(f'images of mixed sizes: {path} is {a.shape[2]}x{a.shape[1]}, expected {size[1]}x{size[0]}')
+            arrays.append(a)
+        yield torch.from_numpy(np.stack(arrays))
 
 #----------------------------------------------------------------------------
 # FID-vs-images plot with pillow only (no matplotlib dependency).
@@ -242,9 +223,8 @@ def plot_curve(points, path, xlabel='Mimg', ylabel='FID', width=560, height=360)
         draw.line(xy, fill=(31, 119, 180), width=2)
     for x, y in xy:
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-    tmp = f'{path}.tmp{os.getpid()}'
-    img.save(tmp, format='PNG')
-    os.replace(tmp, path)
+    with edm_nets.atomic_write(path) as f:
+        img.save(f, format='PNG')
 
 #----------------------------------------------------------------------------
 # Command line: `ref` writes reference statistics for a dataset, `calc` prints the FID of an image folder.
@@ -255,9 +235,14 @@ def _dataset_batches(path, batch):
         return len(files), iterate_image_files(files, batch)
     if not os.path.exists(path):
         raise FileNotFoundError(f'no such file or folder: {path}')
-    from sid import load_image_dataset
-    images, _ = load_image_dataset(path)  # uint8 [N, C, H, W]
+    images, _ = edm_nets.load_dataset(path)  # uint8 [N, C, H, W]
     return len(images), (images[i:i + batch] for i in range(0, len(images), batch))
+
+def _check_writable(path):
+    """Fail before hours of feature extraction if the destination cannot be written (or is a folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'cannot write --dest {path} (missing or read-only folder, or a folder of that name)')
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='FID with NVIDIA Inception features (EDM protocol).')
@@ -276,13 +261,18 @@ def main(argv=None):
         p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     try:
+        if args.batch < 1:
+            raise ValueError('--batch must be >= 1')
         if args.cmd == 'ref':
+            _check_writable(args.dest)
             num, batches = _dataset_batches(args.data, args.batch)
             print(f'computing reference statistics of {num} images from {args.data}')
             mu, sigma = compute_stats_from_images(batches, load_detector(args.device, args.detector), args.device)
             save_ref(args.dest, mu, sigma)
             print(f'saved {args.dest}')
         else:
+            if args.num < 2:
+                raise ValueError(f'--num must be >= 2 (a covariance needs two images), got {args.num}')
             files = list_images(args.images, args.num, args.seed)
             ref_mu, ref_sigma = load_ref(args.ref)  # before the detector runs: fail early on a bad reference
             detector = load_detector(args.device, args.detector)

@@ -407,7 +407,7 @@ def setup(cfg, nets=None):
         os.makedirs(cfg.outdir, exist_ok=True)
         if not os.access(cfg.outdir, os.W_OK | os.X_OK):
             raise ValueError(f'--outdir {cfg.outdir}: not writable')
-        runs.remove_stale_temporaries(cfg.outdir)
+        edm_nets.remove_stale_temporaries(cfg.outdir)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'  # official: off
     torch.backends.cudnn.benchmark = True  # official default: cuDNN times its algorithms once per shape
     run.autocast = lambda: torch.autocast(run.device.type, torch.bfloat16) if cfg.precision == 'bf16' else nullcontext()
