@@ -392,6 +392,8 @@ def net_overrides(cfg):
         over = None
     if not isinstance(over, dict):
         raise ValueError(f"--net-overrides must be a JSON object of network arguments, e.g. '{{\"model_channels\": 16}}'")
+    if cfg.dataset in PRESETS and 'teacher' in PRESETS[cfg.dataset]:  # known names, types and ranges
+        edm_nets.check_net_kwargs(dict(edm_nets.PRESETS[PRESETS[cfg.dataset]['teacher']]['kwargs'], **over), '--net-overrides')
     return over
 
 #----------------------------------------------------------------------------
