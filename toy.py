@@ -135,7 +135,7 @@ def _panel(bg, title, pts, lines, size, extent, pad=(48, 34, 26, 16)):
     dr, font = ImageDraw.Draw(im), _font(11)
     px = lambda v: (v / extent + 1) * (size - 1) / 2
     dr.rectangle([left - 1, top - 1, left + size, top + size], outline=(160, 160, 160))
-    for t in _ticks(-extent + 0.05, extent - 0.05, 6):
+    for t in [t for t in _ticks(-extent, extent, 6) if abs(t) < extent - 0.05]:  # none at the corners
         x, y = left + px(t), top + size - 1 - px(t)
         dr.line([(x, top + size), (x, top + size + 4)], fill='white')
         dr.text((x, top + size + 5), f'{t:g}', fill='white', font=font, anchor='mt')
@@ -161,8 +161,10 @@ def toy_picture(panels, teacher, path, size=256, extent=1.4):
     ims = [_panel(bg, title, pts, lines, size, extent) for title, pts, lines in panels]
     w, h = ims[0].size
     with edm_nets.atomic_write(path) as f:
-        if path.endswith('.gif'):  # a fast fixed-size palette per frame (Pillow's default median cut is slow)
-            ims = [im.quantize(64, method=Image.Quantize.FASTOCTREE) for im in ims]
+        if path.endswith('.gif'):  # a fixed palette, 250 greys and the dots' yellow: fast (Pillow's default
+            pal = Image.new('P', (1, 1))  # median cut per frame is slow) and without banding in the density
+            pal.putpalette([v for i in range(250) for v in (i * 255 // 249,) * 3] + [255, 220, 80] * 6)
+            ims = [im.quantize(palette=pal, dither=Image.Dither.NONE) for im in ims]
             ims[0].save(f, format='GIF', save_all=True, append_images=ims[1:], duration=80, loop=0)
             return
         canvas = Image.new('RGB', (w * len(ims), h + 24), 'black')
