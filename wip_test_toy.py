@@ -57,7 +57,7 @@ def test_report_writes_pictures(tmp_path, monkeypatch):
     png, gif = Image.open(tmp_path / 'toy.png'), Image.open(tmp_path / 'toy.gif')
     assert png.size == (3 * panel.size[0], panel.size[1] + 24)  # three panels and the legend row
     assert gif.n_frames == 5 and gif.size == panel.size
-    assert Image.open(tmp_path / 'toy_quality.png').size == (760, 330)
+    assert Image.open(tmp_path / 'toy_quality.png').size == (760, 350)
     assert not [p for p in os.listdir(tmp_path) if 'tmp' in p]
 
 #----------------------------------------------------------------------------
