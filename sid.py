@@ -311,8 +311,8 @@ C10 = dict(teacher='cifar10-32x32-uncond-vp', fid_ref='cifar10-32x32', batch=256
            dropout=0.13, augment=0.12, ema_mimg=0.5, tick_kimg=10, snap_kimg=500)
 P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.15, precision='fp16', tick_kimg=10, snap_kimg=500)
 PRESETS = {  # SiD, official run_sid.sh
-    'toy':          dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=256, batch_gpu=256, dropout=0.0, augment=0.0,
-                         ema_mimg=0.02, duration_mimg=0.2, tick_kimg=20, snap_kimg=200, device='cpu'),
+    'toy':          dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=512, batch_gpu=512, dropout=0.0, augment=0.0,
+                         ema_mimg=0.03, duration_mimg=0.3, tick_kimg=30, snap_kimg=300, device='cpu'),  # toy.py: why
     'cifar10':      dict(C10, duration_mimg=500),
     'cifar10-cond': dict(C10, teacher='cifar10-32x32-cond-vp', duration_mimg=800),
     'imagenet64':   dict(teacher='imagenet-64x64-cond-adm', fid_ref='imagenet-64x64', batch=8192, batch_gpu=16,
