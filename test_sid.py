@@ -661,3 +661,390 @@ def test_fp16_body_matches_fp32():
     assert out.dtype == torch.float16 and all(p.dtype == torch.float32 for p in net.parameters())
     assert ((out.float() - ref).norm() / ref.norm()) < 0.01
     torch.testing.assert_close(net(x, sigma, labels), net(x, sigma, labels, force_fp32=True), rtol=0, atol=0)  # CPU: fp32
+
+#----------------------------------------------------------------------------
+# edm_nets' checkpoint reader on fixtures in EDM's persistence format, written without EDM's code: a fake
+# torch_utils.persistence exists only while pickling; our modules reduce to (_reconstruct_persistent_obj, (meta,)).
+
+@contextlib.contextmanager
+def fake_edm_modules():
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('only used as a pickle reference')
+    class EasyDict(dict):
+        pass
+    _reconstruct_persistent_obj.__module__, _reconstruct_persistent_obj.__qualname__ = 'torch_utils.persistence', '_reconstruct_persistent_obj'
+    EasyDict.__module__, EasyDict.__qualname__ = 'dnnlib.util', 'EasyDict'
+    fakes = {k: types.ModuleType(k) for k in ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')}
+    fakes['torch_utils.persistence']._reconstruct_persistent_obj, fakes['dnnlib.util'].EasyDict = _reconstruct_persistent_obj, EasyDict
+    fakes['torch_utils'].persistence, fakes['dnnlib'].util = fakes['torch_utils.persistence'], fakes['dnnlib.util']
+    saved = {k: sys.modules.get(k) for k in fakes}
+    sys.modules.update(fakes)
+    try:
+        yield _reconstruct_persistent_obj, EasyDict
+    finally:
+        for k, v in saved.items():
+            sys.modules.pop(k, None) if v is None else sys.modules.__setitem__(k, v)
+
+class PersistencePickler(pickle.Pickler):
+    def __init__(self, f, reconstruct, module_src, protocol):
+        super().__init__(f, protocol=protocol)
+        self.reconstruct, self.module_src = reconstruct, module_src
+
+    def reducer_override(self, obj):
+        if not (isinstance(obj, torch.nn.Module) and type(obj).__module__ == 'edm_nets'):
+            return NotImplemented
+        state = dict(obj.__dict__)
+        state['_init_args'], state['_init_kwargs'] = (), state.pop('init_kwargs', {})
+        if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
+            state['skip_scale'] = np.float64(state['skip_scale'])
+        return self.reconstruct, (dict(type='class', version=6, module_src=self.module_src, class_name=type(obj).__name__, state=state),)
+
+def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n', protocol=4, extra=None):
+    with fake_edm_modules() as (reconstruct, EasyDict):
+        buf = io.BytesIO()
+        PersistencePickler(buf, reconstruct, module_src, protocol).dump(
+            {**dict(ema=ema, augment_pipe=None, dataset_kwargs=EasyDict(path='x.zip', xflip=False, arr=np.arange(3.0))), **(extra or {})})
+    assert 'torch_utils' not in sys.modules
+    pathlib_write(path, buf.getvalue())
+    return buf.getvalue()
+
+def pathlib_write(path, data):
+    with open(path, 'wb') as f:
+        f.write(data)
+
+def assert_same_net(a, b):
+    assert a.init_kwargs == b.init_kwargs and list(a.state_dict()) == list(b.state_dict()) and states_equal(a, b)
+    x, sigma, labels, aug = net_inputs(a)
+    torch.testing.assert_close(a(x, sigma, labels, aug), b(x, sigma, labels, aug), rtol=0, atol=0)
+
+@pytest.mark.parametrize('name,overrides', [('cifar10-32x32-cond-vp', {}), ('ffhq-64x64-uncond-vp', NCSNPP),
+                                            ('imagenet-64x64-cond-adm', {})])
+def test_loader_roundtrip_edm_pickle(tmp_path, name, overrides):
+    net = tiny_net(name, **overrides)
+    write_edm_pickle(tmp_path / 'net.pkl', net)
+    loaded, info = edm_nets.load_checkpoint(str(tmp_path / 'net.pkl'))
+    assert isinstance(loaded, edm_nets.EDMPrecond) and not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert_same_net(net, loaded)
+
+@pytest.mark.parametrize('spelling', ['numpy.core.multiarray', 'numpy._core.multiarray'])
+def test_loader_numpy_spellings(tmp_path, spelling):
+    net = tiny_net('cifar10-32x32-uncond-vp')
+    raw = write_edm_pickle(tmp_path / 'a.pkl', net, protocol=3)  # protocol 3 spells globals as text lines
+    found = [m for m in (b'numpy._core.multiarray', b'numpy.core.multiarray') if b'c' + m + b'\nscalar\n' in raw]
+    raw = raw.replace(b'c' + found[0] + b'\n', b'c' + spelling.encode() + b'\n')
+    assert raw.count(b'c' + spelling.encode() + b'\n') >= 2  # scalar and _reconstruct
+    pathlib_write(tmp_path / 'b.pkl', raw)
+    assert_same_net(net, edm_nets.load_checkpoint(str(tmp_path / 'b.pkl'))[0])
+
+class Evil:
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+@pytest.mark.parametrize('make,global_name', [
+    (lambda m: Evil(os.system, f'touch {m}'), f'{os.system.__module__}.system'),
+    (lambda m: Evil(eval, f'open({str(m)!r}, "w")'), 'builtins.eval'),
+    (lambda m: Evil(getattr, 'text', 'upper'), 'builtins.getattr'),
+    (lambda m: Evil(subprocess.Popen, ['touch', str(m)]), 'subprocess.Popen'),
+    (lambda m: Evil(torch.save, {}, str(m)), 'torch.serialization.save'),
+    (lambda m: Evil(np.save, str(m), np.zeros(1)), 'numpy.save'),
+])
+def test_loader_refuses_unsafe_globals_and_never_runs_module_src(tmp_path, make, global_name):
+    marker, net = tmp_path / 'marker', tiny_net('cifar10-32x32-uncond-vp')
+    for extra in (dict(evil=make(marker)), dict(ema=dict(state=dict(_modules=dict(x=make(marker)))))):
+        write_edm_pickle(tmp_path / 'evil.pkl', net, extra=extra)
+        with pytest.raises(RuntimeError, match=f'refusing to load global {global_name}'):
+            edm_nets.load_checkpoint(str(tmp_path / 'evil.pkl'))
+        assert not marker.exists()
+    src = f'open({str(marker)!r}, "w").write("ran")\nraise SystemExit("module_src was executed")\n'
+    write_edm_pickle(tmp_path / 'src.pkl', net, module_src=src)
+    edm_nets.load_checkpoint(str(tmp_path / 'src.pkl'))
+    assert not marker.exists()
+
+def test_loader_strict_and_clear_errors(tmp_path):
+    net = tiny_net('cifar10-32x32-cond-vp')
+    del net.model.map_layer1._parameters['bias']  # a weight missing from the checkpoint
+    write_edm_pickle(tmp_path / 'a.pkl', net)
+    with pytest.raises(RuntimeError, match='missing keys.*map_layer1.bias'):
+        edm_nets.load_checkpoint(str(tmp_path / 'a.pkl'))
+    net = tiny_net('cifar10-32x32-cond-vp')
+    net.init_kwargs['label_dim'] = 0  # kwargs that do not match the weights
+    write_edm_pickle(tmp_path / 'b.pkl', net)
+    with pytest.raises(RuntimeError, match='unexpected keys.*map_label'):
+        edm_nets.load_checkpoint(str(tmp_path / 'b.pkl'))
+    with fake_edm_modules():
+        pathlib_write(tmp_path / 'c.pkl', pickle.dumps(dict(loss_fn=None)))
+    with pytest.raises(RuntimeError, match='no "ema"'):
+        edm_nets.load_checkpoint(str(tmp_path / 'c.pkl'))
+    with pytest.raises(FileNotFoundError):
+        edm_nets.load_checkpoint(str(tmp_path / 'missing.pkl'))
+
+def test_loader_own_checkpoints(tmp_path):
+    net = tiny_net('cifar10-32x32-cond-vp')
+    for key in ('G_ema', 'ema'):
+        torch.save({key: net.state_dict(), 'net_kwargs': net.init_kwargs, 'kimg': 3}, tmp_path / f'{key}.pt')
+        loaded, info = edm_nets.load_checkpoint(str(tmp_path / f'{key}.pt'))
+        assert_same_net(net, loaded)
+    runs.save_snapshot(str(tmp_path / 's.pt'), net, 12, sid.Config(sigma_init=1.5))
+    loaded, info = edm_nets.load_checkpoint(str(tmp_path / 's.pt'))
+    assert states_equal(net, loaded) and info['kimg'] == 0.012 and info['config']['sigma_init'] == 1.5
+
+@slow
+def test_official_cifar_teacher_loads_and_samples():  # needs the real checkpoint (~225 MB in $SID_CACHE)
+    net, _ = edm_nets.load_checkpoint('cifar10-32x32-uncond-vp')
+    x = edm_nets.edm_sampler(net, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(x).all() and -1.5 < x.min() and x.max() < 1.5 and 0.2 < x.std() < 0.8
+
+@contextlib.contextmanager
+def http_server(files):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path not in files:
+                return self.send_error(404)
+            body, claimed = files[self.path]
+            self.send_response(200)
+            self.send_header('Content-Length', str(claimed))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}'
+    finally:
+        server.shutdown()
+        server.server_close()
+
+def test_download_local_file_url_http_truncated_offline(tmp_path, monkeypatch):
+    src = tmp_path / 'teacher.pkl'
+    src.write_bytes(b'abc' * 1000)
+    assert edm_nets.download(str(src)) == str(src)
+    with pytest.raises(FileNotFoundError):
+        edm_nets.download(str(tmp_path / 'nope.pkl'))
+    path = edm_nets.download(src.as_uri(), cache_dir=str(tmp_path / 'c1'))
+    src.unlink()  # cached now: no second fetch
+    assert edm_nets.download(src.as_uri(), cache_dir=str(tmp_path / 'c1')) == path and open(path, 'rb').read() == b'abc' * 1000
+    body = os.urandom(3 << 20)
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    with http_server({'/edm-x.pkl': (body, len(body)), '/short.pkl': (b'0123456789', 1000)}) as base:
+        assert open(edm_nets.download(base + '/edm-x.pkl'), 'rb').read() == body
+        with pytest.raises(RuntimeError, match=r'could not download .*/short\.pkl.*truncated.*--teacher'):
+            edm_nets.download(base + '/short.pkl')
+        with pytest.raises(RuntimeError, match='404'):
+            edm_nets.download(base + '/missing.pkl')
+    assert sorted(os.listdir(tmp_path / 'cache')) == ['edm-x.pkl']  # no partial or temporary files left
+    with pytest.raises(RuntimeError, match=r'could not download http://127.0.0.1:.*/gone.pkl'):
+        edm_nets.download(base + '/gone.pkl')  # the server is down: connection refused
+
+#----------------------------------------------------------------------------
+# EDM sampler vs a closed form: for data N(mu, s^2) the probability-flow ODE maps x_T to
+# mu + (x_T - mu) sqrt(s^2 + t^2)/sqrt(s^2 + T^2).
+
+class SigmaLog:  # the stub's sigmas, as floats
+    def __init__(self, net):
+        self.net, self.sigmas, self.sigma_min, self.sigma_max = net, [], 0, float('inf')
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.sigmas.append(float(sigma))
+        return self.net(x, sigma)
+
+def test_edm_sampler_heun_matches_ode_solution():
+    mu, s = 0.7, 0.3
+    den = SigmaLog(gaussian(mu, s))
+    z = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = edm_nets.edm_sampler(den, z)
+    assert x.dtype == torch.float64 and len(den.sigmas) == 35  # 18 steps, the last plain Euler
+    np.testing.assert_allclose(sorted(set(den.sigmas), reverse=True)[:4] + [min(den.sigmas)], [80, 57.586, 40.786, 28.375, 0.002], rtol=1e-4)
+    exact = mu + (80 * z.double() - mu) * s / math.sqrt(s ** 2 + 80 ** 2)
+    err18 = (x - exact).abs().max()
+    err50, err200 = ((edm_nets.edm_sampler(den, z, num_steps=n) - exact).abs().max() for n in (50, 200))
+    assert err18 < 0.1 and err50 < err18 / 6 and err200 < err50 / 12, (err18, err50, err200)  # second order
+    g = torch.Generator().manual_seed(1)  # churn (EDM's ImageNet setting) keeps the distribution
+    den = SigmaLog(gaussian(-0.4, 0.5))
+    x = edm_nets.edm_sampler(den, torch.randn(20000, 1, 1, 1, generator=g), num_steps=256, S_churn=40, S_min=0.05, S_max=50,
+                             S_noise=1.003, randn_like=lambda t: torch.randn(t.shape, dtype=t.dtype, generator=g))
+    assert len(den.sigmas) == 511 and abs(x.mean() + 0.4) < 0.02 and abs(x.std() / 0.5 - 1) < 0.02
+
+#----------------------------------------------------------------------------
+# AugmentPipe: EDM's label layout, exact flips, and labels that describe the geometric warp applied.
+
+SID_AUG = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
+def test_augment_p0_flips_layout_and_reproducible():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    y, labels = edm_nets.AugmentPipe(p=0, **SID_AUG)(x)
+    assert torch.equal(y, x) and labels.shape == (8, 9) and not labels.any()
+    y, labels = edm_nets.AugmentPipe(p=0.12, **SID_AUG)(torch.randn(4000, 1, 2, 2))
+    assert abs(labels[:, 0].mean() - 0.5) < 0.04 and abs((labels[:, 2] != 0).float().mean() - 0.12) < 0.02
+    x = torch.randn(64, 3, 8, 8)
+    y, labels = edm_nets.AugmentPipe(p=1, xflip=1, yflip=1)(x)
+    for i in range(64):
+        e = x[i].flip(2) if labels[i, 0] else x[i]
+        assert torch.equal(y[i], e.flip(1) if labels[i, 1] else e)
+    assert 0 < labels[:, 0].sum() < 64 and 0 < labels[:, 1].sum() < 64
+    G_inv = edm_nets._translate(torch.tensor([-3.0, 2.0]), torch.tensor([1.0, -4.0]))  # integer shift = reflect shift
+    x = torch.randn(2, 3, 16, 16)
+    pad, y = F.pad(x, [8, 8, 8, 8], mode='reflect'), edm_nets.warp_images(x, G_inv)
+    torch.testing.assert_close(y[0], pad[0, :, 9:25, 5:21], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[1], pad[1, :, 4:20, 10:26], atol=1e-5, rtol=0)
+    x = torch.randn(256, 3, 8, 8)
+    (y1, l1), (y2, l2) = [(torch.manual_seed(0), edm_nets.AugmentPipe(p=1, **SID_AUG)(x))[1] for _ in range(2)]
+    assert torch.equal(y1, y2) and torch.equal(l1, l2) and (l1[:, 2:] != 0).all(dim=0)[[0, 1, 2, 5, 6]].all()
+
+def blob_images(n, size=32, offset=(0.0, 0.0), width=2.0):
+    c = (size - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing='ij')
+    return torch.exp(-((xx - c - offset[0]) ** 2 + (yy - c - offset[1]) ** 2) / (2 * width ** 2)).expand(n, 3, size, size).clone()
+
+def local_centroid(images, around, radius=7.0):  # (N, 2) centre of mass near `around`, centred pixel coordinates
+    grid = torch.arange(images.shape[-1], dtype=torch.float32) - (images.shape[-1] - 1) / 2
+    yy, xx = torch.meshgrid(grid, grid, indexing='ij')
+    w = images[:, 0] * (((xx - around[:, 0, None, None]) ** 2 + (yy - around[:, 1, None, None]) ** 2) < radius ** 2)
+    return torch.stack([(w * xx).sum((1, 2)), (w * yy).sum((1, 2))], dim=1) / w.sum((1, 2))[:, None]
+
+@pytest.mark.parametrize('kind', ['translate_frac', 'rotate_frac', 'scale', 'aniso'])
+def test_augment_labels_describe_the_warp(kind):
+    torch.manual_seed(0)
+    offset = (0.0, 0.0) if kind == 'translate_frac' else (6.0, -3.0)
+    y, labels = edm_nets.AugmentPipe(p=1, **{kind: 1})(blob_images(64, offset=offset))
+    q = torch.tensor(offset)
+    # EDM's sym6 resampling assumes a filter delay of 5.5 taps but it is 5.098: rotations and scalings pivot
+    # ~0.2 px off the centre (translations are exact); the warp reproduces this.
+    h = torch.tensor(edm_nets._SYM6, dtype=torch.float64)
+    pivot = float((5.5 - (torch.arange(12) * h).sum() / h.sum()) / 2)
+    keep = torch.ones(64, dtype=torch.bool)
+    if kind == 'translate_frac':  # label w = shift / (0.125 * size)
+        expected = q + labels * 32 * 0.125
+    else:
+        if kind == 'rotate_frac':  # labels (cos w - 1, sin w); content rotates by -w (x right, y down)
+            c, s = labels[:, 0] + 1, labels[:, 1]
+            fwd = torch.stack([c, s, -s, c], dim=1).reshape(-1, 2, 2)
+        elif kind == 'scale':  # label w: content scaled by 2^(0.2 w)
+            fwd = torch.eye(2) * (0.2 * labels[:, 0]).exp2()[:, None, None]
+        else:  # labels (w cos r, w sin r); with r = 0 content is scaled by (2^(0.2 w), 2^(-0.2 w))
+            sx = (0.2 * labels[:, 0]).exp2()
+            fwd, keep = torch.diag_embed(torch.stack([sx, 1 / sx], dim=1)), labels[:, 1] == 0
+        expected = (fwd @ (q - pivot)[:, None])[:, :, 0] + pivot
+    keep &= (expected.abs() < 8).all(dim=1)  # clear of the border
+    assert keep.sum() > 15 and (local_centroid(y, expected) - expected)[keep].abs().max() < 0.02
+
+#----------------------------------------------------------------------------
+# Real-data loaders: a fake cifar-10-python.tar.gz in the official layout, EDM zips and folders.
+
+def cifar_tar(path, per_batch=3, payload=None):
+    """Five data_batch_i pickles (bytes keys, protocol 2) plus test_batch; -> (data, labels)."""
+    rng = np.random.default_rng(0)
+    data, labels = rng.integers(0, 256, (5 * per_batch, 3072), dtype=np.uint8), [int(v) for v in rng.integers(0, 10, 5 * per_batch)]
+    with tarfile.open(path, 'w:gz') as tar:
+        def add(name, obj):
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo('cifar-10-batches-py/' + name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        for i in range(5):
+            s = slice(i * per_batch, (i + 1) * per_batch)
+            add(f'data_batch_{i + 1}', {b'labels': labels[s], b'data': data[s], **({b'x': payload} if payload is not None and i == 2 else {})})
+        add('test_batch', {b'labels': [0], b'data': data[:1]})
+    return data.reshape(-1, 3, 32, 32), labels
+
+def png_bytes(arr):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, format='PNG')
+    return buf.getvalue()
+
+def edm_files(n=5, size=8, rgb=True):
+    """{name: png bytes} in a subfolder as EDM's dataset_tool writes them, the arrays (C,H,W) and int labels."""
+    rng = np.random.default_rng(1)
+    arrs = [rng.integers(0, 256, (size, size, 3) if rgb else (size, size), dtype=np.uint8) for _ in range(n)]
+    return ({f'00000/img{i:08d}.png': png_bytes(a) for i, a in enumerate(arrs)},
+            np.stack([a.transpose(2, 0, 1) if rgb else a[None] for a in arrs]), [i % 3 for i in range(n)])
+
+def write_dataset(path, files, meta=None, kind='folder'):
+    if kind == 'zip':
+        with zipfile.ZipFile(path, 'w') as zf:
+            for name in reversed(list(files)):  # stored out of order: the loader must sort
+                zf.writestr(name, files[name])
+            zf.writestr('dataset.json', json.dumps(meta)) if meta is not None else None
+        return str(path)
+    for name, blob in files.items():
+        os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+        pathlib_write(os.path.join(path, name), blob)
+    if meta is not None:
+        pathlib_write(os.path.join(path, 'dataset.json'), json.dumps(meta).encode())
+    return str(path)
+
+def test_cifar_archive_and_truncation(tmp_path):
+    data, labels = cifar_tar(tmp_path / 'c.tar.gz')
+    images, onehot = edm_nets.load_dataset(tmp_path / 'c.tar.gz')
+    assert images.dtype == torch.uint8 and torch.equal(images, torch.from_numpy(data))  # batches 1..5 in order
+    assert onehot.dtype == torch.float32 and onehot.shape == (15, 10) and onehot.argmax(1).tolist() == labels
+    cifar_tar(tmp_path / 'big.tar.gz', per_batch=50)
+    blob = (tmp_path / 'big.tar.gz').read_bytes()
+    pathlib_write(tmp_path / 't.tar.gz', blob[:len(blob) // 2])
+    with pytest.raises(ValueError, match='not a readable CIFAR-10'):
+        edm_nets.load_dataset(tmp_path / 't.tar.gz')
+
+@pytest.mark.parametrize('payload,name', [(Evil(os.system, 'true'), 'system'), (Evil(np.load, 'x.npy'), 'numpy.load'),
+                                          (Evil(np.frombuffer, b'\0' * 8), 'numpy.frombuffer')])
+def test_cifar_unpickler_allow_list(tmp_path, payload, name):
+    """Only numpy's array reconstruction and the bytes codec are allowed: any other global (numpy's too) is refused."""
+    cifar_tar(tmp_path / 'c.tar.gz', payload=payload)
+    with pytest.raises(ValueError, match=f'refusing to unpickle global .*{name}'):
+        edm_nets.load_dataset(tmp_path / 'c.tar.gz')
+
+@pytest.mark.parametrize('kind', ['zip', 'folder'])
+def test_edm_dataset_zip_folder_grayscale(tmp_path, kind):
+    files, chw, ys = edm_files()
+    path = write_dataset(tmp_path / ('d.zip' if kind == 'zip' else 'd'), files, {'labels': [[n, y] for n, y in zip(files, ys)]}, kind)
+    images, onehot = edm_nets.load_dataset(path)
+    assert torch.equal(images, torch.from_numpy(chw)) and onehot.shape == (5, 3) and onehot.argmax(1).tolist() == ys
+    files, chw, _ = edm_files(n=3, rgb=False)
+    images, labels = edm_nets.load_dataset(write_dataset(tmp_path / ('g.zip' if kind == 'zip' else 'g'), files, None, kind))
+    assert torch.equal(images, torch.from_numpy(chw)) and images.shape == (3, 1, 8, 8) and labels.shape == (3, 0)
+
+def test_dataset_errors(tmp_path):
+    files, _, ys = edm_files(n=3)
+    cases = [('missing.zip', files, {'labels': [[n, 0] for n in files] + [['00000/gone.png', 1]]}, 'not in the dataset, e.g. 00000/gone.png'),
+             ('unlabelled.zip', files, {'labels': [[n, 0] for n in list(files)[:2]]}, 'no label for 1 image.*img00000002'),
+             ('mixed', {**files, '00000/img00000009.png': png_bytes(np.zeros((16, 16, 3), np.uint8))}, None, r'img00000009.png is \(3, 16, 16\)')]
+    for name, fs, meta, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            edm_nets.load_dataset(write_dataset(tmp_path / name, fs, meta, 'zip' if name.endswith('zip') else 'folder'))
+    blob = (tmp_path / 'missing.zip').read_bytes()
+    pathlib_write(tmp_path / 'trunc.zip', blob[:len(blob) - 40])
+    with pytest.raises(ValueError, match='unreadable dataset'):
+        edm_nets.load_dataset(tmp_path / 'trunc.zip')
+    with pytest.raises(FileNotFoundError):
+        edm_nets.load_dataset(tmp_path / 'nope.zip')
+
+def test_batches_sharding_epochs_and_teacher_match():
+    n = 11
+    images, labels, shards = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous(), torch.eye(n), []
+    for rank in range(2):
+        it = edm_nets.infinite_batches(images, labels, batch=3, seed=7, rank=rank, world_size=2)
+        x, y = (torch.cat(t) for t in zip(*[next(it) for _ in range(4)]))
+        assert torch.equal(x, images[y.argmax(1)].float() / 127.5 - 1)  # labels travel with their images, in [-1, 1]
+        shards.append(y.argmax(1)[:6 - rank].tolist())  # the first epoch's shard
+    assert sorted(shards[0] + shards[1]) == list(range(n))  # disjoint and complete
+    resumed = edm_nets.infinite_batches(images, labels, batch=3, seed=7, rank=1, world_size=2, start=2)
+    it = edm_nets.infinite_batches(images, labels, batch=3, seed=7, rank=1, world_size=2)
+    [next(it) for _ in range(2)]
+    assert all(torch.equal(next(it)[1], next(resumed)[1]) for _ in range(3))  # `start` resumes the stream
+    take = lambda seed: [next(it)[1].argmax(1).tolist() for it in [edm_nets.infinite_batches(images[:8], torch.eye(8), 8, seed)] for _ in range(3)]
+    a = take(3)
+    assert a == take(3) and a != take(4) and all(sorted(e) == list(range(8)) for e in a) and a[0] != a[1]
+    net = types.SimpleNamespace(img_resolution=32, img_channels=3, label_dim=10)
+    img, lab = torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, 10)
+    assert edm_nets.check_dataset_matches(img, lab, net) is lab
+    for bad, msg in [((torch.zeros(2, 3, 64, 64), lab), 'resolution 64x64 .* resolution 32'), ((torch.zeros(2, 1, 32, 32), lab), '1 channels'),
+                     ((img, lab[:, :0]), 'label_dim 0 .* label_dim 10')]:
+        with pytest.raises(ValueError, match=msg):
+            edm_nets.check_dataset_matches(*bad, net)
+    net.label_dim = 0  # an unconditional teacher drops the labels
+    assert edm_nets.check_dataset_matches(img, lab, net).shape == (2, 0)
