@@ -255,8 +255,8 @@ def _dataset_batches(path, batch):
         return len(files), iterate_image_files(files, batch)
     if not os.path.exists(path):
         raise FileNotFoundError(f'no such file or folder: {path}')
-    from sid import load_image_dataset
-    images, _ = load_image_dataset(path)  # uint8 [N, C, H, W]
+    from edm_nets import load_dataset
+    images, _ = load_dataset(path)  # uint8 [N, C, H, W]
     return len(images), (images[i:i + batch] for i in range(0, len(images), batch))
 
 def main(argv=None):

@@ -1048,3 +1048,144 @@ def test_batches_sharding_epochs_and_teacher_match():
             edm_nets.check_dataset_matches(*bad, net)
     net.label_dim = 0  # an unconditional teacher drops the labels
     assert edm_nets.check_dataset_matches(img, lab, net).shape == (2, 0)
+
+#----------------------------------------------------------------------------
+# fid: Frechet distance (closed forms, scipy), streaming statistics, a TorchScript detector stand-in, files, CLI.
+
+def random_cov(rng, d, rank=None, scale=1.0):
+    a = rng.standard_normal((d, rank or d)) * scale
+    return a @ a.T / (rank or d)
+
+class FidStandIn(torch.nn.Module):
+    """forward(img uint8, return_features) like NVIDIA's .pt: float cast, fixed resize, (x-128)/128, features."""
+    def __init__(self, dim=16):
+        super().__init__()
+        self.proj = torch.nn.Parameter(torch.randn(48, dim, generator=torch.Generator().manual_seed(0)), requires_grad=False)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        features = torch.tanh(torch.nn.functional.adaptive_avg_pool2d((img.to(torch.float32) - 128) / 128, 4).flatten(1) @ self.proj)
+        return features if return_features else features.sum(1, keepdim=True)
+
+@pytest.fixture
+def detector_path(tmp_path):
+    path = str(tmp_path / 'standin.pt')
+    torch.jit.save(torch.jit.script(FidStandIn()), path)
+    return path
+
+def write_pngs(folder, n, size=8, seed=0, mode='RGB'):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3) if mode == 'RGB' else (size, size), dtype=np.uint8), mode).save(f'{folder}/{i:05d}.png')
+    return str(folder)
+
+def test_frechet_closed_forms_and_scipy():
+    rng = np.random.default_rng(1)
+    d = 128
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))  # shared eigenbasis: commuting covariances
+    a, b, mu1, mu2 = rng.uniform(0, 3, d), rng.uniform(0, 3, d), rng.standard_normal(d), rng.standard_normal(d)
+    closed = lambda a, b: np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)
+    assert fid.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T) == pytest.approx(closed(a, b), rel=1e-10)
+    a[:10] = 0  # singular directions: eigenvalues ~1e-16 have square roots ~1e-8
+    assert fid.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T) == pytest.approx(closed(a, b), abs=1e-5)
+    s1, s2, low = random_cov(rng, 32), random_cov(rng, 32), random_cov(rng, 64, rank=20)
+    fd = fid.frechet_distance(mu1[:32], s1, mu2[:32], s2)
+    assert fid.frechet_distance(mu2[:32], s2, mu1[:32], s1) == pytest.approx(fd, rel=1e-10)
+    assert fid.frechet_distance(3 * mu1[:32], 9 * s1, 3 * mu2[:32], 9 * s2) == pytest.approx(9 * fd, rel=1e-10)
+    assert abs(fid.frechet_distance(mu1[:64], low, mu1[:64], low)) < 1e-6 * np.trace(low)
+    linalg = pytest.importorskip('scipy.linalg')  # EDM's way: scipy.linalg.sqrtm
+    for d, rank in ((64, None), (128, 40), (200, 199)):
+        m1, m2, c1, c2 = rng.standard_normal(d) * 0.1, rng.standard_normal(d) * 0.1, random_cov(rng, d, rank), random_cov(rng, d, rank, 1.3)
+        ref = float(np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real))
+        assert fid.frechet_distance(m1, c1, m2, c2) == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match='do not match'):
+        fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(5), np.eye(5))
+
+def test_feature_stats_any_split_and_all_reduce():
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((101, 12)) * rng.uniform(0.1, 5, 12) + rng.standard_normal(12) * 3
+    for sizes in ([101], [1, 50, 50], [7] * 14 + [3]):
+        perm, stats, start = rng.permutation(len(f)), fid.FeatureStats(), 0
+        for size in sizes:
+            stats.update(torch.from_numpy(f[perm[start:start + size]]))
+            start += size
+        mu, sigma = stats.mean_cov()
+        np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(f, rowvar=False, ddof=1), rtol=1e-10, atol=1e-12)
+    a, b = fid.FeatureStats(), fid.FeatureStats()
+    a.update(torch.from_numpy(f[:40])), b.update(torch.from_numpy(f[40:]))
+    other = iter([torch.tensor(float(b.n), dtype=torch.float64), b.sum, b.sum_outer])  # a fake 2-rank all_reduce
+    a.all_reduce(lambda t: t.add_(next(other)))
+    np.testing.assert_allclose(a.mean_cov()[1], np.cov(f, rowvar=False, ddof=1), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError):
+        s = fid.FeatureStats(); s.update(torch.from_numpy(f[:1])); s.mean_cov()
+
+def test_to_uint8_detector_and_generator_fid(detector_path, monkeypatch):
+    x = torch.tensor([-1.0, 0.0, 1.0, -2.0, 5.0, 100.9 / 127.5 - 128 / 127.5, 0.999 / 127.5])
+    assert fid.to_uint8(x).tolist() == [0, 128, 255, 0, 255, 100, 128]  # EDM: +128 and truncation, not rounding
+    det = fid.load_detector('cpu', detector_path)
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    features = fid.extract_features(det, images, 'cpu')
+    assert features.dtype == torch.float64 and torch.equal(features, FidStandIn()(images, True).double())
+    assert torch.equal(fid.extract_features(det, images[:, :1], 'cpu'), fid.extract_features(det, images[:, :1].repeat(1, 3, 1, 1), 'cpu'))
+    with pytest.raises(ValueError):
+        fid.extract_features(det, images.float(), 'cpu')
+    monkeypatch.setenv('SID_DETECTOR', detector_path)
+    assert torch.equal(fid.extract_features(fid.load_detector('cpu'), images, 'cpu'), features)
+    make = lambda seeds: torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds])
+    mu, sigma = fid.compute_stats_from_images([fid.to_uint8(make(range(13))), fid.to_uint8(make(range(13, 40)))], det, 'cpu')
+    assert fid.fid_of_generator(make, 40, mu, sigma, det, 'cpu', batch=7) == pytest.approx(0, abs=1e-9)
+    ranks = [fid.FeatureStats() for _ in range(2)]  # two simulated ranks (seeds r, r+2, ...): the one-process FID
+    for r in range(2):
+        ranks[r].update(fid.extract_features(det, fid.to_uint8(make(range(r, 40, 2))), 'cpu'))
+    for r in range(2):
+        it = iter([torch.tensor(float(ranks[1 - r].n), dtype=torch.float64), ranks[1 - r].sum, ranks[1 - r].sum_outer])
+        assert fid.fid_of_generator(make, 40, mu, sigma, det, 'cpu', batch=6, rank=r, world_size=2,
+                                    all_reduce=lambda t: t.add_(next(it))) == pytest.approx(0, abs=1e-9)
+
+def test_ref_files_and_image_folders(tmp_path):
+    rng = np.random.default_rng(5)
+    mu, sigma = rng.standard_normal(6), random_cov(rng, 6)
+    fid.save_ref(str(tmp_path / 'ref.npz'), mu, sigma)
+    assert os.listdir(tmp_path) == ['ref.npz']
+    with np.load(tmp_path / 'ref.npz') as data:  # EDM's keys and dtype
+        assert set(data.files) == {'mu', 'sigma'} and data['sigma'].dtype == np.float64
+    assert all(np.array_equal(a, b) for a, b in zip(fid.load_ref(str(tmp_path / 'ref.npz')), (mu, sigma)))
+    pathlib_write(tmp_path / 'bad.npz', b'not a zip')
+    np.savez(str(tmp_path / 'keys.npz'), mean=mu)
+    for bad in ('bad.npz', 'keys.npz'):
+        with pytest.raises(ValueError):
+            fid.load_ref(str(tmp_path / bad))
+    write_pngs(tmp_path / 'a' / 'sub', 3), write_pngs(tmp_path / 'a', 2, mode='L', seed=1)  # grayscale -> RGB
+    files = fid.list_images(str(tmp_path / 'a'))
+    batches = list(fid.iterate_image_files(files, 2))
+    assert len(files) == 5 and files == sorted(files) and [tuple(b.shape) for b in batches] == [(2, 3, 8, 8)] * 2 + [(1, 3, 8, 8)]
+    assert np.array_equal(batches[0][0].numpy(), np.stack([np.asarray(PIL.Image.open(files[0]))] * 3))
+    all_b = fid.list_images(write_pngs(tmp_path / 'b', 12))
+    assert fid.list_images(str(tmp_path / 'b'), num=4, seed=0) == [all_b[i] for i in (4, 6, 10, 11)]  # EDM's subset rule
+
+def test_fid_cli_and_plot(tmp_path, detector_path, capsys):
+    folder, ref, det = write_pngs(tmp_path / 'imgs', 24), str(tmp_path / 'ref.npz'), ['--detector', detector_path]
+    fid.main(['ref', '--data', folder, '--dest', ref, *det, '--batch', '5'])
+    fid.main(['calc', '--images', folder, '--ref', ref, '--num', '24', *det])
+    assert abs(float(capsys.readouterr().out.split()[-1])) < 1e-6  # the reference's own images
+    files, chw, _ = edm_files(n=24, size=8)  # a dataset zip goes through edm_nets' loader
+    fid.main(['ref', '--data', write_dataset(tmp_path / 'd.zip', files, None, 'zip'), '--dest', str(tmp_path / 'z.npz'), *det])
+    mu, _ = fid.load_ref(str(tmp_path / 'z.npz'))
+    assert np.allclose(mu, FidStandIn()(torch.from_numpy(chw), True).double().mean(0).numpy())
+    fid.save_ref(str(tmp_path / 'ref8.npz'), np.zeros(8), np.eye(8))  # the detector gives 16 features
+    write_pngs(tmp_path / 'mixed', 3), write_pngs(tmp_path / 'mixed' / 'big', 1, size=16), os.makedirs(tmp_path / 'empty')
+    dest = str(tmp_path / 'x.npz')
+    for args in [['ref', '--data', str(tmp_path / 'missing'), '--dest', dest, *det], ['ref', '--data', str(tmp_path / 'mixed'), '--dest', dest, *det],
+                 ['ref', '--data', str(tmp_path / 'empty'), '--dest', dest, *det], ['ref', '--data', folder, '--dest', dest, '--detector', ref],
+                 ['calc', '--images', folder, '--ref', str(tmp_path / 'ref8.npz'), '--num', '4', *det],
+                 ['calc', '--images', folder, '--ref', ref, '--num', '99', *det]]:
+        with pytest.raises(SystemExit) as e:
+            fid.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error: ') and len(err.splitlines()) == 1, (args, err)
+    assert not os.path.exists(dest)
+    fid.plot_curve([(0, 80.5), (0.5, 20.1), (1.0, 9.3), (2.0, 4.2)], str(tmp_path / 'fid.png'))
+    with PIL.Image.open(tmp_path / 'fid.png') as img:
+        assert img.size == (560, 360) and len(img.getcolors(1 << 16)) > 3
+    assert fid._nice_ticks(0, 2) == pytest.approx([0, 0.5, 1, 1.5, 2])
