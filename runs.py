@@ -245,8 +245,8 @@ def cmd_project(a):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(v) for v in argv]
-    cmd = argv.pop(0) if argv[:1] == ['project'] else 'generate'
-    p = argparse.ArgumentParser(prog=f'generate.py{" project" if cmd == "project" else ""}', description=__doc__.split('\n\n')[0],
+    cmd = argv.pop(0) if argv[:1] in (['generate'], ['project']) else 'generate'  # `sid.py generate|project ...`
+    p = argparse.ArgumentParser(prog=f'sid.py {cmd}', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n')[1])
     p.add_argument('--ckpt', required=True, help='run folder (best, else latest snapshot), network-snapshot-*.pt or EDM/SiD .pkl')
     p.add_argument('--outdir', required=True, help='new or empty output folder')

@@ -1189,3 +1189,144 @@ def test_fid_cli_and_plot(tmp_path, detector_path, capsys):
     with PIL.Image.open(tmp_path / 'fid.png') as img:
         assert img.size == (560, 360) and len(img.getcolors(1 << 16)) > 3
     assert fid._nice_ticks(0, 2) == pytest.approx([0, 0.5, 1, 1.5, 2])
+
+#----------------------------------------------------------------------------
+# Config & CLI: presets vs the official scripts, every field an option, --help, --dry-run, switches, run folders,
+# and one table of bad inputs (one line `error: ...`, exit code 2, for training, generate and project).
+
+OFFICIAL = {  # official run_sid.sh: alpha, batch, batch_gpu, lr, glr, g_beta1, precision, dropout, augment, EMA Mimg, Mimg, teacher
+    'cifar10':      (1.2, 256, 16, 1e-5, 1e-5, 0.0, 'fp32', 0.13, 0.12, 0.5, 500, 'cifar10-32x32-uncond-vp'),
+    'cifar10-cond': (1.2, 256, 16, 1e-5, 1e-5, 0.0, 'fp32', 0.13, 0.12, 0.5, 800, 'cifar10-32x32-cond-vp'),
+    'imagenet64':   (1.2, 8192, 16, 4e-6, 4e-6, 0.0, 'fp16', 0.10, 0.0, 2.0, 1000, 'imagenet-64x64-cond-adm'),
+    'ffhq64':       (1.2, 512, 32, 1e-5, 1e-5, 0.9, 'fp16', 0.05, 0.15, 0.5, 500, 'ffhq-64x64-uncond-vp'),
+    'afhqv2-64':    (1.0, 512, 32, 5e-6, 5e-6, 0.0, 'fp16', 0.05, 0.15, 0.5, 500, 'afhqv2-64x64-uncond-vp')}
+
+@pytest.mark.parametrize('dataset', list(OFFICIAL))
+def test_presets_match_official_sid(dataset):
+    c = sid.make_config({'dataset': dataset, 'outdir': 'x'})
+    assert (c.alpha, c.batch, c.batch_gpu, c.lr, c.glr, c.g_beta1, c.precision, c.dropout, c.augment, c.ema_mimg,
+            c.duration_mimg, c.teacher) == OFFICIAL[dataset]
+    tick = 20 if dataset == 'imagenet64' else 10  # official: tick 10 kimg (ImageNet 20), a snapshot every 50 ticks
+    assert (c.sigma_init, c.tmax, c.ls, c.lsg, c.method, c.tick_kimg, c.snap_kimg) == (2.5, 800, 1.0, 100.0, 'sid', tick, 50 * tick)
+    assert sid.make_config({'dataset': dataset, 'method': 'sida', 'init_generator': 'g', 'outdir': 'x'}).duration_mimg == 100  # SiD²A
+
+def test_cli_options_help_and_dry_run(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(sid, 'train', lambda cfg: seen.setdefault('cfg', cfg))
+    cli('--dataset', 'cifar10-cond', '--alpha', '1.0', '--g-beta1', '0.5', '--lsg', '10', '--teacher', 'my.pkl',
+        '--batch-gpu', '8', '--net-overrides', '{}', '--outdir', tmp_path / 'o')
+    c = seen['cfg']
+    assert (c.alpha, c.g_beta1, c.lsg, c.teacher, c.batch_gpu, c.duration_mimg) == (1.0, 0.5, 10.0, 'my.pkl', 8, 800)
+    r = cli('--dataset', 'cifar10', '--help')
+    assert r.returncode == 0 and all(f'\n{g}:' in r.stdout for g in ('method', 'data', 'training', 'speed', 'output'))
+    assert all('--' + f.name.replace('_', '-') in r.stdout for f in dataclasses.fields(sid.Config))
+    lr_help = lambda out: out.split('\n  --lr FLOAT')[1].split('--glr')[0]
+    assert '(default: 1e-05)' in lr_help(r.stdout) and '(default: 0.001)' in lr_help(cli('--dataset', 'toy', '--help').stdout)
+    r = cli('--dataset', 'toy', '--method', 'sign', '--lsg', '5', '--dry-run', '--outdir', tmp_path / 'd')
+    assert r.returncode == 0 and json.loads(r.stdout) == dataclasses.asdict(sid.make_config(
+        dict(dataset='toy', method='sign', lsg=5.0, outdir=str(tmp_path / 'd')))) and not os.path.exists(tmp_path / 'd')
+    dry = lambda *a: json.loads(cli('--dataset', 'cifar10', '--dry-run', '--outdir', 'x', *a).stdout)
+    assert (dry()['fast'], dry()['channels_last']) == (False, False)  # bool switches: --flag / --no-flag
+    assert [dry('--fast')[k] for k in ('fast', 'precision', 'channels_last', 'fused_adam', 'compile')] == [True, 'bf16', True, True, True]
+    assert (dry('--fast', '--no-channels-last')['channels_last'], dry('--checkpointing')['checkpointing']) == (False, True)
+    for k in ('channels_last', 'fused_adam', 'compile', 'checkpointing', 'fast'):
+        with pytest.raises(ValueError, match='is a switch'):
+            sid.make_config({'dataset': 'cifar10', k: 2, 'outdir': 'x'})
+
+def test_numbered_default_outdir_and_existing_run_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sid.make_config({}).outdir == os.path.join('runs', '00000-toy-sid')
+    os.makedirs('runs/00007-cifar10-sid'), os.makedirs('runs/notes')
+    assert sid.make_config({'dataset': 'cifar10', 'method': 'sida'}).outdir == os.path.join('runs', '00008-cifar10-sida')
+    runs.write_json('runs/00007-cifar10-sid/config.json', {})  # a new run never writes into another run's folder
+    assert_one_line_error(cli('--outdir', 'runs/00007-cifar10-sid'), 'holds a run')
+
+def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
+    """torchrun: WORLD_SIZE ranks share `batch`; a larger --batch-gpu shrinks to batch / world_size, with a message."""
+    monkeypatch.setenv('WORLD_SIZE', '2'), monkeypatch.setenv('RANK', '0')
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)  # a caller's group: none is created
+    run = sid.init_processes(sid.make_config(dict(batch=64, batch_gpu=64, outdir='x')))
+    assert (run.batch_gpu, run.n, run.rounds, run.world_size, run.own_group) == (32, 32, 1, 2, False)
+    assert '--batch-gpu 64 > --batch 64 / 2 GPUs: using micro-batches of 32' in capsys.readouterr().out
+    run = sid.init_processes(sid.make_config(dict(batch=64, batch_gpu=16, outdir='x')))
+    assert (run.batch_gpu, run.n, run.rounds) == (16, 32, 2)
+    with pytest.raises(ValueError, match='must be a multiple of --batch-gpu 24 x 2'):
+        sid.init_processes(sid.make_config(dict(batch=64, batch_gpu=24, outdir='x')))
+
+@pytest.fixture
+def bad_env(tmp_path):
+    """Files the bad-input table refers to: an unconditional snapshot, a toy run folder, small PNG datasets."""
+    G = perturb_copy(nets_for(cfg_for(tmp_path / 'unused'), perturb=False)[1])
+    runs.save_snapshot(str(tmp_path / 'g.pt'), G.eval(), 0, sid.Config())
+    os.makedirs(tmp_path / 'run'), os.makedirs(tmp_path / 'nostate'), os.makedirs(tmp_path / 'full')
+    runs.write_json(str(tmp_path / 'run' / 'config.json'), dataclasses.asdict(sid.make_config({'outdir': str(tmp_path / 'run')})))
+    runs.write_json(str(tmp_path / 'nostate' / 'config.json'), dataclasses.asdict(cfg_for(tmp_path / 'nostate')))  # no 5 s toy fit
+    (tmp_path / 'full' / 'x').write_text('x')
+    write_pngs(tmp_path / 'png16', 3, size=16), write_pngs(tmp_path / 'png32', 3, size=32)
+    return tmp_path
+
+TINY = ['--teacher', 'random', '--net-overrides', NET, '--batch', 4, '--batch-gpu', 2, '--duration-mimg', 4e-6, '--device', 'cpu']
+GEN = lambda t, *a: ['generate', '--ckpt', t / 'g.pt', '--outdir', t / 'o', *a]
+BAD = [  # (name, args(t), message)
+    ('seeds-order', lambda t: GEN(t, '--seeds', '5-3'), "bad --seeds '5-3'"),
+    ('seeds-text', lambda t: GEN(t, '--seeds', '1,x'), "bad --seeds '1,x'"),
+    ('seeds-negative', lambda t: GEN(t, '--seeds', '-2'), "bad --seeds '-2'"),
+    ('gen-batch', lambda t: GEN(t, '--batch', 0), '--batch must be >= 1'),
+    ('sigmas-count', lambda t: GEN(t, '--steps', 3, '--sigmas', '0.1'), '--steps 3 needs 2 noise levels'),
+    ('sigmas-nan', lambda t: GEN(t, '--steps', 2, '--sigmas', 'nan'), "bad --sigmas 'nan'"),
+    ('class-idx-uncond', lambda t: GEN(t, '--class-idx', 3), 'this generator is unconditional'),
+    ('gen-cuda', lambda t: GEN(t, '--device', 'cuda'), 'CUDA is not available'),
+    ('gen-outdir-full', lambda t: ['generate', '--ckpt', t / 'g.pt', '--outdir', t / 'full'], 'is not empty'),
+    ('ckpt-missing', lambda t: ['generate', '--ckpt', t / 'nope.pt', '--outdir', t / 'o'], 'nope.pt'),
+    ('ckpt-no-snapshots', lambda t: ['generate', '--ckpt', t / 'nostate', '--outdir', t / 'o'], 'no network-snapshot-*.pt'),
+    ('project-sigma', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'png32', '--sigma', 'nan', '--outdir', t / 'o'], 'need a finite --sigma'),
+    ('project-input', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'none', '--outdir', t / 'o'], '--input not found'),
+    ('project-shape', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'png16', '--outdir', t / 'o'], 'the generator makes [3, 32, 32]'),
+    ('dataset', lambda t: ['--dataset', 'mnist'], "unknown --dataset 'mnist'"),
+    ('method', lambda t: ['--method', 'dmd'], "--method 'dmd'"),
+    ('lsg-nan', lambda t: ['--lsg', 'nan'], '--lsg must be a finite float >= 0'),
+    ('alpha-range', lambda t: ['--alpha', '3'], '--alpha must be a finite float in [0, 2]'),
+    ('seed-negative', lambda t: ['--seed', '-1'], '--seed must be a finite int in [0, 4294967295]'),
+    ('batch-zero', lambda t: ['--batch', '0'], '--batch must be a finite int >= 1'),
+    ('lr-zero', lambda t: ['--lr', '0'], '--lr must be a finite float > 0'),
+    ('precision', lambda t: ['--precision', 'fp8'], "unknown --precision 'fp8'"),
+    ('device', lambda t: ['--device', 'tpu'], '--device must be cpu or cuda'),
+    ('device-cuda', lambda t: ['--dataset', 'cifar10', '--device', 'cuda'], 'no CUDA here'),
+    ('net-overrides', lambda t: ['--dataset', 'cifar10', '--net-overrides', '[1, 2]'], '--net-overrides must be a JSON object'),
+    ('toy-fid', lambda t: ['--fid-every-kimg', 10], 'do not apply to the toy'),
+    ('batch-multiple', lambda t: ['--batch', 100, '--batch-gpu', 64, '--outdir', t / 'new'], 'must be a multiple of --batch-gpu'),
+    ('outdir-holds-run', lambda t: ['--outdir', t / 'run'], 'holds a run: continue it with --resume'),
+    ('resume-alpha', lambda t: ['--resume', t / 'run', '--alpha', '1.0'], '--resume: --alpha differ'),
+    ('resume-no-config', lambda t: ['--resume', t / 'png16'], '--resume: no readable config.json'),
+    ('resume-no-state', lambda t: ['--resume', t / 'nostate'], '--resume: no training state'),
+    ('data-resolution', lambda t: ['--dataset', 'cifar10', *TINY, '--data', t / 'png16', '--outdir', t / 'n1'],
+     'dataset resolution 16x16 does not match the teacher resolution 32'),
+    ('data-labels', lambda t: ['--dataset', 'cifar10-cond', *TINY, '--data', t / 'png32', '--outdir', t / 'n2'],
+     'dataset label_dim 0 does not match the teacher label_dim 10'),
+    ('sida-no-data', lambda t: ['--dataset', 'cifar10', '--method', 'sida', *TINY, '--data', '', '--outdir', t / 'n3'], 'needs real images'),
+    ('teacher-missing', lambda t: ['--dataset', 'cifar10', *TINY[2:], '--teacher', t / 'missing.pkl', '--outdir', t / 'n4'], 'missing.pkl'),
+    ('fid-ref-missing', lambda t: ['--dataset', 'cifar10', *TINY, '--fid-every-kimg', 1, '--fid-ref', t / 'ref.npz', '--outdir', t / 'n5'], 'ref.npz'),
+]
+
+@pytest.mark.parametrize('sub', [False, pytest.param(True, marks=slow, id='subprocess')])
+@pytest.mark.parametrize('name,args,msg', BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2(bad_env, name, args, msg, sub):
+    if 'cuda' in name and torch.cuda.is_available():
+        pytest.skip('CUDA is available here')
+    r = cli(*args(bad_env), sub=sub)
+    assert_one_line_error(r, msg)
+    assert not os.path.exists(bad_env / 'o') and not os.path.exists(bad_env / 'n5' / 'stats.jsonl')  # nothing half-written
+
+def test_cli_smoke_subprocess(tmp_path):
+    """The real command line once by default: a bad option is one line on stderr and exit code 2, no traceback."""
+    r = cli('--dataset', 'toy', '--lsg', 'nan', '--outdir', tmp_path, sub=True)
+    assert_one_line_error(r, '--lsg must be a finite float') and 'Traceback' not in r.stderr
+
+def perturb_copy(net, seed=1, scale=0.2):
+    """A copy with every parameter moved randomly: fresh nets' output layers are ~0 (EDM's init_zero), which would
+    hide labels and seeds in 8-bit images."""
+    net, g = copy.deepcopy(net), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return net
