@@ -1330,3 +1330,205 @@ def perturb_copy(net, seed=1, scale=0.2):
         for p in net.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
     return net
+
+#----------------------------------------------------------------------------
+# The loop (SiD Algorithm 1): files of a run, per-phase network states, optimisers, NaN gradients, EMA, SiDA's
+# schedule and clip, crash-safe checkpoints, FID, bitwise resume.
+
+def test_end_to_end_image_run_files(tmp_path):
+    cfg = cfg_for(tmp_path, iters=3, snap_kimg=0.008)
+    f_phi, G, f_psi = nets = nets_for(cfg)
+    phi0, G0, psi0 = (copy.deepcopy(n) for n in nets)
+    (G1, G_ema, psi1), out = run_quiet(cfg, nets)
+    assert states_equal(f_phi, phi0) and not any(p.requires_grad for p in f_phi.parameters())  # teacher untouched
+    assert not states_equal(G1, G0) and not states_equal(psi1, psi0)
+    assert json.load(open(tmp_path / 'config.json')) == dataclasses.asdict(cfg)
+    assert [l.split()[:4] for l in out.splitlines() if l.startswith('tick ')] == [['tick', str(i), 'kimg', f'{0.004 * (i + 1):.1f}'] for i in range(3)]
+    assert [e['kimg'] for e in read_stats(tmp_path)] == pytest.approx([0.004, 0.008, 0.012])
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(('network', 'samples'))) == [  # named by images seen
+        'network-snapshot-000000008.pt', 'network-snapshot-000000012.pt', 'samples-000000008.png', 'samples-000000012.png']
+    assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['cur_nimg'] == 12
+    net, info = edm_nets.load_checkpoint(runs.snapshot_path(str(tmp_path)))  # the run folder -> its latest snapshot
+    assert states_equal(net, G_ema) and info['kimg'] == pytest.approx(0.012) and info['config']['dataset'] == 'cifar10'
+    with PIL.Image.open(tmp_path / 'samples-000000012.png') as im:
+        assert im.size == (8 * 32, 8 * 32)
+
+def test_phase_states_and_micro_batches(tmp_path):
+    cfg = cfg_for(tmp_path)  # 2 iterations, 2 micro-batches of 2 per step
+    f_phi, G, f_psi = nets = nets_for(cfg)
+    names, calls = {id(f_phi): 'phi', id(G): 'G', id(f_psi): 'psi'}, []
+
+    def pre(module, args, kwargs):
+        if id(module) not in names:  # G_ema is a deepcopy of G and inherits the hooks
+            return
+        x, aug = args[0], args[3] if len(args) > 3 else kwargs.get('augment_labels')
+        blocks = [m for m in module.modules() if type(m).__name__ == 'UNetBlock']
+        calls.append(dict(net=names[id(module)], training=module.training, B=x.shape[0], blocks_training={m.training for m in blocks},
+                          p_drop={m.dropout for m in blocks}, grad_enabled=torch.is_grad_enabled(), x_graph=x.requires_grad,
+                          params_grad={p.requires_grad for p in module.parameters()}, aug=None if aug is None else tuple(aug.shape)))
+    for n in nets:
+        n.register_forward_pre_hook(pre, with_kwargs=True)
+        n.register_forward_hook(lambda m, a, out: calls[-1].update(out_graph=out.requires_grad) if id(m) == id(G) else None)
+    run_quiet(cfg, nets)
+    assert [c['net'] for c in calls] == ['G', 'psi', 'G', 'psi', 'G', 'phi', 'psi', 'G', 'phi', 'psi'] * 2  # 2 rounds per step
+    assert all(c['B'] == cfg.batch_gpu for c in calls)
+    for it in range(2):
+        for c in calls[10 * it:10 * it + 4]:
+            if c['net'] == 'G':  # samples for f_psi: no graph, dropout off
+                assert not c['training'] and c['blocks_training'] == {False} and not c['grad_enabled'] and not c['out_graph']
+            else:                # f_psi's own update: dropout on, trainable, augmented input (9-dim labels), x_g detached
+                assert c['training'] and c['blocks_training'] == {True} and c['params_grad'] == {True} and c['aug'] == (2, 9) and not c['x_graph']
+        for c in calls[10 * it + 4:10 * it + 10]:
+            if c['net'] == 'G':  # generator update: dropout on, output carries the graph
+                assert c['training'] and c['blocks_training'] == {True} and c['out_graph']
+            else:                # teacher and f_psi: eval, frozen, no augmentation, differentiated w.r.t. x_t
+                assert not c['training'] and c['blocks_training'] == {False} and c['params_grad'] == {False}
+                assert c['aug'] is None and c['x_graph'] and c['grad_enabled']
+    assert all(c['p_drop'] == ({0.0} if c['net'] == 'phi' else {cfg.dropout}) for c in calls)  # the teacher never drops out
+
+@pytest.mark.parametrize('precision,eps', [('fp32', 1e-8), ('fp16', 1e-6)])
+def test_adam_settings(tmp_path, precision, eps):
+    cfg = cfg_for(tmp_path, g_beta1=0.9, lr=2e-5, glr=3e-5, precision=precision)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = sid.setup(cfg, nets_for(cfg, perturb=False))
+    for opt, lr, b1 in ((run.opt_psi, 2e-5, 0.0), (run.opt_G, 3e-5, 0.9)):  # official: f_psi beta1 0, eps 1e-6 with fp16
+        assert (opt.defaults['lr'], opt.defaults['betas'], opt.defaults['eps'], opt.defaults['weight_decay']) == (lr, (b1, 0.999), eps, 0)
+    assert [p for g in run.opt_G.param_groups for p in g['params']] == list(run.G.parameters())
+    assert [p for g in run.opt_psi.param_groups for p in g['params']] == list(run.f_psi.parameters())
+
+def test_nonfinite_grads_are_sanitised(tmp_path):
+    f_phi, G, f_psi = nets = nets_for(cfg_for(tmp_path))
+    pG, ppsi = G.model.enc['32x32_conv'].weight, f_psi.model.dec['32x32_aux_conv'].weight
+    before = pG.detach().clone(), ppsi.detach().clone()
+    for p in (pG, ppsi):
+        p.register_hook(lambda g: torch.full_like(g, float('nan')))
+    (G1, _, psi1), _ = run_quiet(cfg_for(tmp_path, iters=1), nets)
+    assert torch.equal(pG, before[0]) and torch.equal(ppsi, before[1])  # NaN -> 0: Adam leaves them alone
+    assert all(torch.isfinite(p).all() for n in (G1, psi1) for p in n.parameters())
+    assert not torch.equal(G1.model.enc['32x32_block0'].conv0.weight, nets_for(cfg_for(tmp_path))[1].model.enc['32x32_block0'].conv0.weight)
+
+@pytest.mark.parametrize('ema_mimg', [8e-6, 1.0])  # half-life 8 images (reached after 20 iterations) / pure ramp-up
+def test_ema_closed_form_with_accumulation(tmp_path, ema_mimg):
+    """beta = 0.5^(batch / max(h, 1e-8)), h = min(half-life, 0.05 * images seen before the step), with batch = 8 in
+    2 micro-batches of 4: the WHOLE batch counts, not batch_gpu."""
+    batch, iters = 8, 30
+    cfg = cfg_for(tmp_path, 'toy', iters, batch=batch, batch_gpu=4, ema_mimg=ema_mimg, lr=1e-2, glr=1e-2, snap_kimg=1)
+    ema, n = None, 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        for it in sid.iterate(cfg, nets_for(cfg)):
+            if not hasattr(it, 'loss_fake'):
+                break
+            G_i = [p.detach().double().clone() for p in it.G.parameters()]
+            if ema is None:  # G_0 = the start: G_ema begins as a copy of G
+                ema = [p.detach().double().clone() for p in nets_for(cfg)[1].parameters()]
+            beta = 0.5 ** (batch / max(min(ema_mimg * 1e6, 0.05 * n * batch), 1e-8))
+            ema, n = [beta * e + (1 - beta) * g for e, g in zip(ema, G_i)], n + 1
+            assert max((a.double() - b).abs().max().item() for a, b in zip(it.G_ema.parameters(), ema)) < 1e-6
+    assert n == iters and max((a - b).abs().max().item() for a, b in zip(ema, G_i)) > 1e-3  # EMA visibly lags G
+
+def test_sida_loop_schedule_and_clip(tmp_path, monkeypatch):
+    """The loop asks sida_phase with the images seen BEFORE the step: no G step up to sida_warmup_kimg, SiD alone up
+    to sida_mix_kimg, then the mix; f_psi's gradients are clipped to +-1 (and the clip changes f_psi's steps)."""
+    m, G_seen, clips = sid.METHODS['sida'], [], []
+    def G_obj(run, *a):
+        loss, logs = m.G(run, *a)
+        G_seen.append((run.cur_nimg, float(loss), float(0.5 * logs[0] + 0.5 * logs[1]), float(logs[0])))
+        return loss, logs
+    real_sanitize = sid.sanitize_grads_
+    def sanitize(params, clip=None):
+        params = list(params)
+        before = max(p.grad.abs().max().item() for p in params if p.grad is not None)
+        real_sanitize(params, clip)
+        clips.append((clip, before, max(p.grad.abs().max().item() for p in params if p.grad is not None)))
+    monkeypatch.setitem(sid.METHODS, 'sida', m._replace(G=G_obj))
+    monkeypatch.setattr(sid, 'sanitize_grads_', sanitize)
+    cfg = cfg_for(tmp_path / 'a', 'toy', 6, method='sida', batch_gpu=64, sida_warmup_kimg=0.128, sida_mix_kimg=0.256, ls=100.0)
+    (_, _, psi_clipped), _ = run_quiet(cfg)
+    assert [n for n, *_ in G_seen] == [192, 256, 320]  # 0, 64, 128: frozen; 192, 256: SiD; 320 > 256: mix
+    for n, loss, mix, sid_only in G_seen:
+        assert loss == pytest.approx(mix if n > 256 else sid_only, rel=1e-6)
+    psi_clips = [c for c in clips if c[0] is not None]
+    assert len(psi_clips) == 6 and all(c == 1.0 and after <= 1.0 for c, _, after in psi_clips)
+    assert any(before > 1 for _, before, _ in psi_clips), psi_clips
+    monkeypatch.setitem(sid.METHODS, 'sida', m._replace(psi_clip=None))
+    (_, _, psi_free), _ = run_quiet(dataclasses.replace(cfg, outdir=str(tmp_path / 'b')))
+    assert not states_equal(psi_clipped, psi_free)
+
+@pytest.mark.parametrize('fail_on', ['snapshot', 'state'])
+def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch, fail_on):
+    cfg = cfg_for(tmp_path, snap_kimg=0.004)  # a snapshot and a state after iterations 1 and 2
+    real, calls = torch.save, []
+
+    def save(obj, f, *a, **k):  # the 2nd iteration's write dies half-way, as if the process were killed
+        name = str(getattr(f, 'name', f))
+        calls.append(name)
+        if len(calls) > 2 and ('training-state' in name) == (fail_on == 'state'):
+            f.write(b'PK\x03\x04 half a file')
+            raise KeyboardInterrupt
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save)
+    with pytest.raises(KeyboardInterrupt):
+        run_quiet(cfg)
+    assert not any(os.path.basename(c) in ('training-state.pt', 'network-snapshot-000000008.pt') for c in calls)  # via temporaries
+    monkeypatch.setattr(torch, 'save', real)
+    assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['cur_nimg'] == 4
+    assert edm_nets.load_checkpoint(str(tmp_path / 'network-snapshot-000000004.pt'))[1]['kimg'] == pytest.approx(0.004)
+    assert os.path.exists(tmp_path / 'network-snapshot-000000008.pt') == (fail_on == 'state')
+    _, out = run_quiet(sid.make_config(dict(resume=str(tmp_path))))  # the run continues from the surviving state
+    assert 'resumed from' in out and torch.load(tmp_path / 'training-state.pt', weights_only=True)['cur_nimg'] == 8
+
+def test_fid_in_loop_best_snapshot_and_plot(tmp_path, monkeypatch):
+    det = str(tmp_path / 'det.pt')
+    torch.jit.save(torch.jit.script(FidStandIn(dim=8)), det)
+    monkeypatch.setenv('SID_DETECTOR', det)
+    mu_ref, sig_ref = np.full(8, 0.1), np.eye(8) * 0.5
+    fid.save_ref(str(tmp_path / 'ref.npz'), mu_ref, sig_ref)
+    cfg = cfg_for(tmp_path / 'run', iters=3, fid_every_kimg=0.004, fid_num=16, fid_ref=str(tmp_path / 'ref.npz'), lr=1e-2, glr=1e-2)
+    nets = nets_for(cfg)
+    _, out = run_quiet(cfg, (nets[0], perturb_copy(nets[1]), nets[2]))
+    fids = torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)['fid']
+    assert [m for m, _ in fids] == pytest.approx([4e-6, 8e-6, 12e-6]) and len({v for _, v in fids}) == 3
+    assert sum(l.startswith('FID ') for l in out.splitlines()) == 3 and [e['fid'] for e in read_stats(tmp_path / 'run') if 'fid' in e] == [v for _, v in fids]
+    G, info = edm_nets.load_checkpoint(str(tmp_path / 'run' / 'network-snapshot-best.pt'))
+    m_best, v_best = min(fids, key=lambda p: p[1])
+    assert info['kimg'] == pytest.approx(m_best * 1e3)
+    z = 2.5 * torch.stack([torch.randn([3, 32, 32], generator=torch.Generator().manual_seed(s)) for s in range(16)])
+    with torch.no_grad():  # independent FID of the best snapshot: numpy statistics of the stand-in features
+        x = G(z, torch.full([16, 1, 1, 1], 2.5))
+    feats = FidStandIn(dim=8)((x * 127.5 + 128).clip(0, 255).to(torch.uint8), True).double().numpy()
+    assert v_best == pytest.approx(fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu_ref, sig_ref), rel=1e-6)
+    assert os.path.getsize(tmp_path / 'run' / 'fid.png') > 1000
+
+@pytest.mark.parametrize('kind', ['toy', 'image', 'cond-data'])
+def test_resume_is_bitwise_identical(tmp_path, kind):
+    """An interrupted and resumed run equals the uninterrupted one bit for bit; resume restores the saved options
+    (only --resume and a longer --duration-mimg are passed), cuts stats.jsonl back to the state, resumes the data."""
+    extra = dict(ema_mimg=1e-4) if kind == 'toy' else {}
+    if kind == 'cond-data':  # labels from a labelled folder: the data position must be restored too
+        files, _, _ = edm_files(n=6, size=32)
+        extra = dict(data=write_dataset(tmp_path / 'data', files, {'labels': [[n, c] for n, c in zip(files, [0, 9, 3, 5, 9, 1])]}))
+    make = lambda out, iters: cfg_for(out, 'toy' if kind == 'toy' else 'cifar10-cond' if extra.get('data') else 'cifar10', iters,
+                                      snap_kimg=(64 if kind == 'toy' else 4) * 2 / 1e3, **extra)
+    nets = nets_for(make(tmp_path / 'x', 1))
+    torch.manual_seed(11)  # the global RNG state before a run must not matter
+    A, _ = run_quiet(make(tmp_path / 'a', 4), copy.deepcopy(nets))
+    torch.manual_seed(12)
+    run_quiet(make(tmp_path / 'b', 2), copy.deepcopy(nets))
+    runs.append_stats(str(tmp_path / 'b'), dict(kimg=1e6, loss_fake=0.0))  # a tick written after the last state
+    torch.manual_seed(13)
+    cfg_b = sid.make_config(dict(resume=str(tmp_path / 'b'), duration_mimg=make('', 4).duration_mimg))
+    assert cfg_b == dataclasses.replace(make(tmp_path / 'b', 4), resume=str(tmp_path / 'b'))
+    B, out = run_quiet(cfg_b, copy.deepcopy(nets))
+    assert 'resumed from' in out and all(states_equal(a, b) for a, b in zip(A, B)) and not states_equal(A[0], nets[1])
+    same = lambda e: {k: v for k, v in e.items() if k not in ('tick', 'time', 'sec_per_kimg')}  # ticks restart, as EDM's
+    assert [same(e) for e in read_stats(tmp_path / 'b')] == [same(e) for e in read_stats(tmp_path / 'a')] and len(read_stats(tmp_path / 'a')) == 4
+    state = torch.load(tmp_path / 'b' / 'training-state.pt', weights_only=True)
+    assert state['data_images'] == (2 * 4 * 4 if extra.get('data') else 0)  # both steps of 4 iterations draw a batch
+
+def test_training_state_errors(tmp_path):
+    pathlib_write(tmp_path / 'foreign.pt', b'PK\x03\x04 not a state')
+    with pytest.raises(ValueError, match='is not a training state of this run'):
+        runs.read_training_state(str(tmp_path / 'foreign.pt'), {}, 'cpu')
+    torch.save(dict(G={}), tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match='other.pt is not a training state'):
+        runs.read_training_state(str(tmp_path / 'other.pt'), dict(G=nn.Linear(2, 2)), 'cpu')
