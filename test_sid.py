@@ -1688,5 +1688,131 @@ def test_compile_same_losses_toy(tmp_path):
     # ~45 s of compilation; the toy MLP has no dropout (compiled dropout draws other masks, same law)
     assert_losses_close(run_dict(cfg_for(tmp_path / 'e', 'toy', 2), False), run_dict(cfg_for(tmp_path / 'c', 'toy', 2, compile=1), False), 1e-4)
 
+#----------------------------------------------------------------------------
+# runs.py: generate (per-seed images, grid, classes), SIGN's multi-step noise, project, and SIGN on the toy.
+
+@pytest.fixture
+def snapshots(tmp_path):
+    """Snapshots of perturbed tiny generators, unconditional and class-conditional."""
+    paths = {}
+    for ds in ('cifar10', 'cifar10-cond'):
+        paths[ds] = str(tmp_path / f'{ds}.pt')
+        runs.save_snapshot(paths[ds], perturb_copy(nets_for(cfg_for(tmp_path / 'u', ds), perturb=False)[1]).eval(), 0, sid.Config(dataset=ds))
+    return paths
+
+def read_png(path):
+    with PIL.Image.open(path) as im:
+        return np.asarray(im)
+
+def reference_png(G, seed, label=None):
+    """The image of a seed computed independently: z = 2.5 eps from torch.Generator(seed), G(z; 2.5), EDM's uint8 rule."""
+    z = 2.5 * torch.randn([1, 3, 32, 32], generator=torch.Generator().manual_seed(seed))
+    old, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # as generate: oneDNN rounds per batch size
+    try:
+        with torch.no_grad():
+            x = G(z, torch.full([1, 1, 1, 1], 2.5), None if label is None else F.one_hot(torch.tensor([label]), 10).float())[0]
+    finally:
+        torch.backends.mkldnn.enabled = old
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+@pytest.mark.parametrize('sub', [False, pytest.param(True, marks=slow, id='subprocess')])
+def test_cli_run_then_generate_from_run_dir(tmp_path, sub):
+    r = cli('--dataset', 'cifar10', *TINY[:-2], '--duration-mimg', 8e-6, '--tick-kimg', 0.004, '--device', 'cpu', '--outdir', tmp_path / 'run', sub=sub)
+    assert r.returncode == 0, r.stderr
+    r = cli('generate', '--ckpt', tmp_path / 'run', '--seeds', '0-3', '--outdir', tmp_path / 'img', '--device', 'cpu', sub=sub)
+    assert r.returncode == 0, r.stderr
+    G, _ = edm_nets.load_checkpoint(str(tmp_path / 'run' / 'network-snapshot-000000008.pt'))
+    assert sorted(os.listdir(tmp_path / 'img')) == [f'{s:06d}.png' for s in range(4)]
+    assert all(np.array_equal(read_png(tmp_path / 'img' / f'{s:06d}.png'), reference_png(G, s)) for s in range(4))
+
+def test_generate_per_seed_grid_and_classes(tmp_path, snapshots):
+    gen = lambda ckpt, out, *a: cli('generate', '--device', 'cpu', '--ckpt', snapshots[ckpt], '--outdir', tmp_path / out, *a)
+    gen('cifar10', 'a', '--seeds', '0-3', '--batch', 4), gen('cifar10', 'b', '--seeds', '2,3,0-1', '--batch', 3)
+    names = [f'{s:06d}.png' for s in range(4)]
+    imgs = [read_png(tmp_path / 'a' / n) for n in names]
+    assert sorted(os.listdir(tmp_path / 'b')) == names and imgs[0].shape == (32, 32, 3) and imgs[0].std() > 10
+    assert all(np.array_equal(read_png(tmp_path / 'b' / n), im) for n, im in zip(names, imgs))  # any batch split
+    assert not np.array_equal(imgs[0], imgs[1])
+    gen('cifar10', 'g', '--seeds', '0-3', '--grid')
+    grid = read_png(tmp_path / 'g' / 'grid.png')
+    assert os.listdir(tmp_path / 'g') == ['grid.png'] and np.array_equal(grid[:32, 32:], imgs[1]) and np.array_equal(grid[32:, 32:], imgs[3])
+    G, _ = edm_nets.load_checkpoint(snapshots['cifar10-cond'])
+    for c in (3, 7):
+        gen('cifar10-cond', str(c), '--seeds', '0-1', '--class-idx', c)
+        assert all(np.array_equal(read_png(tmp_path / str(c) / f'{s:06d}.png'), reference_png(G, s, c)) for s in range(2))
+    assert not np.array_equal(read_png(tmp_path / '3' / '000000.png'), read_png(tmp_path / '7' / '000000.png'))
+    assert_one_line_error(gen('cifar10-cond', 'x', '--class-idx', 10), 'this generator has classes 0..9')
+
+def test_sign_noise_per_seed_fresh_per_step():
+    """runs.sample_images with SIGN's sigmas, on the identity generator: x_K = z + sum_k sigma_k eps_k. Each eps_k
+    comes from the seed's own generator (independent of the batch split) and is fresh for every step."""
+    G, dev = Stub(lambda m, x, s: x, img_shape=(3, 2, 2)), torch.device('cpu')
+    x0, x1, x2 = (runs.sample_images(G, range(6), 2.5, dev, sigmas=s) for s in ((), (1.0,), (1.0, 1.0)))
+    assert torch.equal(runs.sample_images(G, [3, 4, 5], 2.5, dev, sigmas=(1.0, 1.0)), x2[3:])  # any batch split
+    assert torch.equal(runs.sample_images(G, [4], 2.5, dev, sigmas=(1.0,)), x1[4:5])
+    eps1, eps2 = x1 - x0, x2 - x1
+    assert eps1.std().item() == pytest.approx(1, abs=0.3) and eps2.std().item() == pytest.approx(1, abs=0.3)
+    assert not torch.allclose(eps1, eps2, atol=0.1) and not torch.allclose(eps1, x0 / 2.5, atol=0.1)  # fresh, not the latent
+
+def test_project_image_folder(tmp_path, snapshots):
+    write_pngs(tmp_path / 'in', 2, size=32)
+    r = cli('project', '--ckpt', snapshots['cifar10'], '--input', tmp_path / 'in', '--outdir', tmp_path / 'out', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    G, _ = edm_nets.load_checkpoint(snapshots['cifar10'])
+    y = torch.from_numpy(read_png(tmp_path / 'in' / '00001.png').copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():  # sigma = 0: plain f(y) = G(y; 2.5)
+        ref = fid.to_uint8(G(y, torch.full([1, 1, 1, 1], 2.5)))[0].permute(1, 2, 0).numpy()
+    assert np.abs(read_png(tmp_path / 'out' / '00001.png').astype(int) - ref).max() <= 1  # oneDNN on, per-batch rounding
+
+@pytest.fixture(scope='module')
+def sign_run(tmp_path_factory):
+    """SIGN trained once on the toy (~510 iterations), with the initial generator for before/after comparisons."""
+    outdir = tmp_path_factory.mktemp('sign_toy')
+    cfg = sid.make_config({'method': 'sign', 'duration_mimg': 0.13, 'outdir': str(outdir)})
+    nets = toy_nets_pretrained()
+    G_init = copy.deepcopy(nets[1]).eval()
+    (_, G_ema, _), out = run_quiet(cfg, nets)
+    T = nets[0]
+    return dict(outdir=str(outdir), T=T, out=out, G_init=G_init, G=G_ema.eval(), z=torch.randn(2000, 2, generator=torch.Generator().manual_seed(7)) * 2.5,
+                x=T.sample(2000, torch.Generator().manual_seed(5)))
+
+def student(G):
+    return torch.no_grad()(lambda v: runs.generate(G, v, None, 2.5))
+
+def nearest_mode(x, T):
+    """Mean distance to the nearest mode centre (exact samples: s*sqrt(pi/2) = 0.125)."""
+    return float(torch.cdist(x.double(), T.mu).min(1).values.mean())
+
+def test_sign_toy_idempotence_modes_multistep_projection(sign_run):
+    r, T = sign_run, sign_run['T']
+    f0, f = student(r['G_init']), student(r['G'])
+    noise = lambda k: [torch.randn(r['z'].shape, generator=torch.Generator().manual_seed(k + j)) for j in range(3)]
+    ev0, ev = (runs.sign_evaluation(g, r['z'], r['x'], toy.TOY_SIGN_SIGMAS, noise(0), torch.randn(r['x'].shape, generator=torch.Generator().manual_seed(3)))
+               for g in (f0, f))
+    # at initialisation f is the teacher's denoiser at sigma 2.5: idem ~0.11, fix ~0.67; trained ~0.04 and ~0.035
+    assert ev['idem'] < 0.5 * ev0['idem'] and ev['idem'] < 0.06 and ev['fix'] < 0.1 * ev0['fix'] and ev['fix'] < 0.06
+    (ed, covered, within), (ed0, _, within0) = (toy.toy_quality(e['steps'][0], T) for e in (ev, ev0))
+    assert covered == 8 and within > 0.4 and within0 < 0.05 and ed < 0.1 * ed0
+    for k in (2, 4):  # more steps are not worse: within-2-std may drop by <= 0.02, energy distance at most 2x + 0.001
+        q = toy.toy_quality(ev['steps'][k - 1], T)
+        assert q[2] >= within - 0.02 and q[0] <= 2 * ed + 0.001, (k, q, ed, within)
+    d_noisy, d_proj = nearest_mode(ev['noisy'], T), nearest_mode(ev['projected'], T)
+    assert d_proj < 0.85 * d_noisy and d_proj < 0.5 * nearest_mode(ev0['projected'], T)  # ~0.24 -> ~0.19; untrained ~ring radius
+    assert 'sign: idempotence error' in r['out'] and os.path.exists(os.path.join(r['outdir'], 'toy.gif'))
+
+def test_sign_toy_cli_generate_and_project(sign_run, tmp_path):
+    r, T = sign_run, sign_run['T']
+    res = cli('generate', '--ckpt', r['outdir'], '--seeds', '0-99', '--steps', 3, '--sigmas', '0.1,0.05', '--outdir', tmp_path / 'g')
+    assert res.returncode == 0, res.stderr
+    G, _ = edm_nets.load_checkpoint(runs.snapshot_path(r['outdir']))
+    x = np.load(tmp_path / 'g' / 'samples.npy')
+    ref = runs.sample_images(G, range(100), 2.5, torch.device('cpu'), sigmas=(0.1, 0.05)).numpy()
+    assert x.shape == (100, 2) and np.allclose(x, ref, atol=1e-5) and not np.allclose(x, runs.sample_images(G, range(100), 2.5, 'cpu').numpy(), atol=1e-3)
+    pts = (T.sample(300, torch.Generator().manual_seed(1)) + 0.2 * torch.randn(300, 2, generator=torch.Generator().manual_seed(2))).numpy()
+    np.save(tmp_path / 'pts.npy', pts)
+    res = cli('project', '--ckpt', r['outdir'], '--input', tmp_path / 'pts.npy', '--sigma', 0.2, '--outdir', tmp_path / 'p')
+    out = np.load(tmp_path / 'p' / 'projected.npy')
+    assert res.returncode == 0 and out.shape == (300, 2) and nearest_mode(torch.from_numpy(out), T) < nearest_mode(torch.from_numpy(pts), T)
+
 if __name__ == '__main__':  # the torchrun worker of the DDP section
     _driver(sys.argv[1])
