@@ -807,7 +807,7 @@ SID_AUG = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_fr
 def test_augment_p0_flips_layout_and_reproducible():
     x, _ = torch.randn(8, 3, 32, 32), torch.manual_seed(0)
     y, labels = edm_nets.AugmentPipe(p=0, **SID_AUG)(x)
-    assert torch.equal(y, x) and labels.shape == (8, 9) and not labels.any()
+    assert torch.allclose(y, x, atol=1e-5) and labels.shape == (8, 9) and not labels.any()  # identity warp, up to resampling round-off
     y, labels = edm_nets.AugmentPipe(p=0.12, **SID_AUG)(torch.randn(4000, 1, 2, 2))  # xflip=1e8: a fair coin whatever p
     assert abs(labels[:, 0].mean() - 0.5) < 0.04 and abs((labels[:, 2] != 0).float().mean() - 0.12) < 0.02
     x = torch.randn(64, 3, 8, 8)
