@@ -32,16 +32,14 @@ class Stub(nn.Module):
     Keyword tensors become parameters the closed form reads (self.a, self.A, ...)."""
     def __init__(self, fn, off=None, off_enc=None, img_shape=(2,), **params):
         super().__init__()
-        for k, v in params.items():
-            setattr(self, k, nn.Parameter(torch.as_tensor(v, dtype=torch.float64).clone()))
+        for k, v in params.items(): setattr(self, k, nn.Parameter(torch.as_tensor(v, dtype=torch.float64).clone()))
         self.fn, self.off, self.off_enc, self.calls = fn, off, off_enc, []
         self.img_shape, self.label_dim, self.sigma_data = list(img_shape), 0, 0.5
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, encoder_only=False):
         self.calls.append(dict(x=x.detach().clone(), sigma=sigma, labels=class_labels, aug=augment_labels,
                                return_logits=return_logits, encoder_only=encoder_only))
-        if encoder_only:
-            return x[:, :1] + self.off_enc
+        if encoder_only: return x[:, :1] + self.off_enc
         D = self.fn(self, x, sigma)
         return (D, x[:, :1] + self.off) if return_logits else D
 
@@ -71,8 +69,7 @@ def nets_for(cfg, perturb=True):
     if perturb:
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for p in f_phi.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+            for p in f_phi.parameters(): p.add_(0.05 * torch.randn(p.shape, generator=g))
         G.load_state_dict(f_phi.state_dict()), f_psi.load_state_dict(f_phi.state_dict())
     return f_phi, G, f_psi
 
@@ -417,8 +414,7 @@ def test_sign_student_loss_routing_and_refresh():
     assert torch.allclose(out2['rec'], (runs.generate(G, xd, None, 2.5) - xd).square().sum(1))
     assert (out2['idem'] == 0).all() and (out2['flow'] == 0).all()
     with torch.no_grad():
-        for p in G.parameters():
-            p.add_(1.0)
+        for p in G.parameters(): p.add_(1.0)
         G.model.freqs += 1  # a buffer
     assert not states_equal(G, G_bar)
     sid.refresh_frozen_(G_bar, G)
@@ -466,8 +462,7 @@ def test_toy_run_improves_quality(tmp_path):
                                                     'outdir': str(tmp_path)}), toy_nets_pretrained())
     T, z = toy.ToyMixture(), 2.5 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(3))
     G0 = toy_nets_pretrained()[1]  # the common starting point of G and f_psi
-    with torch.no_grad():
-        q_end, q_start = (toy.toy_quality(runs.generate(n, z, None, 2.5), T) for n in (G_ema, G0))
+    with torch.no_grad(): q_end, q_start = (toy.toy_quality(runs.generate(n, z, None, 2.5), T) for n in (G_ema, G0))
     assert q_start[1] <= 2 and q_end[1] >= 7 and q_end[0] < 0.1 * q_start[0] and q_end[2] > q_start[2] + 0.3
     assert (tmp_path / 'toy.png').stat().st_size > 1000 and (tmp_path / 'toy.gif').stat().st_size > 1000
     assert [round(e['kimg'] * 1e3) for e in read_stats(tmp_path)] == [10240, 20224, 30208, 40192, 50176]
@@ -509,8 +504,7 @@ def tiny_net(name, seed=0, randomize=True, **overrides):
     net = edm_nets.build_preset(name, **{**TINY[name], **overrides}).eval()
     if randomize:  # EDM zero-inits output layers; random weights make every parameter matter
         with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn_like(p) * 0.2)
+            for p in net.parameters(): p.copy_(torch.randn_like(p) * 0.2)
     return net
 
 def net_inputs(net, batch=2, seed=1):
@@ -541,8 +535,7 @@ def test_official_config_sizes(monkeypatch, name, overrides, n_params, n_keys):
         assert sd['model.map_label.weight'].shape == (768, 1000) and 'model.map_label.bias' not in sd
         heads = {k: m.num_heads for k, m in net.model.enc.items() if getattr(m, 'num_heads', 0)}
         assert heads['32x32_block0'] == 6 and heads['16x16_block0'] == 9 and heads['8x8_block0'] == 12
-    with pytest.raises(ValueError, match='unknown preset'):
-        edm_nets.build_preset('cifar10-32x32-uncond-ve')
+    with pytest.raises(ValueError, match='unknown preset'): edm_nets.build_preset('cifar10-32x32-uncond-ve')
 
 class RecordingModel(torch.nn.Module):
     def __init__(self, value):
@@ -593,8 +586,7 @@ def test_attention_uses_interleaved_qkv_layout():
     torch.manual_seed(0)
     block = edm_nets.UNetBlock(64, 64, emb_channels=8, attention=True, num_heads=2).eval()
     with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
+        for p in block.parameters(): p.copy_(torch.randn_like(p) * 0.3)
     x, emb, seen = torch.randn(2, 64, 4, 4), torch.randn(2, 8), {}
     block.norm2.register_forward_hook(lambda m, i, o: seen.update(h=i[0], n=o))
     y = block(x, emb)
@@ -654,8 +646,7 @@ def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n
     """EDM's .pkl layout: our modules reduce to (_reconstruct_persistent_obj, (meta,)) with the class name and state."""
     with fake_edm_modules() as (reconstruct, EasyDict):
         def reduce(obj):
-            if not (isinstance(obj, torch.nn.Module) and type(obj).__module__ == 'edm_nets'):
-                return NotImplemented
+            if not (isinstance(obj, torch.nn.Module) and type(obj).__module__ == 'edm_nets'): return NotImplemented
             state = {**obj.__dict__, '_init_args': (), '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
             state.pop('init_kwargs', None)
             if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
@@ -667,8 +658,7 @@ def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n
     return buf.getvalue()
 
 def pathlib_write(path, data):
-    with open(path, 'wb') as f:
-        f.write(data)
+    with open(path, 'wb') as f: f.write(data)
 
 def assert_same_net(a, b):
     assert a.init_kwargs == b.init_kwargs and list(a.state_dict()) == list(b.state_dict()) and states_equal(a, b)
@@ -719,12 +709,10 @@ def test_loader_strict_errors_and_own_checkpoints(tmp_path):
     net = tiny_net('cifar10-32x32-cond-vp')
     net.init_kwargs['label_dim'] = 0  # kwargs that do not match the weights
     write_edm_pickle(tmp_path / 'b.pkl', net)
-    with fake_edm_modules():
-        pathlib_write(tmp_path / 'c.pkl', pickle.dumps(dict(loss_fn=None)))
+    with fake_edm_modules(): pathlib_write(tmp_path / 'c.pkl', pickle.dumps(dict(loss_fn=None)))
     for name, err, msg in (('a.pkl', RuntimeError, 'missing keys.*map_layer1.bias'), ('b.pkl', RuntimeError, 'unexpected keys.*map_label'),
                            ('c.pkl', RuntimeError, 'no "ema"'), ('missing.pkl', FileNotFoundError, 'missing.pkl')):
-        with pytest.raises(err, match=msg):
-            edm_nets.load_checkpoint(str(tmp_path / name))
+        with pytest.raises(err, match=msg): edm_nets.load_checkpoint(str(tmp_path / name))
     net = tiny_net('cifar10-32x32-cond-vp')
     for key in ('G_ema', 'ema'):
         torch.save({key: net.state_dict(), 'net_kwargs': net.init_kwargs, 'kimg': 3}, tmp_path / f'{key}.pt')
@@ -743,8 +731,7 @@ def test_download_local_file_url_http_truncated_offline(tmp_path, monkeypatch):
     src = tmp_path / 'teacher.pkl'
     src.write_bytes(b'abc' * 1000)
     assert edm_nets.download(str(src)) == str(src)
-    with pytest.raises(FileNotFoundError):
-        edm_nets.download(str(tmp_path / 'nope.pkl'))
+    with pytest.raises(FileNotFoundError): edm_nets.download(str(tmp_path / 'nope.pkl'))
     path = edm_nets.download(src.as_uri(), cache_dir=str(tmp_path / 'c1'))
     src.unlink()  # cached now: no second fetch
     assert edm_nets.download(src.as_uri(), cache_dir=str(tmp_path / 'c1')) == path and open(path, 'rb').read() == b'abc' * 1000
@@ -752,8 +739,7 @@ def test_download_local_file_url_http_truncated_offline(tmp_path, monkeypatch):
     files.update({'/edm-x.pkl': (body, len(body)), '/short.pkl': (b'0123456789', 1000)})
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            if self.path not in files:
-                return self.send_error(404)
+            if self.path not in files: return self.send_error(404)
             self.send_response(200), self.send_header('Content-Length', str(files[self.path][1])), self.end_headers()
             self.wfile.write(files[self.path][0])
         log_message = lambda *a: None
@@ -764,8 +750,7 @@ def test_download_local_file_url_http_truncated_offline(tmp_path, monkeypatch):
     try:
         assert open(edm_nets.download(base + '/edm-x.pkl'), 'rb').read() == body
         for name, msg in (('short.pkl', r'could not download .*/short\.pkl.*truncated.*--teacher'), ('missing.pkl', '404')):
-            with pytest.raises(RuntimeError, match=msg):
-                edm_nets.download(f'{base}/{name}')
+            with pytest.raises(RuntimeError, match=msg): edm_nets.download(f'{base}/{name}')
     finally:
         server.shutdown(), server.server_close()
     assert sorted(os.listdir(tmp_path / 'cache')) == ['edm-x.pkl']  # no partial or temporary files left
@@ -904,16 +889,14 @@ def test_cifar_archive_and_truncation(tmp_path):
     assert onehot.dtype == torch.float32 and onehot.shape == (15, 10) and onehot.argmax(1).tolist() == labels
     cifar_tar(tmp_path / 'big.tar.gz', per_batch=50)
     pathlib_write(tmp_path / 't.tar.gz', (tmp_path / 'big.tar.gz').read_bytes()[:20000])
-    with pytest.raises(ValueError, match='not a readable CIFAR-10'):
-        edm_nets.load_dataset(tmp_path / 't.tar.gz')
+    with pytest.raises(ValueError, match='not a readable CIFAR-10'): edm_nets.load_dataset(tmp_path / 't.tar.gz')
 
 @pytest.mark.parametrize('payload,name', [(Evil(os.system, 'true'), 'system'), (Evil(np.load, 'x.npy'), 'numpy.load'),
                                           (Evil(np.frombuffer, b'\0' * 8), 'numpy.frombuffer')])
 def test_cifar_unpickler_allow_list(tmp_path, payload, name):
     """Only numpy's array reconstruction and the bytes codec are allowed: any other global (numpy's too) is refused."""
     cifar_tar(tmp_path / 'c.tar.gz', payload=payload)
-    with pytest.raises(ValueError, match=f'refusing to unpickle global .*{name}'):
-        edm_nets.load_dataset(tmp_path / 'c.tar.gz')
+    with pytest.raises(ValueError, match=f'refusing to unpickle global .*{name}'): edm_nets.load_dataset(tmp_path / 'c.tar.gz')
 
 @pytest.mark.parametrize('kind', ['zip', 'folder'])
 def test_edm_dataset_zip_folder_grayscale_and_errors(tmp_path, kind):
@@ -927,14 +910,11 @@ def test_edm_dataset_zip_folder_grayscale_and_errors(tmp_path, kind):
     for i, (fs, meta, msg) in enumerate([(files, {'labels': [[n, 0] for n in files] + [['00000/gone.png', 1]]}, 'not in the dataset, e.g. 00000/gone.png'),
                                          (files, {'labels': [[n, 0] for n in list(files)[:2]]}, 'no label for 3 image.*img00000002'),
                                          ({**files, '00000/img00000009.png': png_bytes(np.zeros((16, 16, 3), np.uint8))}, None, r'img00000009.png is \(3, 16, 16\)')]):
-        with pytest.raises(ValueError, match=msg):
-            edm_nets.load_dataset(write_dataset(tmp_path / f'e{i}{ext}', fs, meta, kind))
+        with pytest.raises(ValueError, match=msg): edm_nets.load_dataset(write_dataset(tmp_path / f'e{i}{ext}', fs, meta, kind))
     if kind == 'zip':
         pathlib_write(tmp_path / 'trunc.zip', (tmp_path / 'd.zip').read_bytes()[:-40])
-        with pytest.raises(ValueError, match='unreadable dataset'):
-            edm_nets.load_dataset(tmp_path / 'trunc.zip')
-    with pytest.raises(FileNotFoundError):
-        edm_nets.load_dataset(tmp_path / f'nope{ext or "/"}')
+        with pytest.raises(ValueError, match='unreadable dataset'): edm_nets.load_dataset(tmp_path / 'trunc.zip')
+    with pytest.raises(FileNotFoundError): edm_nets.load_dataset(tmp_path / f'nope{ext or "/"}')
 
 def test_batches_sharding_epochs_and_teacher_match():
     n = 11
@@ -957,8 +937,7 @@ def test_batches_sharding_epochs_and_teacher_match():
     assert edm_nets.check_dataset_matches(img, lab, net) is lab
     for bad, msg in [((torch.zeros(2, 3, 64, 64), lab), 'resolution 64x64 .* resolution 32'), ((torch.zeros(2, 1, 32, 32), lab), '1 channels'),
                      ((img, lab[:, :0]), 'label_dim 0 .* label_dim 10')]:
-        with pytest.raises(ValueError, match=msg):
-            edm_nets.check_dataset_matches(*bad, net)
+        with pytest.raises(ValueError, match=msg): edm_nets.check_dataset_matches(*bad, net)
     net.label_dim = 0  # an unconditional teacher drops the labels
     assert edm_nets.check_dataset_matches(img, lab, net).shape == (2, 0)
 
@@ -976,14 +955,14 @@ class FidStandIn(torch.nn.Module):
         self.proj = torch.nn.Parameter(torch.randn(48, dim, generator=torch.Generator().manual_seed(0)), requires_grad=False)
 
     def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        features = torch.tanh(torch.nn.functional.adaptive_avg_pool2d((img.to(torch.float32) - 128) / 128, 4).flatten(1) @ self.proj)
+        x = torch.nn.functional.adaptive_avg_pool2d((img.to(torch.float32) - 128) / 128, 4).flatten(1)
+        features = torch.tanh(x @ self.proj)
         return features if return_features else features.sum(1, keepdim=True)
 
 @pytest.fixture
 def detector_path(tmp_path):
-    path = str(tmp_path / 'standin.pt')
-    torch.jit.save(torch.jit.script(FidStandIn()), path)
-    return path
+    torch.jit.save(torch.jit.script(FidStandIn()), str(tmp_path / 'standin.pt'))
+    return str(tmp_path / 'standin.pt')
 
 def write_pngs(folder, n, size=8, seed=0, mode='RGB'):
     os.makedirs(folder, exist_ok=True)
@@ -993,82 +972,67 @@ def write_pngs(folder, n, size=8, seed=0, mode='RGB'):
     return str(folder)
 
 def test_frechet_closed_forms_and_scipy():
-    rng = np.random.default_rng(1)
-    d = 128
+    rng, d = np.random.default_rng(1), 128
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))  # shared eigenbasis: commuting covariances
     a, b, mu1, mu2 = rng.uniform(0, 3, d), rng.uniform(0, 3, d), rng.standard_normal(d), rng.standard_normal(d)
     closed = lambda a, b: np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)
     assert fid.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T) == pytest.approx(closed(a, b), rel=1e-10)
     a[:10] = 0  # singular directions: eigenvalues ~1e-16 have square roots ~1e-8
     assert fid.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T) == pytest.approx(closed(a, b), abs=1e-5)
-    s1, s2, low = random_cov(rng, 32), random_cov(rng, 32), random_cov(rng, 64, rank=20)
-    fd = fid.frechet_distance(mu1[:32], s1, mu2[:32], s2)
-    assert fid.frechet_distance(mu2[:32], s2, mu1[:32], s1) == pytest.approx(fd, rel=1e-10)
-    assert fid.frechet_distance(3 * mu1[:32], 9 * s1, 3 * mu2[:32], 9 * s2) == pytest.approx(9 * fd, rel=1e-10)
+    s1, s2, low, m1, m2 = random_cov(rng, 32), random_cov(rng, 32), random_cov(rng, 64, rank=20), mu1[:32], mu2[:32]
+    fd = fid.frechet_distance(m1, s1, m2, s2)
+    assert fid.frechet_distance(m2, s2, m1, s1) == pytest.approx(fd, rel=1e-10) and fid.frechet_distance(3 * m1, 9 * s1, 3 * m2, 9 * s2) == pytest.approx(9 * fd, rel=1e-10)
     assert abs(fid.frechet_distance(mu1[:64], low, mu1[:64], low)) < 1e-6 * np.trace(low)
     linalg = pytest.importorskip('scipy.linalg')  # EDM's way: scipy.linalg.sqrtm
     for d, rank in ((64, None), (128, 40), (200, 199)):
         m1, m2, c1, c2 = rng.standard_normal(d) * 0.1, rng.standard_normal(d) * 0.1, random_cov(rng, d, rank), random_cov(rng, d, rank, 1.3)
-        ref = float(np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real))
-        assert fid.frechet_distance(m1, c1, m2, c2) == pytest.approx(ref, rel=1e-6)
-    with pytest.raises(ValueError, match='do not match'):
-        fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(5), np.eye(5))
+        assert fid.frechet_distance(m1, c1, m2, c2) == pytest.approx(float(np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)), rel=1e-6)
+    with pytest.raises(ValueError, match='do not match'): fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(5), np.eye(5))
 
 def test_feature_stats_any_split_and_all_reduce():
     rng = np.random.default_rng(3)
     f = rng.standard_normal((101, 12)) * rng.uniform(0.1, 5, 12) + rng.standard_normal(12) * 3
     for sizes in ([101], [1, 50, 50], [7] * 14 + [3]):
-        perm, stats, start = rng.permutation(len(f)), fid.FeatureStats(), 0
-        for size in sizes:
-            stats.update(torch.from_numpy(f[perm[start:start + size]]))
-            start += size
-        mu, sigma = stats.mean_cov()
-        np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(sigma, np.cov(f, rowvar=False, ddof=1), rtol=1e-10, atol=1e-12)
+        perm, stats = rng.permutation(len(f)), fid.FeatureStats()
+        [stats.update(torch.from_numpy(f[perm[s - n:s]])) for n, s in zip(sizes, np.cumsum(sizes))]
+        np.testing.assert_allclose(stats.mean_cov()[0], f.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats.mean_cov()[1], np.cov(f, rowvar=False, ddof=1), rtol=1e-10, atol=1e-12)
     a, b = fid.FeatureStats(), fid.FeatureStats()
     a.update(torch.from_numpy(f[:40])), b.update(torch.from_numpy(f[40:]))
     other = iter([torch.tensor(float(b.n), dtype=torch.float64), b.sum, b.sum_outer])  # a fake 2-rank all_reduce
     a.all_reduce(lambda t: t.add_(next(other)))
     np.testing.assert_allclose(a.mean_cov()[1], np.cov(f, rowvar=False, ddof=1), rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError):
-        s = fid.FeatureStats(); s.update(torch.from_numpy(f[:1])); s.mean_cov()
+    with pytest.raises(ValueError): s = fid.FeatureStats(); s.update(torch.from_numpy(f[:1])); s.mean_cov()
 
 def test_to_uint8_detector_and_generator_fid(detector_path, monkeypatch):
     x = torch.tensor([-1.0, 0.0, 1.0, -2.0, 5.0, 100.9 / 127.5 - 128 / 127.5, 0.999 / 127.5])
     assert fid.to_uint8(x).tolist() == [0, 128, 255, 0, 255, 100, 128]  # EDM: +128 and truncation, not rounding
-    det = fid.load_detector('cpu', detector_path)
-    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    det, images = fid.load_detector('cpu', detector_path), torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     features = fid.extract_features(det, images, 'cpu')
     assert features.dtype == torch.float64 and torch.equal(features, FidStandIn()(images, True).double())
     assert torch.equal(fid.extract_features(det, images[:, :1], 'cpu'), fid.extract_features(det, images[:, :1].repeat(1, 3, 1, 1), 'cpu'))
-    with pytest.raises(ValueError):
-        fid.extract_features(det, images.float(), 'cpu')
+    with pytest.raises(ValueError): fid.extract_features(det, images.float(), 'cpu')
     monkeypatch.setenv('SID_DETECTOR', detector_path)
     assert torch.equal(fid.extract_features(fid.load_detector('cpu'), images, 'cpu'), features)
     make = lambda seeds: torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds])
     mu, sigma = fid.compute_stats_from_images([fid.to_uint8(make(range(13))), fid.to_uint8(make(range(13, 40)))], det, 'cpu')
     assert fid.fid_of_generator(make, 40, mu, sigma, det, 'cpu', batch=7) == pytest.approx(0, abs=1e-9)
     ranks = [fid.FeatureStats() for _ in range(2)]  # two simulated ranks (seeds r, r+2, ...): the one-process FID
-    for r in range(2):
-        ranks[r].update(fid.extract_features(det, fid.to_uint8(make(range(r, 40, 2))), 'cpu'))
+    [ranks[r].update(fid.extract_features(det, fid.to_uint8(make(range(r, 40, 2))), 'cpu')) for r in range(2)]
     for r in range(2):
         it = iter([torch.tensor(float(ranks[1 - r].n), dtype=torch.float64), ranks[1 - r].sum, ranks[1 - r].sum_outer])
-        assert fid.fid_of_generator(make, 40, mu, sigma, det, 'cpu', batch=6, rank=r, world_size=2,
-                                    all_reduce=lambda t: t.add_(next(it))) == pytest.approx(0, abs=1e-9)
+        assert fid.fid_of_generator(make, 40, mu, sigma, det, 'cpu', batch=6, rank=r, world_size=2, all_reduce=lambda t: t.add_(next(it))) == pytest.approx(0, abs=1e-9)
 
 def test_ref_files_and_image_folders(tmp_path):
     rng = np.random.default_rng(5)
     mu, sigma = rng.standard_normal(6), random_cov(rng, 6)
     fid.save_ref(str(tmp_path / 'ref.npz'), mu, sigma)
-    assert os.listdir(tmp_path) == ['ref.npz']
-    with np.load(tmp_path / 'ref.npz') as data:  # EDM's keys and dtype
-        assert set(data.files) == {'mu', 'sigma'} and data['sigma'].dtype == np.float64
+    with np.load(tmp_path / 'ref.npz') as data:  # EDM's keys and dtype, no temporary left
+        assert os.listdir(tmp_path) == ['ref.npz'] and set(data.files) == {'mu', 'sigma'} and data['sigma'].dtype == np.float64
     assert all(np.array_equal(a, b) for a, b in zip(fid.load_ref(str(tmp_path / 'ref.npz')), (mu, sigma)))
-    pathlib_write(tmp_path / 'bad.npz', b'not a zip')
-    np.savez(str(tmp_path / 'keys.npz'), mean=mu)
+    pathlib_write(tmp_path / 'bad.npz', b'not a zip'), np.savez(str(tmp_path / 'keys.npz'), mean=mu)
     for bad in ('bad.npz', 'keys.npz'):
-        with pytest.raises(ValueError):
-            fid.load_ref(str(tmp_path / bad))
+        with pytest.raises(ValueError): fid.load_ref(str(tmp_path / bad))
     write_pngs(tmp_path / 'a' / 'sub', 3), write_pngs(tmp_path / 'a', 2, mode='L', seed=1)  # grayscale -> RGB
     files = fid.list_images(str(tmp_path / 'a'))
     batches = list(fid.iterate_image_files(files, 2))
@@ -1084,24 +1048,20 @@ def test_fid_cli_and_plot(tmp_path, detector_path, capsys):
     assert abs(float(capsys.readouterr().out.split()[-1])) < 1e-6  # the reference's own images
     files, chw, _ = edm_files(n=24, size=8)  # a dataset zip goes through edm_nets' loader
     fid.main(['ref', '--data', write_dataset(tmp_path / 'd.zip', files, None, 'zip'), '--dest', str(tmp_path / 'z.npz'), *det])
-    mu, _ = fid.load_ref(str(tmp_path / 'z.npz'))
-    assert np.allclose(mu, FidStandIn()(torch.from_numpy(chw), True).double().mean(0).numpy())
+    assert np.allclose(fid.load_ref(str(tmp_path / 'z.npz'))[0], FidStandIn()(torch.from_numpy(chw), True).double().mean(0).numpy())
     fid.save_ref(str(tmp_path / 'ref8.npz'), np.zeros(8), np.eye(8))  # the detector gives 16 features
     write_pngs(tmp_path / 'mixed', 3), write_pngs(tmp_path / 'mixed' / 'big', 1, size=16), os.makedirs(tmp_path / 'empty')
     dest = str(tmp_path / 'x.npz')
-    for args in [['ref', '--data', str(tmp_path / 'missing'), '--dest', dest, *det], ['ref', '--data', str(tmp_path / 'mixed'), '--dest', dest, *det],
-                 ['ref', '--data', str(tmp_path / 'empty'), '--dest', dest, *det], ['ref', '--data', folder, '--dest', dest, '--detector', ref],
-                 ['calc', '--images', folder, '--ref', str(tmp_path / 'ref8.npz'), '--num', '4', *det],
-                 ['calc', '--images', folder, '--ref', ref, '--num', '99', *det]]:
-        with pytest.raises(SystemExit) as e:
-            fid.main(args)
+    for args in [['ref', '--data', str(tmp_path / d), '--dest', dest, *det] for d in ('missing', 'mixed', 'empty')] + [
+            ['ref', '--data', folder, '--dest', dest, '--detector', ref], ['calc', '--images', folder, '--ref', str(tmp_path / 'ref8.npz'), '--num', '4', *det],
+            ['calc', '--images', folder, '--ref', ref, '--num', '99', *det]]:
+        with pytest.raises(SystemExit) as e: fid.main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith('error: ') and len(err.splitlines()) == 1, (args, err)
     assert not os.path.exists(dest)
     fid.plot_curve([(0, 80.5), (0.5, 20.1), (1.0, 9.3), (2.0, 4.2)], str(tmp_path / 'fid.png'))
     with PIL.Image.open(tmp_path / 'fid.png') as img:
-        assert img.size == (560, 360) and len(img.getcolors(1 << 16)) > 3
-    assert fid._nice_ticks(0, 2) == pytest.approx([0, 0.5, 1, 1.5, 2])
+        assert img.size == (560, 360) and len(img.getcolors(1 << 16)) > 3 and fid._nice_ticks(0, 2) == pytest.approx([0, 0.5, 1, 1.5, 2])
 
 #----------------------------------------------------------------------------
 # Config & CLI: presets vs the official scripts, every field an option, --help, --dry-run, switches, run folders,
@@ -1143,8 +1103,7 @@ def test_cli_options_help_and_dry_run(tmp_path, monkeypatch):
     assert [dry('--fast')[k] for k in ('fast', 'precision', 'channels_last', 'fused_adam', 'compile')] == [True, 'bf16', True, True, True]
     assert (dry('--fast', '--no-channels-last')['channels_last'], dry('--checkpointing')['checkpointing']) == (False, True)
     for k in ('channels_last', 'fused_adam', 'compile', 'checkpointing', 'fast'):
-        with pytest.raises(ValueError, match='is a switch'):
-            sid.make_config({'dataset': 'cifar10', k: 2, 'outdir': 'x'})
+        with pytest.raises(ValueError, match='is a switch'): sid.make_config({'dataset': 'cifar10', k: 2, 'outdir': 'x'})
 
 def test_numbered_default_outdir_and_existing_run_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -1224,8 +1183,7 @@ BAD = [  # (name, args(t), message)
 @pytest.mark.parametrize('sub', [False, pytest.param(True, marks=slow, id='subprocess')])
 @pytest.mark.parametrize('name,args,msg', BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_one_line_exit_2(bad_env, name, args, msg, sub):
-    if 'cuda' in name and torch.cuda.is_available():
-        pytest.skip('CUDA is available here')
+    if 'cuda' in name and torch.cuda.is_available(): pytest.skip('CUDA is available here')
     r = cli(*args(bad_env), sub=sub)
     assert_one_line_error(r, msg)
     assert not os.path.exists(bad_env / 'o') and not os.path.exists(bad_env / 'n5' / 'stats.jsonl')  # nothing half-written
@@ -1240,8 +1198,7 @@ def perturb_copy(net, seed=1, scale=0.2):
     hide labels and seeds in 8-bit images."""
     net, g = copy.deepcopy(net), torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
+        for p in net.parameters(): p.add_(scale * torch.randn(p.shape, generator=g))
     return net
 
 #----------------------------------------------------------------------------
@@ -1263,8 +1220,7 @@ def test_end_to_end_image_run_files(tmp_path):
     assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['cur_nimg'] == 12
     net, info = edm_nets.load_checkpoint(runs.snapshot_path(str(tmp_path)))  # the run folder -> its latest snapshot
     assert states_equal(net, G_ema) and info['kimg'] == pytest.approx(0.012) and info['config']['dataset'] == 'cifar10'
-    with PIL.Image.open(tmp_path / 'samples-000000012.png') as im:
-        assert im.size == (8 * 32, 8 * 32)
+    with PIL.Image.open(tmp_path / 'samples-000000012.png') as im: assert im.size == (8 * 32, 8 * 32)
 
 def test_phase_states_and_micro_batches(tmp_path):
     cfg = cfg_for(tmp_path)  # 2 iterations, 2 micro-batches of 2 per step
@@ -1302,8 +1258,7 @@ def test_phase_states_and_micro_batches(tmp_path):
 @pytest.mark.parametrize('precision,eps', [('fp32', 1e-8), ('fp16', 1e-6)])
 def test_adam_settings(tmp_path, precision, eps):
     cfg = cfg_for(tmp_path, g_beta1=0.9, lr=2e-5, glr=3e-5, precision=precision)
-    with contextlib.redirect_stdout(io.StringIO()):
-        run = sid.setup(cfg, nets_for(cfg, perturb=False))
+    with contextlib.redirect_stdout(io.StringIO()): run = sid.setup(cfg, nets_for(cfg, perturb=False))
     for opt, lr, b1 in ((run.opt_psi, 2e-5, 0.0), (run.opt_G, 3e-5, 0.9)):  # official: f_psi beta1 0, eps 1e-6 with fp16
         assert (opt.defaults['lr'], opt.defaults['betas'], opt.defaults['eps'], opt.defaults['weight_decay']) == (lr, (b1, 0.999), eps, 0)
     assert [p for g in run.opt_G.param_groups for p in g['params']] == list(run.G.parameters())
@@ -1313,8 +1268,7 @@ def test_nonfinite_grads_are_sanitised(tmp_path):
     f_phi, G, f_psi = nets = nets_for(cfg_for(tmp_path))
     pG, ppsi = G.model.enc['32x32_conv'].weight, f_psi.model.dec['32x32_aux_conv'].weight
     before = pG.detach().clone(), ppsi.detach().clone()
-    for p in (pG, ppsi):
-        p.register_hook(lambda g: torch.full_like(g, float('nan')))
+    for p in (pG, ppsi): p.register_hook(lambda g: torch.full_like(g, float('nan')))
     (G1, _, psi1), _ = run_quiet(cfg_for(tmp_path, iters=1), nets)
     assert torch.equal(pG, before[0]) and torch.equal(ppsi, before[1])  # NaN -> 0: Adam leaves them alone
     assert all(torch.isfinite(p).all() for n in (G1, psi1) for p in n.parameters())
@@ -1329,8 +1283,7 @@ def test_ema_closed_form_with_accumulation(tmp_path, ema_mimg):
     ema, n = None, 0
     with contextlib.redirect_stdout(io.StringIO()):
         for it in sid.iterate(cfg, nets_for(cfg)):
-            if not hasattr(it, 'loss_fake'):
-                break
+            if not hasattr(it, 'loss_fake'): break
             G_i = [p.detach().double().clone() for p in it.G.parameters()]
             if ema is None:  # G_0 = the start: G_ema begins as a copy of G
                 ema = [p.detach().double().clone() for p in nets_for(cfg)[1].parameters()]
@@ -1358,8 +1311,7 @@ def test_sida_loop_schedule_and_clip(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path / 'a', 'toy', 6, method='sida', batch_gpu=64, sida_warmup_kimg=0.128, sida_mix_kimg=0.256, ls=100.0)
     (_, _, psi_clipped), _ = run_quiet(cfg)
     assert [n for n, *_ in G_seen] == [192, 256, 320]  # 0, 64, 128: frozen; 192, 256: SiD; 320 > 256: mix
-    for n, loss, mix, sid_only in G_seen:
-        assert loss == pytest.approx(mix if n > 256 else sid_only, rel=1e-6)
+    for n, loss, mix, sid_only in G_seen: assert loss == pytest.approx(mix if n > 256 else sid_only, rel=1e-6)
     psi_clips = [c for c in clips if c[0] is not None]
     assert len(psi_clips) == 6 and all(c == 1.0 and after <= 1.0 for c, _, after in psi_clips)
     assert any(before > 1 for _, before, _ in psi_clips), psi_clips
@@ -1380,8 +1332,7 @@ def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch, fail_on):
             raise KeyboardInterrupt
         return real(obj, f, *a, **k)
     monkeypatch.setattr(torch, 'save', save)
-    with pytest.raises(KeyboardInterrupt):
-        run_quiet(cfg)
+    with pytest.raises(KeyboardInterrupt): run_quiet(cfg)
     assert not any(os.path.basename(c) in ('training-state.pt', 'network-snapshot-000000008.pt') for c in calls)  # via temporaries
     monkeypatch.setattr(torch, 'save', real)
     assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['cur_nimg'] == 4
@@ -1472,8 +1423,7 @@ def _driver(jobs_path):
     rank, net = dist.get_rank(), torch.nn.Linear(3, 2)
     torch.nn.init.constant_(net.weight, 0.5), torch.nn.init.constant_(net.bias, 0.5)
     sid.check_ranks_agree([net])  # equal: must pass
-    with torch.no_grad():
-        net.bias[1] += 1e-6 * rank
+    with torch.no_grad(): net.bias[1] += 1e-6 * rank
     try:
         sid.check_ranks_agree([net])
         caught = False
@@ -1580,8 +1530,7 @@ def test_checkpoint_blocks_saves_memory_and_replays_dropout():
     torch.manual_seed(0)
     net = edm_nets.build_preset('cifar10-32x32-uncond-vp', dropout=0.5, **json.loads(NET)).train()
     with torch.no_grad():  # EDM's near-zero conv1 init would hide the dropout (it sits just before conv1)
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+        for p in net.parameters(): p.add_(0.05 * torch.randn_like(p))
     x, sigma = torch.randn(2, 3, 32, 32, requires_grad=True), torch.full([2, 1, 1, 1], 1.5)
 
     def fwd_bwd(net):
@@ -1614,8 +1563,7 @@ def snapshots(tmp_path):
     return paths
 
 def read_png(path):
-    with PIL.Image.open(path) as im:
-        return np.asarray(im)
+    with PIL.Image.open(path) as im: return np.asarray(im)
 
 def reference_png(G, seed, label=None):
     """The image of a seed computed independently: z = 2.5 eps from torch.Generator(seed), G(z; 2.5), EDM's uint8 rule."""
