@@ -790,9 +790,9 @@ def test_edm_sampler_heun_matches_ode_solution():
 SID_AUG = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
 def test_augment_p0_flips_layout_and_reproducible():
-    x, _ = torch.randn(8, 3, 32, 32), torch.manual_seed(0)
-    y, labels = edm_nets.AugmentPipe(p=0, **SID_AUG)(x)
-    assert torch.allclose(y, x, atol=1e-5) and labels.shape == (8, 9) and not labels.any()  # identity warp, up to resampling round-off
+    _, x = torch.manual_seed(0), torch.randn(8, 3, 32, 32)
+    y, labels = edm_nets.AugmentPipe(p=0, **SID_AUG)(x)  # the identity warp still resamples: round-off ~1e-5 on |x| ~ 3
+    assert torch.allclose(y, x, atol=1e-4) and labels.shape == (8, 9) and not labels.any()
     y, labels = edm_nets.AugmentPipe(p=0.12, **SID_AUG)(torch.randn(4000, 1, 2, 2))  # xflip=1e8: a fair coin whatever p
     assert abs(labels[:, 0].mean() - 0.5) < 0.04 and abs((labels[:, 2] != 0).float().mean() - 0.12) < 0.02
     x = torch.randn(64, 3, 8, 8)
@@ -1298,7 +1298,7 @@ def test_sida_loop_schedule_and_clip(tmp_path, monkeypatch):
     m, G_seen, clips = sid.METHODS['sida'], [], []
     def G_obj(run, *a):
         loss, logs = m.G(run, *a)
-        G_seen.append((run.cur_nimg, float(loss), float(0.5 * logs[0] + 0.5 * logs[1]), float(logs[0])))
+        G_seen.append((run.cur_nimg, loss.item(), (0.5 * logs[0] + 0.5 * logs[1]).item(), logs[0].item()))
         return loss, logs
     real_sanitize = sid.sanitize_grads_
     def sanitize(params, clip=None):
