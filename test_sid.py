@@ -994,8 +994,8 @@ def test_feature_stats_any_split_and_all_reduce():
     with pytest.raises(ValueError): s = fid.FeatureStats(); s.update(torch.from_numpy(f[:1])); s.mean_cov()
 
 def test_to_uint8_detector_and_generator_fid(detector_path, monkeypatch):
-    x = torch.tensor([-1.0, 0.0, 1.0, -2.0, 5.0, 100.9 / 127.5 - 128 / 127.5, 0.999 / 127.5])
-    assert fid.to_uint8(x).tolist() == [0, 128, 255, 0, 255, 100, 128]  # EDM: +128 and truncation, not rounding
+    x = torch.tensor([-1.0, 0.0, 1.0, -2.0, 5.0, 100.9 / 127.5 - 128 / 127.5, 0.999 / 127.5, 1 / 127.5, -125 / 127.5])
+    assert fid.to_uint8(x).tolist() == [0, 128, 255, 0, 255, 100, 128, 129, 3]  # EDM: +128 and truncation (round(x*127.5+127.5): 128, 2)
     det, images = fid.load_detector('cpu', detector_path), torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     features = fid.extract_features(det, images, 'cpu')
     assert features.dtype == torch.float64 and torch.equal(features, FidStandIn()(images, True).double())
