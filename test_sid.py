@@ -468,16 +468,17 @@ def toy_nets_pretrained():
 
 @slow
 def test_toy_sida_keeps_quality_of_sid_and_sid2a_starts_from_sid(tmp_path):
-    def end_quality(**kw):
-        (_, G_ema, _), _ = run_quiet(sid.make_config(dict(duration_mimg=0.1, snap_kimg=100, tick_kimg=50, **kw)),
-                                     toy_nets_pretrained())
+    def end_quality(own_nets=False, **kw):  # own_nets: sid builds them (SiD²A's --init-generator is read there)
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, G_ema, _ = sid.train(sid.make_config({**dict(duration_mimg=0.1, snap_kimg=100, tick_kimg=50), **kw}),
+                                    None if own_nets else toy_nets_pretrained())
         with torch.no_grad():
             return toy.toy_quality(runs.generate(G_ema, 2.5 * torch.randn(4000, 2, generator=torch.Generator().manual_seed(11)),
                                                  None, 2.5), toy.ToyMixture())
     q_sid = end_quality(outdir=str(tmp_path / 'sid'))
     q_sida = end_quality(method='sida', outdir=str(tmp_path / 'sida'))
     assert q_sida[1] == 8 and q_sida[0] <= 1.25 * q_sid[0] + 1e-4, (q_sida, q_sid)
-    q_2a = end_quality(method='sida', duration_mimg=0.01, init_generator=str(tmp_path / 'sid'), sida_warmup_kimg=100,
+    q_2a = end_quality(True, method='sida', duration_mimg=0.01, init_generator=str(tmp_path / 'sid'), sida_warmup_kimg=100,
                        outdir=str(tmp_path / 'sid2a'))  # G starts from the SiD generator and is frozen in the warm-up
     assert q_2a[0] == pytest.approx(q_sid[0], rel=0.05) and q_2a[1] == 8
 
