@@ -857,14 +857,17 @@ class AugmentPipe:
         # forward map applies scale, then rotation, then anisotropic scale, then translation.
         I_3 = torch.eye(3, device=dev).expand(N, 3, 3)
         G_inv = I_3
+        moved = torch.zeros([N], dtype=torch.bool, device=dev)  # rows where some transform fired
         if self.scale > 0:
             w = gate(self.scale, torch.randn([N], device=dev), [N])
             s = w.mul(self.scale_std).exp2()
             G_inv = G_inv @ _scale(1 / s, 1 / s)
+            moved |= w != 0
             labels.append(w)
         if self.rotate_frac > 0:
             w = gate(self.rotate_frac, (torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.rotate_frac_max), [N])
             G_inv = G_inv @ _rot(w)  # inverse of a rotation by -w
+            moved |= w != 0
             labels += [w.cos() - 1, w.sin()]
         if self.aniso > 0:
             w = torch.randn([N], device=dev)
@@ -872,16 +875,17 @@ class AugmentPipe:
             w = gate(self.aniso, w, [N])
             r = torch.where(torch.rand([N], device=dev) < self.aniso_rotate_prob, r, torch.zeros_like(r))
             s = w.mul(self.aniso_std).exp2()
-            G_inv = G_inv @ _rot(-r) @ _scale(1 / s, s) @ _rot(r)
+            G_inv = G_inv @ _rot(-r) @ _scale(1 / s, s) @ _rot(r)  # the identity, up to rounding, when w = 0
+            moved |= w != 0
             labels += [w * r.cos(), w * r.sin()]
         if self.translate_frac > 0:
             w = gate(self.translate_frac, torch.randn([2, N], device=dev), [1, N])
             G_inv = G_inv @ _translate(-w[0] * W * self.translate_frac_std, -w[1] * H * self.translate_frac_std)
+            moved |= (w != 0).any(dim=0)
             labels += [w[0], w[1]]
-        if G_inv is not I_3:  # some geometric transform is enabled; rows left at the identity stay bit-exact,
-            # chosen per row on the device (a whole-batch equality test would wait for the GPU)
-            identity = (G_inv == I_3).flatten(1).all(dim=1).reshape(N, 1, 1, 1)
-            images = torch.where(identity, images, warp_images(images, G_inv))
+        if G_inv is not I_3:  # some geometric transform is enabled; rows where none fired stay bit-exact,
+            # chosen per row on the device (a whole-batch test would make the host wait for the GPU)
+            images = torch.where(moved.reshape(N, 1, 1, 1), warp_images(images, G_inv), images)
 
         labels = torch.cat([t.to(torch.float32).reshape(N, -1) for t in labels], dim=1)  # (N, 9) for SiD's config
         return images, labels
