@@ -493,7 +493,7 @@ def compile_blocks(net, **compile_kwargs):
     train/eval, under no_grad, with frozen weights and input gradients, channels_last and autocast: each such
     mode is a guard, and the recompile limits are raised to cover all of them (~20 block kinds x ~4 modes)."""
     import torch._dynamo
-    for name, value in (('recompile_limit', 256), ('cache_size_limit', 256), ('accumulated_recompile_limit', 4096),
+    for name, value in (('recompile_limit', 512), ('cache_size_limit', 512), ('accumulated_recompile_limit', 4096),
                         ('accumulated_cache_size_limit', 4096)):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
