@@ -445,6 +445,8 @@ def bench_compare(args):
           f'net={"CIFAR-10 DDPM++ (random weights)" if not net_overrides else net_overrides}')
     print(f'faithful path: {FAITHFUL_FIELDS}; fast path: {fast}; median of {args.repeat} timed iterations after warm-up; '
           f'peak = above resident (weights, Adam states, EMA); budget {args.budget_s:.0f} s', flush=True)
+    print('expected on an H100: ~20 s per fp32 section; each compiled section ~ its compile warm-up (new shapes '
+          'recompile), so fast 128 / SiDA run only if the budget allows', flush=True)
     results = []
 
     def run(title, label, fields, method, B, est, **kw):
@@ -457,7 +459,8 @@ def bench_compare(args):
 
     b16, b64, b128 = bmap[16], bmap[64], bmap[128]
     run(f'1. fp32 (faithful), mb {b16}', 'fp32', FAITHFUL_FIELDS, 'sid', b16, 0, track=track)
-    r = run(f'2. fast, mb {b16} (first compile)', 'fast', fast, 'sid', b16, 0, track=track, profile=True)
+    r = run(f'2. fast, mb {b16}' + (' (compiles)' if fast.get('compile') else ''), 'fast', fast, 'sid', b16, 0,
+            track=track, profile=True)
     warm = r['warmup_s'] if r else 120.0  # what another compiled section may cost
     run(f'3. fast, mb {b64}', 'fast', fast, 'sid', b64, warm + 10)
     run(f'4. fp32 (faithful), mb {b64}', 'fp32', FAITHFUL_FIELDS, 'sid', b64, 20)

@@ -87,7 +87,7 @@ class Conv2d(torch.nn.Module):
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         if self.fused_resample and self.up and w is not None:
             x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+            return F.conv2d(x, w, b, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             # Used by NCSN++'s aux_residual path: conv first (with extra padding), then a strided blur.
             x = F.conv2d(x, w, padding=w_pad + f_pad)
@@ -97,8 +97,8 @@ class Conv2d(torch.nn.Module):
                 x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if self.down:
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
+            if w is not None:  # the bias inside the convolution: one kernel less, same sum (one rounding less)
+                return F.conv2d(x, w, b, padding=w_pad)
         if b is not None:
             x = x + b.reshape(1, -1, 1, 1)
         return x
@@ -121,8 +121,9 @@ class GroupNorm(torch.nn.Module):
 # Self-attention softmax_k(q.k / sqrt(C_head)) v, always in float32 (EDM's AttentionOp keeps the logits and
 # softmax in float32). One fused scaled_dot_product_attention call (default scale 1/sqrt(C_head)) replaces
 # EDM's einsum-softmax-einsum: same formula, no HW x HW weight matrix kept for backward, and the product
-# with v in float32 too (EDM rounds the weights to the activation dtype first). Autocast is switched off here
-# so that bf16 autocast does not silently run the logits in low precision.
+# with v in float32 too (EDM rounds the weights to the activation dtype first). On CUDA the float32 call runs
+# the memory-efficient kernel, whose products are 3xTF32 (float32 accuracy even with TF32 off). Autocast is
+# switched off here so that bf16 autocast does not silently run the logits in low precision.
 
 def attention(qkv, heads):
     """qkv: (B, 3C, H, W) in EDM's interleaved layout (channel (head*C/heads + c)*3 + j holds q/k/v for j = 0/1/2)
