@@ -350,8 +350,12 @@ def profile_iteration(step, device):
 
 
 def _section(title, ctx, est_s=0.0):
-    """Prints a section header; False (and a note) when its estimated duration would overrun the budget."""
+    """Prints a section header; False (and a note) when not selected (--sections, by number; extras are 'x') or
+    when its estimated duration would overrun the budget."""
     elapsed = time.perf_counter() - ctx['t0']
+    number = title.split('.')[0] if title[0].isdigit() else 'x'
+    if ctx['sections'] and number not in ctx['sections']:
+        return False
     if elapsed + est_s > ctx['budget']:
         print(f'\n=== {title}: SKIPPED (elapsed {elapsed:.0f} s + estimated {est_s:.0f} s > budget {ctx["budget"]:.0f} s)', flush=True)
         return False
@@ -439,6 +443,7 @@ def bench_compare(args):
         fast.pop('compile', None)  # CPU compilation of even the tiny net takes minutes (C++ kernels)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     ctx = dict(device=device, t0=time.perf_counter(), budget=args.budget_s, net_overrides=net_overrides,
+               sections=set(args.sections.split(',')) if args.sections else None,
                workdir=tempfile.mkdtemp(prefix='sid-compare-'),
                peaks=next((p for key, p in PEAK_TFLOPS if key in name), None) if device.type == 'cuda' else None)
     print(f'device={name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, '
@@ -508,6 +513,8 @@ def main():
                         help='compare: the fast path as sid.Config fields (default: bench.FAST_FIELDS)')
     parser.add_argument('--budget-s', type=float, default=330,
                         help='compare: skip sections that would end after this many seconds (default: 330)')
+    parser.add_argument('--sections', default=None, metavar='LIST',
+                        help='compare: only these sections, e.g. 5,6,x (x = extras; 7/8 need 1 and 2; default: all)')
     parser.add_argument('--net-overrides', default=None, metavar='JSON', help='compare: network kwargs (as sid.py)')
     args = parser.parse_args()
     if args.quick:
