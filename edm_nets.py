@@ -492,7 +492,8 @@ def compile_blocks(net, **compile_kwargs):
     """Compile every UNetBlock of `net` in place and return `net`. dynamic=False: each resolution (and batch
     size) gets its own static-shape kernels rather than one slower dynamic-shape graph for all of them. Works in
     train/eval, under no_grad, with frozen weights and input gradients, channels_last and autocast: each such
-    mode is a guard, and the recompile limits are raised to cover all of them (~20 block kinds x ~4 modes)."""
+    mode is a guard, and the recompile limits are raised to cover all of them (CIFAR-10 DDPM++: 14 block kinds
+    x 3 modes per micro-batch size: eval under no_grad, train with weight gradients, frozen with input gradients)."""
     import torch._dynamo
     for name, value in (('recompile_limit', 512), ('cache_size_limit', 512), ('accumulated_recompile_limit', 4096),
                         ('accumulated_cache_size_limit', 4096)):
