@@ -339,7 +339,7 @@ def profile_iteration(step, device):
             api[ev.name] += 1
     busy = sum(per_name.values()) / 1e3
     launches = sum(n for k, n in api.items() if 'LaunchKernel' in k or 'cuLaunch' in k)
-    lines = [f'one iteration, profiled: wall {wall * 1e3:.0f} ms, {"GPU kernels" if device.type == "cuda" else "top-level ops"}: '
+    lines = [f'one iteration, profiled: wall {wall * 1e3:.0f} ms, {"GPU kernels and copies" if device.type == "cuda" else "top-level ops"}: '
              f'{sum(count.values())} ({busy:.0f} ms busy); kernel-launch API calls {launches}; '
              f'cudaMalloc {api["cudaMalloc"]}, cudaFree {api["cudaFree"]}, cudaStreamSynchronize {api["cudaStreamSynchronize"]}, '
              f'cudaMemcpyAsync {api["cudaMemcpyAsync"]}']
