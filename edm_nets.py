@@ -98,7 +98,7 @@ class Conv2d(torch.nn.Module):
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         if self.fused_resample and self.up and w is not None:
             x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+            return F.conv2d(x, w, b, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             # Used by NCSN++'s aux_residual path: conv first (with extra padding), then a strided blur.
             x = F.conv2d(x, w, padding=w_pad + f_pad)
@@ -108,8 +108,8 @@ class Conv2d(torch.nn.Module):
                 x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if self.down:
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
+            if w is not None:  # the bias inside the convolution: one kernel less, same sum (one rounding less)
+                return F.conv2d(x, w, b, padding=w_pad)
         if b is not None:
             x = x + b.reshape(1, -1, 1, 1)
         return x
@@ -129,14 +129,27 @@ class GroupNorm(torch.nn.Module):
         return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
 
 #----------------------------------------------------------------------------
-# Attention weights softmax_k(q.k / sqrt(C)), always in float32 (EDM's AttentionOp). Autocast is switched
-# off here so that bf16 autocast does not silently run the logits in low precision.
+# Self-attention softmax_k(q.k / sqrt(C_head)) v, always in float32 (EDM's AttentionOp keeps the logits and
+# softmax in float32). One fused scaled_dot_product_attention call (default scale 1/sqrt(C_head)) replaces
+# EDM's einsum-softmax-einsum: same formula, no HW x HW weight matrix kept for backward, and the product
+# with v in float32 too (EDM rounds the weights to the activation dtype first). On CUDA the float32 call runs
+# the memory-efficient kernel, whose products are 3xTF32 (float32 accuracy even with TF32 off). Autocast is
+# switched off here so that bf16 autocast does not silently run the logits in low precision.
 
-def attention_weights(q, k):  # q, k: (N*heads, C_head, HW)
-    device_type = 'cpu' if q.device.type == 'meta' else q.device.type  # autocast has no 'meta' (shape-only runs)
+def attention(qkv, heads):
+    """qkv: (B, 3C, H, W) in EDM's interleaved layout (channel (head*C/heads + c)*3 + j holds q/k/v for j = 0/1/2)
+    -> (B, C, H, W) in qkv's dtype and memory format (NCHW or channels_last)."""
+    B, C3, H, W = qkv.shape
+    C, N = C3 // 3, B * heads
+    device_type = 'cpu' if qkv.device.type == 'meta' else qkv.device.type  # autocast has no 'meta' (shape-only runs)
     with torch.autocast(device_type=device_type, enabled=False):
-        w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32))
-        return w.softmax(dim=2).to(q.dtype)  # (N*heads, HW_q, HW_k)
+        # (3, N, HW, C_head), contiguous in C_head as the fused kernels want it: one copy (+ cast) of qkv
+        q, k, v = qkv.reshape(N, C // heads, 3, H * W).permute(2, 0, 3, 1).to(torch.float32).contiguous().unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # (N, HW, C_head)
+    # back to (B, C, H, W): a view when heads == 1 (it is NHWC memory), then the layout of qkv
+    a = a.to(qkv.dtype).reshape(B, heads, H, W, C // heads).permute(0, 1, 4, 2, 3).reshape(B, C, H, W)
+    cl = qkv.is_contiguous(memory_format=torch.channels_last) and not qkv.is_contiguous()
+    return a.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 #----------------------------------------------------------------------------
 # U-Net residual block with optional self-attention (EDM UNetBlock): GN-SiLU-conv, embedding injection
@@ -183,12 +196,8 @@ class UNetBlock(torch.nn.Module):
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
-            B, C, H, W = x.shape
-            # EDM's layout: qkv channels are interleaved per channel, ((head*C/heads + c)*3 + j) for q/k/v j.
-            q, k, v = self.qkv(self.norm2(x)).reshape(B * self.num_heads, C // self.num_heads, 3, H * W).unbind(2)
-            w = attention_weights(q, k)  # (B*heads, HW, HW)
-            a = torch.einsum('nqk,nck->ncq', w, v)  # (B*heads, C/heads, HW)
-            x = (self.proj(a.reshape(B, C, H, W)) + x) * self.skip_scale
+            a = attention(self.qkv(self.norm2(x)), self.num_heads)  # EDM's interleaved q/k/v channel layout
+            x = (self.proj(a) + x) * self.skip_scale
         return x
 
 #----------------------------------------------------------------------------
@@ -517,6 +526,28 @@ def checkpoint_blocks(net):
         if isinstance(block, UNetBlock):
             block.forward = lambda x, emb, fwd=block.forward: (
                 checkpoint(fwd, x, emb, use_reentrant=False, preserve_rng_state=True) if torch.is_grad_enabled() else fwd(x, emb))
+    return net
+
+#----------------------------------------------------------------------------
+# Regional compilation: torch.compile each UNetBlock instead of the whole network. All blocks share one
+# compiled function (nn.Module.compile wraps the block's call), so blocks of the same configuration, input
+# shape and mode reuse its compiled code and the warm-up compiles a few dozen small graphs instead of one
+# huge one. Parameter names stay as they are (no `_orig_mod.`), so state dicts and checkpoints are unchanged.
+
+def compile_blocks(net, **compile_kwargs):
+    """Compile every UNetBlock of `net` in place and return `net`. dynamic=False: each resolution (and batch
+    size) gets its own static-shape kernels rather than one slower dynamic-shape graph for all of them. Works in
+    train/eval, under no_grad, with frozen weights and input gradients, channels_last and autocast: each such
+    mode is a guard, and the recompile limits are raised to cover all of them (CIFAR-10 DDPM++: 14 block kinds
+    x 3 modes per micro-batch size: eval under no_grad, train with weight gradients, frozen with input gradients)."""
+    import torch._dynamo
+    for name, value in (('recompile_limit', 512), ('cache_size_limit', 512), ('accumulated_recompile_limit', 4096),
+                        ('accumulated_cache_size_limit', 4096)):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
+    for block in net.modules():
+        if isinstance(block, UNetBlock):
+            block.compile(**{'dynamic': False, **compile_kwargs})
     return net
 
 #----------------------------------------------------------------------------
@@ -1401,22 +1432,40 @@ def _translate(tx, ty):
     return torch.stack([o, z, tx, z, o, ty, z, z, o], dim=-1).reshape(-1, 3, 3)
 
 
+_FILTERS = {}  # (device, dtype) -> sym6 taps: made once per device, so later calls copy nothing host -> device
+
+
+def _sym6(device, dtype):
+    key = (str(device), dtype)
+    if key not in _FILTERS:
+        _FILTERS[key] = torch.tensor(_SYM6, dtype=dtype).to(device)
+    return _FILTERS[key]
+
+
+def _pow2(n):  # smallest power of two >= n
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def warp_images(images, G_inv):
     """out(p) = in(G_inv p), p in pixel coordinates centred on the image; reflect padding outside.
-    Band-limited: upsample 2x (sym6 synthesis), bilinear sample, downsample 2x (sym6 analysis)."""
+    Band-limited: upsample 2x (sym6 synthesis), bilinear sample, downsample 2x (sym6 analysis).
+    Free of host syncs: the reflect padding is the largest reflection allows (W-1, H-1 on every side), a bound
+    fixed by the image size. EDM pads only as far as the warped footprint (+6 px of filter support) reaches,
+    read back from the GPU, capped at the same bound; inside that footprint both paddings hold the same
+    pixels, so the output is the same up to float rounding, and beyond the cap both sample zeros."""
     N, C, H, W = images.shape
     dev, L = images.device, len(_SYM6)
-    h = torch.tensor(_SYM6, dtype=images.dtype, device=dev)
+    h = _sym6(dev, images.dtype)
     cx, cy = (W - 1) / 2, (H - 1) / 2
-    # Reflect-pad by how far the output footprint (+6 px filter support) reaches outside the input.
-    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=dev).t()
-    reach = (G_inv @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)  # (2, N*4)
-    margin = torch.cat([-reach, reach]).amax(dim=1) + torch.tensor([6 - cx, 6 - cy] * 2, device=dev)
-    mx0, my0, mx1, my1 = margin.clamp(min=0).minimum(torch.tensor([W - 1, H - 1] * 2, device=dev)).ceil().int().tolist()
+    mx0 = mx1 = W - 1
+    my0 = my1 = H - 1
     x = F.pad(images, [mx0, mx1, my0, my1], mode='reflect')
     # Upsample: U[k] = sum_i P[i] h[k - 2i]; sample k sits at padded pixel coordinate (k - 5.5) / 2.
     x = F.conv_transpose2d(x, h.reshape(1, 1, 1, L).tile([C, 1, 1, 1]), stride=(1, 2), groups=C)
     x = F.conv_transpose2d(x, h.reshape(1, 1, L, 1).tile([C, 1, 1, 1]), stride=(2, 1), groups=C)
+    # Zeros after the last row/column (never sampled) make size - 1 a power of two, so grid_sample's coordinate
+    # normalisation k / (size - 1) * 2 - 1 and its inverse round by less than 1e-5 px even on this larger canvas.
+    x = F.pad(x, [0, _pow2(x.shape[3] - 1) + 1 - x.shape[3], 0, _pow2(x.shape[2] - 1) + 1 - x.shape[2]])
     # Sample the warped image on a 2x grid covering the output plus filter support: S[k] at (k - 5.5) / 2.
     ux = (torch.arange(2 * W + L - 2, device=dev, dtype=torch.float32) - (L - 1) / 2) / 2 - cx
     uy = (torch.arange(2 * H + L - 2, device=dev, dtype=torch.float32) - (L - 1) / 2) / 2 - cy
@@ -1467,14 +1516,17 @@ class AugmentPipe:
         # forward map applies scale, then rotation, then anisotropic scale, then translation.
         I_3 = torch.eye(3, device=dev).expand(N, 3, 3)
         G_inv = I_3
+        moved = torch.zeros([N], dtype=torch.bool, device=dev)  # rows where some transform fired
         if self.scale > 0:
             w = gate(self.scale, torch.randn([N], device=dev), [N])
             s = w.mul(self.scale_std).exp2()
             G_inv = G_inv @ _scale(1 / s, 1 / s)
+            moved |= w != 0
             labels.append(w)
         if self.rotate_frac > 0:
             w = gate(self.rotate_frac, (torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.rotate_frac_max), [N])
             G_inv = G_inv @ _rot(w)  # inverse of a rotation by -w
+            moved |= w != 0
             labels += [w.cos() - 1, w.sin()]
         if self.aniso > 0:
             w = torch.randn([N], device=dev)
@@ -1482,14 +1534,17 @@ class AugmentPipe:
             w = gate(self.aniso, w, [N])
             r = torch.where(torch.rand([N], device=dev) < self.aniso_rotate_prob, r, torch.zeros_like(r))
             s = w.mul(self.aniso_std).exp2()
-            G_inv = G_inv @ _rot(-r) @ _scale(1 / s, s) @ _rot(r)
+            G_inv = G_inv @ _rot(-r) @ _scale(1 / s, s) @ _rot(r)  # the identity, up to rounding, when w = 0
+            moved |= w != 0
             labels += [w * r.cos(), w * r.sin()]
         if self.translate_frac > 0:
             w = gate(self.translate_frac, torch.randn([2, N], device=dev), [1, N])
             G_inv = G_inv @ _translate(-w[0] * W * self.translate_frac_std, -w[1] * H * self.translate_frac_std)
+            moved |= (w != 0).any(dim=0)
             labels += [w[0], w[1]]
-        if G_inv is not I_3 and not torch.equal(G_inv, I_3):  # all-identity batches (e.g. p=0) stay bit-exact
-            images = warp_images(images, G_inv)
+        if G_inv is not I_3:  # some geometric transform is enabled; rows where none fired stay bit-exact,
+            # chosen per row on the device (a whole-batch test would make the host wait for the GPU)
+            images = torch.where(moved.reshape(N, 1, 1, 1), warp_images(images, G_inv), images)
 
         labels = torch.cat([t.to(torch.float32).reshape(N, -1) for t in labels], dim=1)  # (N, 9) for SiD's config
         return images, labels

@@ -454,7 +454,7 @@ def test_toy_run_improves_quality(tmp_path):
     b1, b2 = toy.Toy2D().batches(16, 3), toy.Toy2D().batches(16, 3, start=2)  # the real-data stream resumes at its position
     assert torch.equal([next(b1) for _ in range(3)][-1][0], next(b2)[0]) and G0.img_shape == [2] and G0.init_kwargs['model_type'] == 'ToyMLP'
     assert (tmp_path / 'toy.png').stat().st_size > 1000 and (tmp_path / 'toy.gif').stat().st_size > 1000
-    assert [round(e['kimg'] * 1e3) for e in read_stats(tmp_path)] == [10240, 20224, 30208, 40192, 50176]
+    assert [round(e["kimg"] * 1e3) for e in read_stats(tmp_path)] == [10240, 20480, 30208, 40448, 50176]  # batch 512
     assert 'toy start:' in out and 'toy end:' in out
 
 _PRETRAINED = []
