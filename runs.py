@@ -200,7 +200,8 @@ def cmd_generate(a):
         x = sample_images(G, seeds, sigma_init, device, None, sigmas).cpu()
         with edm_nets.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
             np.save(f, x.numpy())
-        toy.toy_picture([(f'{len(seeds)} samples', x)], toy.ToyMixture(), os.path.join(a.outdir, 'samples.png'))
+        T = toy.ToyMixture()
+        toy.toy_picture([(f'{len(seeds)} samples', x, toy.figure_lines(toy.toy_figures(x, T)))], T, os.path.join(a.outdir, 'samples.png'))
         return print(f'wrote {len(seeds)} points to {a.outdir}/samples.npy and samples.png')
     grid = []
     for i in range(0, len(seeds), a.batch):
