@@ -142,9 +142,11 @@ def attention(qkv, heads):
     B, C3, H, W = qkv.shape
     C, N = C3 // 3, B * heads
     device_type = 'cpu' if qkv.device.type == 'meta' else qkv.device.type  # autocast has no 'meta' (shape-only runs)
+    # fp32 as EDM; a half-precision body on a GPU keeps its dtype: the fused kernels still take the softmax in fp32
+    dtype = qkv.dtype if qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) else torch.float32
     with torch.autocast(device_type=device_type, enabled=False):
         # (3, N, HW, C_head), contiguous in C_head as the fused kernels want it: one copy (+ cast) of qkv
-        q, k, v = qkv.reshape(N, C // heads, 3, H * W).permute(2, 0, 3, 1).to(torch.float32).contiguous().unbind(0)
+        q, k, v = qkv.reshape(N, C // heads, 3, H * W).permute(2, 0, 3, 1).to(dtype).contiguous().unbind(0)
         a = F.scaled_dot_product_attention(q, k, v)  # (N, HW, C_head)
     # back to (B, C, H, W): a view when heads == 1 (it is NHWC memory), then the layout of qkv
     a = a.to(qkv.dtype).reshape(B, heads, H, W, C // heads).permute(0, 1, 4, 2, 3).reshape(B, C, H, W)
