@@ -291,7 +291,7 @@ class Config:
     augment: float = opt(0.12, "EDM augmentation probability in f_psi's step (0: none)")
     ema_mimg: float = opt(0.5, 'half-life of G_ema (5 %% ramp-up)')
     duration_mimg: float = opt(500, 'training length in generator images')
-    fast: bool = opt(False, 'the GPU fast path: bf16 autocast, channels_last, fused Adam', 'speed')
+    fast: bool = opt(False, 'GPU fast path: bf16 autocast, channels_last, fused Adam, micro-batch >= 64 (not SiDA)', 'speed')
     precision: str = opt('fp32', 'fp32 (TF32 off, official) | tf32 | bf16 (autocast) | fp16 (EDM per-layer casting)', 'speed')
     channels_last: bool = opt(False, 'NHWC memory layout for the U-Nets (same maths)', 'speed')
     fused_adam: bool = opt(False, "Adam's fused kernel (same update up to rounding)", 'speed')
@@ -306,7 +306,7 @@ class Config:
     fid_num: int = opt(50000, 'images per FID', 'output')
     fid_ref: str = opt('', "FID reference .npz or preset ('': the dataset's EDM reference)", 'output')
 
-FAST = dict(precision='bf16', channels_last=True, fused_adam=True)  # measured best on an H200 (README, Speed)
+FAST = dict(precision='bf16', channels_last=True, fused_adam=True)  # eager: compiling takes minutes (README, Speed)
 C10 = dict(teacher='cifar10-32x32-uncond-vp', fid_ref='cifar10-32x32', batch=256, batch_gpu=16, lr=1e-5, glr=1e-5,
            dropout=0.13, augment=0.12, ema_mimg=0.5, tick_kimg=10, snap_kimg=500)
 P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.15, precision='fp16', tick_kimg=10, snap_kimg=500)
@@ -347,6 +347,8 @@ def preset(dataset='toy', method='sid', init_generator='', fast=False):
                          f"methods: {', '.join(METHODS)})")
     p = dict(PRESETS[dataset], dataset=dataset, method=method, **METHOD_PRESETS.get(method, {}).get(dataset, {}))
     p.update(dict(duration_mimg=100) if method == 'sida' and init_generator and dataset != 'toy' else {})  # SiD²A
+    if fast and method != 'sida':  # SiD's and SIGN's maths do not depend on the micro-batch (SiDA's batch statistics do)
+        p['batch_gpu'] = max(p['batch_gpu'], 64)  # the GPU launch-bound below 64 (README, Speed); at most batch / GPUs
     return dict(p, **FAST, fast=True) if fast else p
 
 def make_config(overrides):
