@@ -717,6 +717,9 @@ EXAMPLES = """examples:
   python sid.py --resume runs/00001-cifar10-sid --duration-mimg 600                     # continue, for longer
   python sid.py generate --help ; python sid.py project --help                          # use a trained generator"""
 
+METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN', net_overrides='JSON',
+                precision='PREC', device='DEV', outdir='DIR', resume='RUN', fid_ref='NPZ', batch='IMAGES', batch_gpu='IMAGES')
+
 def parser(argv):
     pre = argparse.ArgumentParser(add_help=False)
     for k in ('dataset', 'method', 'init_generator'):
@@ -733,7 +736,7 @@ def parser(argv):
     p.add_argument('--dry-run', action='store_true', help='print the resolved options and exit')
     groups = {g: p.add_argument_group(g) for g in ('method', 'data', 'training', 'speed', 'output')}
     for f in dataclasses.fields(Config):
-        unit = 'MIMG' if f.name.endswith('_mimg') else 'KIMG' if f.name.endswith('_kimg') else f.type.__name__.upper()
+        unit = 'MIMG' if f.name.endswith('_mimg') else 'KIMG' if f.name.endswith('_kimg') else METAVARS.get(f.name, f.type.__name__.upper())
         kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type, metavar=unit)
         groups[f.metadata['group']].add_argument('--' + f.name.replace('_', '-'), default=None, **kw,
                                                  help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
