@@ -1,12 +1,13 @@
-"""Using a one-step generator: the SiD generator call, images per seed as EDM's generate.py, SIGN's multi-step
-sampling and projection of corrupted images, the FID of a generator; the `generate` and `project` commands.
+"""A run's life and products, around sid.py's maths: the SiD generator call, samples per seed as EDM's generate.py,
+SIGN's multi-step sampling and projection, the FID of a generator; the run's folder, status lines, snapshots,
+training state and resume; and the `generate` and `project` commands.
 
-    python generate.py --ckpt RUN --seeds 0-49999 --outdir out/c10           # one PNG per seed (then fid.py calc)
-    python generate.py --ckpt RUN --seeds 0-63 --grid --outdir out/grid       # one grid.png
-    python generate.py --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps, re-noised between
-    python generate.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/proj   # SIGN: f(y + sigma eps)
+    python sid.py generate --ckpt RUN --seeds 0-49999 --outdir out/c10           # one PNG per seed (then fid.py calc)
+    python sid.py generate --ckpt RUN --seeds 0-63 --grid --outdir out/grid       # one grid.png
+    python sid.py generate --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps, re-noised between
+    python sid.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/proj  # SIGN: f(y + sigma eps)
 """
-import argparse, dataclasses, json, math, os, re, sys
+import argparse, dataclasses, json, math, os, re, sys, time
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,96 @@ def read_training_state(path, objects, device):
         msg = str(e).strip().splitlines()
         raise ValueError(f'--resume: {path} is not a training state of this run ({type(e).__name__}: '
                          f'{msg[0][:200] if msg else ""})') from None
+
+#----------------------------------------------------------------------------
+# A run's life on disk, for sid.py's loop (`run` is its namespace): the folder, status lines, FID and snapshots
+# during training, and resume.
+
+def prepare_outdir(outdir, resume, rank):
+    """Rank 0: a writable folder that holds no other run; leftovers of a killed run removed."""
+    if rank == 0:
+        if not resume and os.path.exists(os.path.join(outdir, 'config.json')):
+            raise ValueError(f'--outdir {outdir} holds a run: continue it with --resume {outdir}, or choose another')
+        os.makedirs(outdir, exist_ok=True)
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise ValueError(f'--outdir {outdir}: not writable')
+        edm_nets.remove_stale_temporaries(outdir)
+
+def save(run, name, writer, *args):
+    writer(os.path.join(run.cfg.outdir, name), *args)
+    run.written += [] if name in run.written else [name]
+
+def save_checkpoint(run):
+    """Snapshot and training state, named by the images seen (names never collide), and for images a sample grid."""
+    save(run, f'network-snapshot-{run.cur_nimg:09d}.pt', save_snapshot, run.G_ema, run.cur_nimg, run.cfg)
+    save(run, 'training-state.pt', write_training_state, run)
+    if run.G.img_resolution:
+        images = fid.to_uint8(sample_images(run.G_ema, range(64), run.cfg.sigma_init, run.device)).cpu()
+        save(run, f'samples-{run.cur_nimg:09d}.png', edm_nets.save_png, images)
+
+def fid_step(run):
+    """FID of G_ema (all ranks share the work), logged and plotted; the best snapshot kept."""
+    cfg = run.cfg
+    value = generator_fid(run.G_ema, cfg.fid_num, cfg.sigma_init, run.fid_tools, run.device, run.rank, run.world_size)
+    run.stats_fid.append((run.cur_nimg / 1e6, value))
+    run.log(f'FID {value:.3f} at {run.cur_nimg / 1e3:.1f} kimg')
+    if run.rank == 0:
+        append_stats(cfg.outdir, dict(kimg=run.cur_nimg / 1e3, fid=value))
+        fid.plot_curve(run.stats_fid, os.path.join(cfg.outdir, 'fid.png'))
+        if value <= min(v for _, v in run.stats_fid):
+            save(run, 'network-snapshot-best.pt', save_snapshot, run.G_ema, run.cur_nimg, cfg, value)
+
+def report_tick(run, extra_name=None):
+    """The status line and stats.jsonl entry: mean losses of the tick's iterations, time, ETA, memory."""
+    t = run.tick
+    if run.world_size > 1:  # each rank summed its share (loss / n): the mean over ranks is the whole batch's loss
+        check_ranks_agree((run.G, run.f_psi), f' at {run.cur_nimg / 1e3:.1f} kimg')
+        torch.distributed.all_reduce(t.sums)
+        t.sums /= run.world_size
+    now, (loss_fake, loss_G, extra) = time.time(), (t.sums / t.iters).tolist()
+    sec_per_kimg = (now - t.time) / max((run.cur_nimg - t.nimg) / 1e3, 1e-9)
+    e = dict(tick=t.index, kimg=run.cur_nimg / 1e3, time=now - t.start, sec_per_kimg=sec_per_kimg, loss_fake=loss_fake,
+             loss_G=loss_G, **({extra_name: extra} if extra_name else {}),
+             **({'mem_gb': torch.cuda.max_memory_allocated(run.device) / 2 ** 30} if run.device.type == 'cuda' else {}))
+    run.log(f"tick {t.index:<4d} kimg {e['kimg']:<9.1f} time {fmt_time(e['time']):<7s} sec/kimg {sec_per_kimg:<7.3g} "
+            f"eta {fmt_time(sec_per_kimg * (run.end_nimg - run.cur_nimg) / 1e3):<7s} loss_fake {loss_fake:<9.4g} "
+            f"loss_G {loss_G:<+9.4g}" + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e))
+    if run.rank == 0:
+        append_stats(run.cfg.outdir, e)
+        run.written += [] if 'stats.jsonl' in run.written else ['stats.jsonl']
+    t.nimg, t.time, t.iters, t.index = run.cur_nimg, now, 0, t.index + 1
+    t.sums.zero_()
+
+def fmt_time(s):
+    s = int(round(s))
+    return (f'{s}s' if s < 60 else f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
+            if s < 86400 else f'{s // 86400}d{s // 3600 % 24:02d}h')
+
+@torch.no_grad()
+def check_ranks_agree(nets, what=''):
+    """Raise unless every rank holds bit-identical parameters (per-tensor float64 sums, all-gathered): DDP keeps
+    replicas equal only if each steps on the same all-reduced gradients, and a desync would otherwise go unseen."""
+    s = torch.stack([p.double().sum() for net in nets for p in net.parameters()])
+    out = [torch.empty_like(s) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(out, s)
+    if any(not torch.equal(o, out[0]) for o in out):
+        raise RuntimeError(f'DDP replicas diverged{what}: rank(s) {[r for r, o in enumerate(out) if not torch.equal(o, out[0])]}')
+
+def resume(run):
+    """Weights, optimisers, images seen, data position, history (stats.jsonl is cut back to the state's point, the
+    toy keeps its frames); the random draws follow from (seed, images seen)."""
+    path = os.path.join(run.cfg.resume, 'training-state.pt') if os.path.isdir(run.cfg.resume) else run.cfg.resume
+    st = read_training_state(path, dict(G=run.G, G_ema=run.G_ema, f_psi=run.f_psi, opt_G=run.opt_G, opt_psi=run.opt_psi),
+                             run.device)
+    if st['cur_nimg'] >= run.end_nimg:
+        raise ValueError(f"--resume: the run already reached {st['cur_nimg'] / 1e6:g} Mimg; pass a longer --duration-mimg")
+    run.cur_nimg, run.stats_fid = st['cur_nimg'], st['fid']
+    run.data_batches = st['data_images'] // (run.batch_gpu * run.world_size)
+    if run.toy is not None and st['frames']:
+        run.toy.frames = st['frames']
+    if run.rank == 0:
+        truncate_stats(os.path.join(run.cfg.outdir, 'stats.jsonl'), run.cur_nimg / 1e3)
+    run.log(f'resumed from {path} at {run.cur_nimg / 1e3:.1f} kimg')
 
 #----------------------------------------------------------------------------
 # The commands.

@@ -405,13 +405,7 @@ def net_overrides(cfg):
 def setup(cfg, nets=None):
     run = init_processes(cfg)
     run.toy = toy.WORLDS[cfg.dataset]() if cfg.dataset in toy.WORLDS else None
-    if run.rank == 0:  # before anything heavy: a new run never writes into another's
-        if not cfg.resume and os.path.exists(os.path.join(cfg.outdir, 'config.json')):
-            raise ValueError(f'--outdir {cfg.outdir} holds a run: continue it with --resume {cfg.outdir}, or choose another')
-        os.makedirs(cfg.outdir, exist_ok=True)
-        if not os.access(cfg.outdir, os.W_OK | os.X_OK):
-            raise ValueError(f'--outdir {cfg.outdir}: not writable')
-        edm_nets.remove_stale_temporaries(cfg.outdir)
+    runs.prepare_outdir(cfg.outdir, cfg.resume, run.rank)  # before anything heavy: never into another run's folder
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'  # official: off
     torch.backends.cudnn.benchmark = True  # official default: cuDNN times its algorithms once per shape
     run.autocast = lambda: torch.autocast(run.device.type, torch.bfloat16) if cfg.precision == 'bf16' else nullcontext()
@@ -428,7 +422,7 @@ def setup(cfg, nets=None):
     run.opt_G = torch.optim.Adam(run.G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
     run.cur_nimg, run.data_batches, run.stats_fid, run.end_nimg = 0, 0, [], int(cfg.duration_mimg * 1e6)
     if cfg.resume:
-        resume(run)
+        runs.resume(run)
     open_data(run)
     if cfg.fid_every_kimg > 0:  # reference and detector now: a bad --fid-ref fails before training
         run.fid_tools = (*fid.load_ref(cfg.fid_ref or PRESETS[cfg.dataset]['fid_ref']), fid.load_detector(run.device))
@@ -505,22 +499,6 @@ def open_data(run):
         labels = edm_nets.check_dataset_matches(images, labels, run.f_phi)
         run.data = edm_nets.infinite_batches(images, labels, run.batch_gpu, cfg.seed, run.rank, run.world_size,
                                              start=run.data_batches, pin=run.device.type == 'cuda')
-
-def resume(run):
-    """Weights, optimisers, images seen, data position, history (stats.jsonl is cut back to the state's point, the
-    toy keeps its frames); the random draws follow from (seed, images seen)."""
-    path = os.path.join(run.cfg.resume, 'training-state.pt') if os.path.isdir(run.cfg.resume) else run.cfg.resume
-    st = runs.read_training_state(path, dict(G=run.G, G_ema=run.G_ema, f_psi=run.f_psi, opt_G=run.opt_G,
-                                                 opt_psi=run.opt_psi), run.device)
-    if st['cur_nimg'] >= run.end_nimg:
-        raise ValueError(f"--resume: the run already reached {st['cur_nimg'] / 1e6:g} Mimg; pass a longer --duration-mimg")
-    run.cur_nimg, run.stats_fid = st['cur_nimg'], st['fid']
-    run.data_batches = st['data_images'] // (run.batch_gpu * run.world_size)
-    if run.toy is not None and st['frames']:
-        run.toy.frames = st['frames']
-    if run.rank == 0:
-        runs.truncate_stats(os.path.join(run.cfg.outdir, 'stats.jsonl'), run.cur_nimg / 1e3)
-    run.log(f'resumed from {path} at {run.cur_nimg / 1e3:.1f} kimg')
 
 #----------------------------------------------------------------------------
 # The training loop (SiD Algorithm 1, official update order): per iteration a fake-score step on fresh generator
@@ -613,71 +591,19 @@ def update_ema(G_ema, G, cfg, cur_nimg):
 # Maintenance: once per tick a status line and a stats.jsonl entry; FID and snapshots at their intervals; the end.
 
 def maintain(run, method):
+    """Once per tick a status line and a stats.jsonl entry, FID and snapshots at their intervals (runs.py), the toy's
+    frames: each when this iteration crossed a multiple of its interval, or ended the run."""
     cfg, done = run.cfg, run.cur_nimg >= run.end_nimg
-
-    def crossed(every_kimg):  # did this iteration cross a multiple of every_kimg (or end the run)?
-        every = max(round(every_kimg * 1e3), 1)
-        return every_kimg > 0 and (done or run.cur_nimg // every > (run.cur_nimg - cfg.batch) // every)
+    every = lambda kimg: max(round(kimg * 1e3), 1)
+    crossed = lambda kimg: kimg > 0 and (done or run.cur_nimg // every(kimg) > (run.cur_nimg - cfg.batch) // every(kimg))
     if run.toy is not None and crossed(cfg.duration_mimg * 1e3 / 40):  # 40 frames for the toy's GIF
         run.toy.observe(run.G_ema, cfg.sigma_init, f'{run.cur_nimg / 1e3:.0f} kimg')
     if crossed(cfg.tick_kimg):
-        report_tick(run, method)
+        runs.report_tick(run, method.extra)
     if crossed(cfg.fid_every_kimg):
-        value = runs.generator_fid(run.G_ema, cfg.fid_num, cfg.sigma_init, run.fid_tools, run.device, run.rank, run.world_size)
-        run.stats_fid.append((run.cur_nimg / 1e6, value))
-        run.log(f'FID {value:.3f} at {run.cur_nimg / 1e3:.1f} kimg')
-        if run.rank == 0:
-            runs.append_stats(cfg.outdir, dict(kimg=run.cur_nimg / 1e3, fid=value))
-            fid.plot_curve(run.stats_fid, os.path.join(cfg.outdir, 'fid.png'))
-            if value <= min(v for _, v in run.stats_fid):
-                save(run, 'network-snapshot-best.pt', runs.save_snapshot, run.G_ema, run.cur_nimg, cfg, value)
-    if crossed(cfg.snap_kimg) and run.rank == 0:  # names count images, so they never collide
-        save(run, f'network-snapshot-{run.cur_nimg:09d}.pt', runs.save_snapshot, run.G_ema, run.cur_nimg, cfg)
-        save(run, 'training-state.pt', runs.write_training_state, run)
-        if run.G.img_resolution:
-            images = fid.to_uint8(runs.sample_images(run.G_ema, range(64), cfg.sigma_init, run.device)).cpu()
-            save(run, f'samples-{run.cur_nimg:09d}.png', edm_nets.save_png, images)
-
-def save(run, name, writer, *args):
-    writer(os.path.join(run.cfg.outdir, name), *args)
-    run.written += [] if name in run.written else [name]
-
-def report_tick(run, method):
-    cfg, t = run.cfg, run.tick
-    if run.world_size > 1:  # each rank summed its share (loss / n): the mean over ranks is the whole batch's loss
-        import torch.distributed as dist
-        check_ranks_agree((run.G, run.f_psi), f' at {run.cur_nimg / 1e3:.1f} kimg')
-        dist.all_reduce(t.sums)
-        t.sums /= run.world_size
-    now, (loss_fake, loss_G, extra) = time.time(), (t.sums / t.iters).tolist()
-    sec_per_kimg = (now - t.time) / max((run.cur_nimg - t.nimg) / 1e3, 1e-9)
-    e = dict(tick=t.index, kimg=run.cur_nimg / 1e3, time=now - t.start, sec_per_kimg=sec_per_kimg, loss_fake=loss_fake,
-             loss_G=loss_G, **({method.extra: extra} if method.extra else {}),
-             **({'mem_gb': torch.cuda.max_memory_allocated(run.device) / 2 ** 30} if run.device.type == 'cuda' else {}))
-    run.log(f"tick {t.index:<4d} kimg {e['kimg']:<9.1f} time {fmt_time(e['time']):<7s} sec/kimg {sec_per_kimg:<7.3g} "
-            f"eta {fmt_time(sec_per_kimg * (run.end_nimg - run.cur_nimg) / 1e3):<7s} loss_fake {loss_fake:<9.4g} "
-            f"loss_G {loss_G:<+9.4g}" + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e))
-    if run.rank == 0:
-        runs.append_stats(cfg.outdir, e)
-        run.written += [] if 'stats.jsonl' in run.written else ['stats.jsonl']
-    t.nimg, t.time, t.iters, t.index = run.cur_nimg, now, 0, t.index + 1
-    t.sums.zero_()
-
-def fmt_time(s):
-    s = int(round(s))
-    return (f'{s}s' if s < 60 else f'{s // 60}m{s % 60:02d}s' if s < 3600 else f'{s // 3600}h{s // 60 % 60:02d}m'
-            if s < 86400 else f'{s // 86400}d{s // 3600 % 24:02d}h')
-
-@torch.no_grad()
-def check_ranks_agree(nets, what=''):
-    """Raise unless every rank holds bit-identical parameters (per-tensor float64 sums, all-gathered): DDP keeps
-    replicas equal only if each steps on the same all-reduced gradients, and a desync would otherwise go unseen."""
-    import torch.distributed as dist
-    s = torch.stack([p.double().sum() for net in nets for p in net.parameters()])
-    out = [torch.empty_like(s) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, s)
-    if any(not torch.equal(o, out[0]) for o in out):
-        raise RuntimeError(f'DDP replicas diverged{what}: rank(s) {[r for r, o in enumerate(out) if not torch.equal(o, out[0])]}')
+        runs.fid_step(run)
+    if crossed(cfg.snap_kimg) and run.rank == 0:
+        runs.save_checkpoint(run)
 
 def startup_line(run):
     cfg, ref = run.cfg, Config(**preset(run.cfg.dataset, run.cfg.method, run.cfg.init_generator, run.cfg.fast))
