@@ -1129,6 +1129,18 @@ def check_net_kwargs(kwargs, source):
     return kwargs
 
 
+def parse_net_overrides(text, preset=None):
+    """A JSON object of network kwargs (sid's --net-overrides), checked on top of the preset's network kwargs."""
+    try:
+        over = json.loads(text or '{}')
+    except json.JSONDecodeError:
+        over = None
+    if not isinstance(over, dict):
+        raise ValueError(f"--net-overrides must be a JSON object of network arguments, e.g. '{{\"model_channels\": 16}}'")
+    check_net_kwargs(dict(PRESETS[preset]['kwargs'], **over) if preset in PRESETS else over, '--net-overrides')
+    return over
+
+
 def _build_checked(kwargs, state_dict, source):
     """An eval-mode frozen EDMPrecond with `state_dict`, built for real only after the meta-device check."""
     kwargs = check_net_kwargs(kwargs, source)

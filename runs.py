@@ -346,6 +346,35 @@ def cmd_project(a):
         edm_nets.save_png(os.path.join(a.outdir, os.path.basename(path).rsplit('.', 1)[0] + '.png'), fid.to_uint8(x)[0].cpu())
     print(f'wrote {len(files)} projected image(s) to {a.outdir}')
 
+METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN', net_overrides='JSON',
+                precision='PREC', device='DEV', outdir='DIR', resume='RUN', fid_ref='NPZ', batch='IMAGES', batch_gpu='IMAGES')
+
+def options_parser(defaults, prog, epilog, description):
+    """sid.py's options from its Config dataclass: one per field, grouped by the field's metadata, with its help, a
+    metavar saying what the value is (units MIMG/KIMG from the name), switches as --flag/--no-flag, and the default
+    of the chosen preset. Every default is None, so make_config sees only what the command line gives."""
+    p = argparse.ArgumentParser(prog=prog, epilog=epilog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--dry-run', action='store_true', help='print the resolved options and exit')
+    groups = {g: p.add_argument_group(g) for g in ('method', 'data', 'training', 'speed', 'output')}
+    for f in dataclasses.fields(defaults):
+        unit = 'MIMG' if f.name.endswith('_mimg') else 'KIMG' if f.name.endswith('_kimg') else METAVARS.get(f.name, f.type.__name__.upper())
+        kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type, metavar=unit)
+        groups[f.metadata['group']].add_argument('--' + f.name.replace('_', '-'), default=None, **kw,
+                                                 help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
+    return p
+
+def one_line_errors(fn):
+    """Run a command: bad input (and any error the code raises on purpose) is one line on stderr and exit code 2;
+    SID_DEBUG=1 shows the traceback."""
+    try:
+        return fn()
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
+        if os.environ.get('SID_DEBUG'):
+            raise
+        msg = str(e).strip().splitlines()
+        sys.exit(print(f'error: {msg[0] if msg else type(e).__name__}', file=sys.stderr) or 2)
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(v) for v in argv]
     cmd = argv.pop(0) if argv[:1] in (['generate'], ['project']) else 'generate'  # `sid.py generate|project ...`
@@ -366,13 +395,7 @@ def main(argv=None):
         p.add_argument('--sigma', type=float, default=0.0, help='noise added before each projection (default: 0, plain f(y))')
         p.add_argument('--repeat', type=int, default=1, help='projections in a row (default: 1)')
         p.add_argument('--seed', type=int, default=0, help='seed of the added noise (default: 0)')
-    try:
-        (cmd_project if cmd == 'project' else cmd_generate)(p.parse_args(argv))
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        if os.environ.get('SID_DEBUG'):
-            raise
-        msg = str(e).strip().splitlines()
-        sys.exit(print(f'error: {msg[0] if msg else type(e).__name__}', file=sys.stderr) or 2)
+    one_line_errors(lambda: (cmd_project if cmd == 'project' else cmd_generate)(p.parse_args(argv)))
 
 if __name__ == '__main__':
     main()

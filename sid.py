@@ -388,15 +388,7 @@ def resumed_options(over):
     return {**saved, **over, 'outdir': over.get('outdir') or folder}
 
 def net_overrides(cfg):
-    try:
-        over = json.loads(cfg.net_overrides or '{}')
-    except json.JSONDecodeError:
-        over = None
-    if not isinstance(over, dict):
-        raise ValueError(f"--net-overrides must be a JSON object of network arguments, e.g. '{{\"model_channels\": 16}}'")
-    if cfg.dataset in PRESETS and 'teacher' in PRESETS[cfg.dataset]:  # known names, types and ranges
-        edm_nets.check_net_kwargs(dict(edm_nets.PRESETS[PRESETS[cfg.dataset]['teacher']]['kwargs'], **over), '--net-overrides')
-    return over
+    return edm_nets.parse_net_overrides(cfg.net_overrides, PRESETS[cfg.dataset].get('teacher'))
 
 #----------------------------------------------------------------------------
 # Set-up. Teacher f_phi, fake score f_psi and generator G all start from the teacher's weights (SiD §4); G and f_psi
@@ -643,37 +635,23 @@ EXAMPLES = """examples:
   python sid.py --resume runs/00001-cifar10-sid --duration-mimg 600                     # continue, for longer
   python sid.py generate --help ; python sid.py project --help                          # use a trained generator"""
 
-METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN', net_overrides='JSON',
-                precision='PREC', device='DEV', outdir='DIR', resume='RUN', fid_ref='NPZ', batch='IMAGES', batch_gpu='IMAGES')
-
-def parser(argv):
-    pre = argparse.ArgumentParser(add_help=False)
-    for k in ('dataset', 'method', 'init_generator'):
-        pre.add_argument('--' + k.replace('_', '-'), default=Config.__dataclass_fields__[k].default)
-    pre.add_argument('--fast', action='store_true')
-    known = pre.parse_known_args(argv)[0]
-    try:
-        defaults = Config(**preset(known.dataset, known.method, known.init_generator, known.fast))
-    except ValueError:
-        defaults = Config()
-    p = argparse.ArgumentParser(prog='sid.py', epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description='SiD / SiDA / SIGN distillation of an EDM teacher into a one-step generator '
-                                            f'(defaults shown for --dataset {defaults.dataset} --method {defaults.method}).')
-    p.add_argument('--dry-run', action='store_true', help='print the resolved options and exit')
-    groups = {g: p.add_argument_group(g) for g in ('method', 'data', 'training', 'speed', 'output')}
-    for f in dataclasses.fields(Config):
-        unit = 'MIMG' if f.name.endswith('_mimg') else 'KIMG' if f.name.endswith('_kimg') else METAVARS.get(f.name, f.type.__name__.upper())
-        kw = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type, metavar=unit)
-        groups[f.metadata['group']].add_argument('--' + f.name.replace('_', '-'), default=None, **kw,
-                                                 help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
-    return p
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv[:1] in (['generate'], ['project']):
         return runs.main(argv)
-    try:
-        args = vars(parser(argv).parse_args(argv))
+
+    def run():
+        pre = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults that --help shows
+        for k in ('dataset', 'method', 'init_generator'):
+            pre.add_argument('--' + k.replace('_', '-'), default=getattr(Config, k))
+        pre.add_argument('--fast', action='store_true')
+        try:
+            defaults = Config(**preset(**vars(pre.parse_known_args(argv)[0])))
+        except ValueError:
+            defaults = Config()
+        args = vars(runs.options_parser(defaults, 'sid.py', EXAMPLES, 'SiD / SiDA / SIGN distillation of an EDM teacher '
+                                        f'into a one-step generator (defaults for --dataset {defaults.dataset} '
+                                        f'--method {defaults.method}).').parse_args(argv))
         dry = args.pop('dry_run')
         cfg = make_config(args)
         if dry:
@@ -681,11 +659,7 @@ def main(argv=None):
         if cfg.dataset in toy.WORLDS and 'OMP_NUM_THREADS' not in os.environ:
             torch.set_num_threads(1)  # tiny networks: a second thread only spins (and other jobs share the cores)
         train(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
-        if os.environ.get('SID_DEBUG'):
-            raise
-        msg = str(e).strip().splitlines()
-        sys.exit(print(f'error: {msg[0] if msg else type(e).__name__}', file=sys.stderr) or 2)
+    runs.one_line_errors(run)
 
 if __name__ == '__main__':
     main()
