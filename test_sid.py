@@ -1686,7 +1686,7 @@ def test_fast_path_agrees_with_fp32(fp32_ref, opt, loss_tol, grad_tol):
     if opt.get('compiled'):  # 3 modes (eval no_grad, train, frozen with input grads) x 4 block kinds, not x 5 blocks x 3 nets
         assert torch._dynamo.utils.counters['stats']['unique_graphs'] <= 12
 
-def test_compiled_keeps_names_and_dropout():
+def test_compiled_keeps_state_dict_names():
     net = edm_nets.EDMPrecond(**dict(FAST_NET, dropout=0.5))
     names = list(net.state_dict())
     assert list(edm_nets.compile_blocks(net).state_dict()) == names  # checkpoints stay loadable; nothing compiles before a call
