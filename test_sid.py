@@ -731,6 +731,12 @@ def test_loader_strict_errors_and_own_checkpoints(tmp_path):
     loaded, info = edm_nets.load_checkpoint(str(tmp_path / 's.pt'))
     assert states_equal(net, loaded) and info['kimg'] == 0.012 and info['config']['sigma_init'] == 1.5
 
+@slow
+def test_official_cifar_teacher_loads_and_samples():  # needs the real checkpoint (~225 MB in $SID_CACHE)
+    net, _ = edm_nets.load_checkpoint('cifar10-32x32-uncond-vp')
+    x = edm_nets.edm_sampler(net, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(x).all() and -1.5 < x.min() and x.max() < 1.5 and 0.2 < x.std() < 0.8
+
 def test_download_local_path_and_cache_keyed_on_url(tmp_path):
     a, b = tmp_path / 'a' / 'edm.pkl', tmp_path / 'b' / 'edm.pkl'
     for p, blob in ((a, b'first'), (b, b'second')):
