@@ -59,6 +59,9 @@ M = [
         ('edm_nets.py', "        os.replace(tmp, path)\n", "        pass\n")], 'crash_during or atomic_write'),
     ('N07', 'truncate_stats keeps a half last line', [('runs.py', "        except ValueError:\n            return False", "        except ValueError:\n            return True")], 'sigkill', 'SID_SLOW=1 '),
     ('N08', 'zip member sizes not checked', [('edm_nets.py', "    if big:", "    if False:")], 'hostile'),
+    ('N09', 'attention: channels_last output with H and W swapped', [('edm_nets.py', "    return a.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)", "    return a.transpose(2, 3).contiguous(memory_format=torch.channels_last) if cl else a")], 'fast_path or attention'),
+    ('N10', 'attention: SDPA scale 1 instead of 1/sqrt(C_head)', [('edm_nets.py', "F.scaled_dot_product_attention(q, k, v)", "F.scaled_dot_product_attention(q, k, v, scale=1.0)")], 'fast_path or attention'),
+    ('N11', 'AugmentPipe: identity rows resampled too', [('edm_nets.py', "            images = torch.where(moved.reshape(N, 1, 1, 1), warp_images(images, G_inv), images)", "            images = warp_images(images, G_inv)")], 'augment'),
     ('N05', 'snapshots named by kimg', [('sid.py', "f'network-snapshot-{run.cur_nimg:09d}.pt'", "f'network-snapshot-{run.cur_nimg // 1000:06d}.pt'")], 'end_to_end'),
 ]
 
