@@ -44,8 +44,8 @@ M = [
     ('M29', 'SiDA D: BCE labels swapped', [('sid.py', 'bce(logits_real, torch.ones_like(logits_real)) + bce(logits_fake, torch.zeros_like(logits_fake))', 'bce(logits_real, torch.zeros_like(logits_real)) + bce(logits_fake, torch.ones_like(logits_fake))')], 'sida_fake_score'),
     ('M30', 'SIGN: L_idem through the outer call', [('sid.py', 'idem=D * idem_loss(f_bar, x_g)', 'idem=D * idem_loss(f, x_g)')], 'sign_student'),
     ('M31', 'SIGN sampling: the same noise for every step', [('runs.py', 'noises = [torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device) for _ in sigmas]', 'noises = [torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device)] * len(sigmas)')], 'sign_noise'),
-    ('M32', "SIGN: f_theta' never refreshed", [('sid.py', '    refresh_frozen_(run.G_bar, run.G)  # theta', '    pass  # theta')], 'sign_toy_idempotence'),
-    ('M33', 'CIFAR unpickler: any numpy global allowed', [('edm_nets.py', "        if module == 'numpy' and name in ('ndarray', 'dtype'):\n            return getattr(np, name)", "        if module.split('.')[0] == 'numpy':\n            return super().find_class(module, name)")], 'cifar_unpickler'),
+    ('M32', "SIGN: f_theta' never refreshed", [('sid.py', '    refresh_frozen_(run.G_bar, run.G)  # theta', '    pass  # theta')], 'sign_toy_idempotence', 'SID_SLOW=1 '),
+    ('M33', 'CIFAR unpickler: any numpy global allowed', [('edm_nets.py', "        if (module, name) not in self.allow:\n", "        if module.split('.')[0] == 'numpy':\n            return getattr(__import__('importlib').import_module(module), name)\n        if (module, name) not in self.allow:\n")], 'cifar_unpickler'),
     ('M34', 'to_uint8 rounds', [('fid.py', 'return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)', 'return (x * 127.5 + 127.5).round().clip(0, 255).to(torch.uint8)')], 'to_uint8'),
     ('M35', 'resume: data position not restored', [('sid.py', "    run.data_batches = st['data_images'] // (run.batch_gpu * run.world_size)\n", '')], 'resume_is'),
     ('M36', 'G loss divided by batch_gpu instead of n', [('sid.py', 'c, cfg.alpha).sum() * cfg.lsg / run.n', 'c, cfg.alpha).sum() * cfg.lsg / run.batch_gpu')], 'ddp_equals'),
@@ -55,6 +55,13 @@ M = [
     ('N02', 'stats.jsonl not truncated on resume', [('sid.py', "        runs.truncate_stats(os.path.join(run.cfg.outdir, 'stats.jsonl'), run.cur_nimg / 1e3)", '        pass')], 'resume_is and toy'),
     ('N03', 'NaN samples kept (no zero loss)', [('sid.py', '    return torch.stack([~t.flatten(1).isnan().any(1) for t in ts]).all(0)', '    return torch.ones(len(ts[0]), dtype=torch.bool, device=ts[0].device)')], 'nan_samples'),
     ('N04', 'batch_gpu not clamped to batch / world_size', [('sid.py', '    batch_gpu = min(cfg.batch_gpu, cfg.batch // world_size)', '    batch_gpu = cfg.batch_gpu')], 'clamped'),
+    ('N06', 'atomic_write writes in place (no temporary)', [('edm_nets.py', "            fd = os.open(tmp, flags, 0o644)", "            fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)"),
+        ('edm_nets.py', "        os.replace(tmp, path)\n", "        pass\n")], 'crash_during or atomic_write'),
+    ('N07', 'truncate_stats keeps a half last line', [('runs.py', "        except ValueError:\n            return False", "        except ValueError:\n            return True")], 'sigkill', 'SID_SLOW=1 '),
+    ('N08', 'zip member sizes not checked', [('edm_nets.py', "    if big:", "    if False:")], 'hostile'),
+    ('N09', 'attention: channels_last output with H and W swapped', [('edm_nets.py', "    return a.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)", "    return a.transpose(2, 3).contiguous(memory_format=torch.channels_last) if cl else a")], 'fast_path or attention'),
+    ('N10', 'attention: SDPA scale 1 instead of 1/sqrt(C_head)', [('edm_nets.py', "F.scaled_dot_product_attention(q, k, v)", "F.scaled_dot_product_attention(q, k, v, scale=1.0)")], 'fast_path or attention'),
+    ('N11', 'AugmentPipe: identity rows resampled too', [('edm_nets.py', "            images = torch.where(moved.reshape(N, 1, 1, 1), warp_images(images, G_inv), images)", "            images = warp_images(images, G_inv)")], 'augment'),
     ('N05', 'snapshots named by kimg', [('sid.py', "f'network-snapshot-{run.cur_nimg:09d}.pt'", "f'network-snapshot-{run.cur_nimg // 1000:06d}.pt'")], 'end_to_end'),
 ]
 
@@ -79,7 +86,7 @@ def main():
     for mid in ids:
         dst, row = apply(mid)
         t = time.time()
-        r = subprocess.run(f'OMP_NUM_THREADS=1 timeout 900 python -m pytest -q -x -p no:cacheprovider test_sid.py -k "{row[3]}"', shell=True,
+        r = subprocess.run(f'{row[4] if len(row) > 4 else ""}OMP_NUM_THREADS=1 timeout 900 python -m pytest -q -x -p no:cacheprovider test_sid.py -k "{row[3]}"', shell=True,
                            cwd=dst, capture_output=True, text=True)
         first = next((l.split()[1] for l in r.stdout.splitlines() if l.startswith(('FAILED', 'ERROR'))), '')
         res = 'caught' if r.returncode not in (0, 5) else 'MISSED' if r.returncode == 0 else 'no tests selected'

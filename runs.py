@@ -114,9 +114,14 @@ def append_stats(outdir, entry):
 
 def truncate_stats(path, kimg):
     """Drop the lines written after `kimg`: a resumed run continues from its training state, not from its last tick."""
+    def kept(line):  # a half line (the process was killed mid-append) goes too
+        try:
+            return json.loads(line).get('kimg', 0) <= kimg + 1e-9 and line.endswith('\n')
+        except ValueError:
+            return False
     if os.path.exists(path):
         with open(path) as f:
-            keep = [line for line in f if json.loads(line).get('kimg', 0) <= kimg + 1e-9]
+            keep = [line for line in f if kept(line)]
         with edm_nets.atomic_write(path) as f:
             f.write(''.join(keep).encode())
 
