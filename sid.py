@@ -263,7 +263,7 @@ def opt(default, help, group='training'):
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = opt('toy', 'toy | cifar10 | cifar10-cond | imagenet64 | ffhq64 | afhqv2-64', 'method')
+    dataset: str = opt('toy', 'toy | toy-images | cifar10 | cifar10-cond | imagenet64 | ffhq64 | afhqv2-64', 'method')
     method: str = opt('sid', 'sid | sida (SiD²A with --init-generator) | sign', 'method')
     alpha: float = opt(1.2, "SiD's alpha in the generator loss", 'method')
     sigma_init: float = opt(2.5, "the generator's input noise level: x_g = G(sigma_init*eps; sigma_init)", 'method')
@@ -313,6 +313,8 @@ P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.1
 PRESETS = {  # SiD, official run_sid.sh
     'toy':          dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=256, batch_gpu=256, dropout=0.0, augment=0.0,
                          ema_mimg=0.02, duration_mimg=0.2, tick_kimg=20, snap_kimg=200, device='cpu'),
+    'toy-images':   dict(alpha=1.0, lr=1e-3, glr=1e-4, batch=32, batch_gpu=32, dropout=0.0, augment=0.0,
+                         ema_mimg=0.001, duration_mimg=0.005, tick_kimg=0.5, snap_kimg=5, device='cpu'),
     'cifar10':      dict(C10, duration_mimg=500),
     'cifar10-cond': dict(C10, teacher='cifar10-32x32-cond-vp', duration_mimg=800),
     'imagenet64':   dict(teacher='imagenet-64x64-cond-adm', fid_ref='imagenet-64x64', batch=8192, batch_gpu=16,
@@ -328,7 +330,8 @@ METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches;
              'imagenet64': dict(alpha=1.0, batch_gpu=32, duration_mimg=300),
              'ffhq64': dict(alpha=1.0, batch_gpu=64, g_beta1=0.0, duration_mimg=200),
              'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200),
-             'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0)},  # scaled to the toy (README)
+             'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0),  # scaled to the toy (README)
+             'toy-images': dict(alpha=1.0, sida_warmup_kimg=1, sida_mix_kimg=2, lsg_gan=2.0)},
 }
 # What a resumed run may change; anything else would change its maths.
 RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg', 'fid_num',
@@ -346,7 +349,7 @@ def preset(dataset='toy', method='sid', init_generator='', fast=False):
         raise ValueError(f"unknown --dataset '{dataset}' or --method '{method}' (datasets: {', '.join(PRESETS)}; "
                          f"methods: {', '.join(METHODS)})")
     p = dict(PRESETS[dataset], dataset=dataset, method=method, **METHOD_PRESETS.get(method, {}).get(dataset, {}))
-    p.update(dict(duration_mimg=100) if method == 'sida' and init_generator and dataset != 'toy' else {})  # SiD²A
+    p.update(dict(duration_mimg=100) if method == 'sida' and init_generator and dataset not in toy.WORLDS else {})  # SiD²A
     return dict(p, **FAST, fast=True) if fast else p
 
 def make_config(overrides):
@@ -688,7 +691,8 @@ def finish(run):
     if run.toy is not None and run.rank == 0:
         sign = None
         if cfg.method == 'sign':  # IGN's properties and SIGN's multi-step sampling and projection, on fixed draws
-            sign = runs.sign_evaluation(lambda v: generate(run.G_ema, v, None, cfg.sigma_init), *run.toy.sign_inputs())
+            c = run.toy.sign_labels  # labels of the fixed draws (None: an unconditional world)
+            sign = runs.sign_evaluation(lambda v: generate(run.G_ema, v, c, cfg.sigma_init), *run.toy.sign_inputs())
         run.written += [os.path.basename(p) for p in run.toy.report(cfg.outdir, run.log, sign)]
     if run.own_group:
         import torch.distributed as dist
