@@ -324,8 +324,8 @@ P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.1
 PRESETS = {  # SiD, official run_sid.sh
     'toy':          dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=256, batch_gpu=256, dropout=0.0, augment=0.0,
                          ema_mimg=0.02, duration_mimg=0.2, tick_kimg=20, snap_kimg=200, device='cpu'),
-    'toy-images':   dict(alpha=1.0, lr=1e-3, glr=1e-4, batch=32, batch_gpu=32, dropout=0.0, augment=0.0,
-                         ema_mimg=0.001, duration_mimg=0.005, tick_kimg=0.5, snap_kimg=5, device='cpu'),
+    'toy-images':   dict(alpha=1.0, lr=1e-3, glr=1e-4, batch=8, batch_gpu=8, dropout=0.0, augment=0.0, psi_warmup_kimg=0.5,
+                         ema_mimg=0.001, duration_mimg=0.005, tick_kimg=0.5, snap_kimg=5, device='cpu'),  # toy.py: the image toy
     'cifar10':      dict(C10, duration_mimg=500),
     'cifar10-cond': dict(C10, teacher='cifar10-32x32-cond-vp', duration_mimg=800),
     'imagenet64':   dict(teacher='imagenet-64x64-cond-adm', fid_ref='imagenet-64x64', batch=8192, batch_gpu=16,

@@ -408,6 +408,9 @@ class ImageToy:
         """End figures, SIGN's multi-step and projection figures, and the pictures; returns the files written."""
         (t0, x0), (t1, x1), (xe, qe) = self.frames[0], self.frames[-1], self.exact()
         log(f'toy end:   {self.quality_line(x1)}')
+        step = max(1, len(self.curve) // 10)
+        log('toy curve (energy / coverage): ' + ', '.join(f"{t} {q['energy']:.3f} / {q['coverage']:.2f}"
+                                                          for t, q in self.curve[::step] + self.curve[-1:]))
         paths = [os.path.join(outdir, 'toy-images.png')]
         image_panels([(f'start ({t0})', quality_text(self.quality(x0)), x0), (f'end ({t1})', quality_text(self.quality(x1)), x1),
                       ('exact samples', quality_text(qe), xe)], paths[0])
