@@ -409,30 +409,34 @@ class ImageToy:
         (t0, x0), (t1, x1), (xe, qe) = self.frames[0], self.frames[-1], self.exact()
         log(f'toy end:   {self.quality_line(x1)}')
         step = max(1, len(self.curve) // 10)
-        log('toy curve (energy / coverage): ' + ', '.join(f"{t} {q['energy']:.3f} / {q['coverage']:.2f}"
-                                                          for t, q in self.curve[::step] + self.curve[-1:]))
+        if self.curve:  # (a resumed run has only the frames)
+            log('toy curve (energy / coverage): ' + ', '.join(f"{t} {q['energy']:.3f} / {q['coverage']:.2f}"
+                                                              for t, q in self.curve[::step] + self.curve[-1:]))
         paths = [os.path.join(outdir, 'toy-images.png')]
         image_panels([(f'start ({t0})', quality_text(self.quality(x0)), x0), (f'end ({t1})', quality_text(self.quality(x1)), x1),
                       ('exact samples', quality_text(qe), xe)], paths[0])
         if sign is not None:
-            paths.append(os.path.join(outdir, 'toy-images-sign.png'))
-            self.report_sign(sign, log, paths[1])
+            paths += [os.path.join(outdir, f'toy-images-sign-{k}.png') for k in ('steps', 'projection')]
+            self.report_sign(sign, log, *paths[1:])
         return paths
 
-    def report_sign(self, sign, log, path):
+    def report_sign(self, sign, log, path_steps, path_proj):
+        """SIGN's figures: 1-, 2- and 4-step samples, and the projections f(y) of corrupted data y (RMS to the clean
+        image, and how often the nearest set image is the clean one); one PNG each."""
         log(f"sign: idempotence error E|f(f(z)) - f(z)| {sign['idem']:.4f}, fixed-point error E|f(x) - x| on data {sign['fix']:.4f}")
         panels, n = [], len(IMAGE_SIGN_SIGMAS)
         for k in (1, 2, n + 1):
             q = self.quality(sign['steps'][k - 1])
             log(f'sign: {k} step(s) (sigmas {list(IMAGE_SIGN_SIGMAS[:k - 1])}): {quality_text(q)}')
             panels.append((f'{k} step(s)', f"cov {q['coverage']:.2f} en {q['energy']:.3f} acc {q['class_acc']:.2f}", sign['steps'][k - 1]))
-        x = sign['data']
+        image_panels(panels, path_steps)
+        x, panels = sign['data'], []
         rms = lambda a: float((a - x).flatten(1).pow(2).mean(1).sqrt().mean())  # to the clean image
         hit = lambda a: float((_rms(a.double().flatten(1), self.teacher.X).argmin(1) == _rms(x.double().flatten(1), self.teacher.X).argmin(1)).double().mean())
         for name, (y, p) in [('noisy', (sign['noisy'], sign['projected']))] + list(sign.get('corrupted', {}).items()):
             log(f'sign: projection of {name} data: RMS to the clean image {rms(y):.3f} -> {rms(p):.3f}, '
                 f'nearest set image is the clean one {hit(y):.2f} -> {hit(p):.2f}')
             panels += [(name, f'RMS {rms(y):.3f}', y), (f'f({name})', f'RMS {rms(p):.3f} hit {hit(p):.2f}', p)]
-        image_panels(panels + [('data', '', x)], path)
+        image_panels(panels + [('clean data', '', x)], path_proj)
 
 WORLDS = {'toy': Toy2D, 'toy-images': ImageToy}
