@@ -4,7 +4,7 @@
 # denoiser E[x_0 | x_t] of a known distribution, so no network has to be trusted), the starting point of G and
 # f_psi (a small EDM-preconditioned network fitted to that teacher, as SiD starts from the teacher's weights),
 # exact samples (the "real data" of SiDA and SIGN), quality figures against the exact distribution, and pictures.
-# Used by sid.py (`--dataset toy`); imports only edm_nets.
+# Used by sid.py (`--dataset toy`: 2-D mixture; `--dataset toy-images`: 16x16 shapes); imports only edm_nets.
 
 import math, os
 import numpy as np
