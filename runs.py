@@ -47,12 +47,14 @@ def project(f, y, sigma=0.0, noise=None, repeat=1):
     return y
 
 @torch.no_grad()
-def sign_evaluation(f, z, x_data, sigmas, noises, noise_proj, sigma_proj=0.2):
+def sign_evaluation(f, z, x_data, sigmas, noises, noise_proj, sigma_proj=0.2, corrupted=None):
     """IGN's two properties and SIGN's uses: idempotence error E|f(f(z)) - f(z)|, fixed-point error E|f(x) - x| on
-    data, multi-step samples, and the projection of data + sigma_proj * eps."""
+    data, multi-step samples, the projection of data + sigma_proj * eps, and of other corruptions of the data
+    (corrupted: name -> inputs; returned as name -> (inputs, projections))."""
     xs, y = multistep_sample(f, z, sigmas, noises), x_data + sigma_proj * noise_proj
     err = lambda a, b: float((a - b).flatten(1).norm(dim=1).mean())
-    return dict(idem=err(f(xs[0]), xs[0]), fix=err(f(x_data), x_data), steps=xs, data=x_data, noisy=y, projected=project(f, y))
+    return dict(idem=err(f(xs[0]), xs[0]), fix=err(f(x_data), x_data), steps=xs, data=x_data, noisy=y, projected=project(f, y),
+                corrupted={k: (v, project(f, v)) for k, v in (corrupted or {}).items()})
 
 #----------------------------------------------------------------------------
 # Samples from seeds, as EDM's generate.py: one random generator per seed for its latent, label and any re-noising,

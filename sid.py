@@ -122,16 +122,19 @@ def sida_phase(cur_nimg, warmup_kimg=100, mix_kimg=200):
 # IGN's frozen copy f_theta' (same weights, no parameter gradient) gives idempotence its target.
 
 def frozen_copy(G):
-    """IGN's f_theta': a deepcopy of G in eval mode whose parameters need no grad; it stays differentiable w.r.t.
-    its input. Build it once, refresh it (refresh_frozen_) before every student step so that theta' = theta."""
-    G_bar = copy.deepcopy(G).eval().requires_grad_(False)
+    """IGN's f_theta': a deepcopy of G whose parameters need no grad; it stays differentiable w.r.t. its input.
+    Build it once, refresh it (refresh_frozen_) before every student step so that theta' = theta."""
+    G_bar = copy.deepcopy(G).requires_grad_(False)
     for p in G_bar.parameters():
         p.grad = None  # deepcopy also copies any .grad of G
     return G_bar
 
 @torch.no_grad()
 def refresh_frozen_(G_bar, G):
+    """theta' <- theta, and G's train/eval mode: IGN's copy is the SAME function as f, so it applies dropout when G
+    does (an eval-mode copy would be another function, and idempotence would hold for it, not for f)."""
     torch._foreach_copy_(list(G_bar.parameters()) + list(G_bar.buffers()), list(G.parameters()) + list(G.buffers()))
+    G_bar.train(G.training)
 
 def d_mse(a, b):
     """IGN's distance d(a, b): per-sample mean squared error."""
@@ -172,16 +175,23 @@ def sign_student_loss(G, G_bar, f_phi, f_psi, x_g, labels, sigma, noise, alpha=1
     """Per-sample SIGN terms dict(dm, idem, rec, flow) for x_g = f_theta(z) with its graph; the loop forms
     (lsg * sum dm + sum_k lam_k * sum term_k) / n. dm is SiD's loss (for SIGN's distribution-matching term); the
     IGN terms are pixel MEANS times D = pixels per sample, i.e. pixel sums like SiD's, so that a lambda tuned on
-    the toy (D = 2) carries over to images. x: real images (None: data-free, x = sg x_g). A zero lambda skips."""
+    the toy (D = 2) carries over to images. x: real images; None (data-free): no L_rec, and L_flow starts its
+    teacher paths at sg x_g. A zero lambda skips.
+    Why no data-free L_rec: with x = sg f(z) it is d(f(sg f(z)), sg f(z)), a gradient through f's OUTER call,
+    which is what IGN's tightness term pushes against: it makes every generated point a fixed point whatever it
+    is, so the fixed-point set grows towards the identity (lambda_rec = lambda_idem gives the full gradient of
+    d(f(f(z)), f(z))). Only real images are to be fixed points."""
+    if lam_flow and (sigma_f is None or sigma_f_next is None or noise_f is None):
+        raise ValueError('sign_student_loss: lam_flow > 0 needs sigma_f, sigma_f_next and noise_f')
     B, D = x_g.shape[0], x_g[0].numel()
-    x = x_g.detach() if x is None else x
     f = lambda v: generate(G, v, labels, sigma_c)
     f_bar = lambda v: generate(G_bar, v, labels, sigma_c)
     zero = x_g.new_zeros(B)
     return dict(dm=sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha),
                 idem=D * idem_loss(f_bar, x_g) if lam_idem else zero,
-                rec=D * rec_loss(f, x) if lam_rec else zero,
-                flow=D * flow_loss(f, f_bar, f_phi, x, sigma_f, sigma_f_next, noise_f, labels) if lam_flow else zero)
+                rec=D * rec_loss(f, x) if lam_rec and x is not None else zero,
+                flow=D * flow_loss(f, f_bar, f_phi, x_g.detach() if x is None else x, sigma_f, sigma_f_next, noise_f, labels)
+                if lam_flow else zero)
 
 #----------------------------------------------------------------------------
 # The three methods as objectives: what one micro-batch of generator samples x_g (with real images x_r and labels
@@ -247,10 +257,10 @@ def G_sign(run, x_g, x_r, c):
 
 Method = collections.namedtuple('Method', 'fake G G_trains psi_clip extra')
 METHODS = {  # f_psi objective, G objective, does G step at this point, f_psi's gradient clip, name of the extra term
-    'sid':  Method(fake_sid, G_sid, lambda cfg, nimg: True, None, None),
+    'sid':  Method(fake_sid, G_sid, lambda cfg, nimg: nimg >= cfg.psi_warmup_kimg * 1e3, None, None),
     'sida': Method(fake_sida, G_sida, lambda cfg, nimg: sida_phase(nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) != 'frozen',
                    1.0, 'loss_gan'),
-    'sign': Method(fake_sid, G_sign, lambda cfg, nimg: True, None, 'loss_ign'),
+    'sign': Method(fake_sid, G_sign, lambda cfg, nimg: nimg >= cfg.psi_warmup_kimg * 1e3, None, 'loss_ign'),
 }
 
 #----------------------------------------------------------------------------
@@ -263,7 +273,7 @@ def opt(default, help, group='training'):
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = opt('toy', 'toy | cifar10 | cifar10-cond | imagenet64 | ffhq64 | afhqv2-64', 'method')
+    dataset: str = opt('toy', 'toy | toy-images | cifar10 | cifar10-cond | imagenet64 | ffhq64 | afhqv2-64', 'method')
     method: str = opt('sid', 'sid | sida (SiD²A with --init-generator) | sign', 'method')
     alpha: float = opt(1.2, "SiD's alpha in the generator loss", 'method')
     sigma_init: float = opt(2.5, "the generator's input noise level: x_g = G(sigma_init*eps; sigma_init)", 'method')
@@ -272,6 +282,7 @@ class Config:
     lsg: float = opt(100.0, 'SiD generator loss scale', 'method')
     lsd: float = opt(1.0, 'SiDA: discriminator loss scale', 'method')
     lsg_gan: float = opt(0.01, 'SiDA: adversarial generator loss scale', 'method')
+    psi_warmup_kimg: float = opt(0, 'SiD, SIGN: only f_psi trains until then (G waits for f_psi to track it)', 'method')
     sida_warmup_kimg: float = opt(100, 'SiDA: only f_psi/D train until then', 'method')
     sida_mix_kimg: float = opt(200, 'SiDA: pure SiD until then, then 0.5 SiD + 0.5 adversarial', 'method')
     lambda_idem: float = opt(100.0, 'SIGN: idempotence weight (pixel sums, like SiD with lsg 100)', 'method')
@@ -313,6 +324,8 @@ P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.1
 PRESETS = {  # SiD, official run_sid.sh
     'toy':          dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=512, batch_gpu=512, dropout=0.0, augment=0.0,
                          ema_mimg=0.03, duration_mimg=0.3, tick_kimg=30, snap_kimg=300, device='cpu'),  # toy.py: why
+    'toy-images':   dict(alpha=1.0, lr=1e-3, glr=1e-4, batch=8, batch_gpu=8, dropout=0.0, augment=0.0, psi_warmup_kimg=0.5,
+                         ema_mimg=0.001, duration_mimg=0.005, tick_kimg=0.5, snap_kimg=5, device='cpu'),  # toy.py: the image toy
     'cifar10':      dict(C10, duration_mimg=500),
     'cifar10-cond': dict(C10, teacher='cifar10-32x32-cond-vp', duration_mimg=800),
     'imagenet64':   dict(teacher='imagenet-64x64-cond-adm', fid_ref='imagenet-64x64', batch=8192, batch_gpu=16,
@@ -328,7 +341,8 @@ METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches;
              'imagenet64': dict(alpha=1.0, batch_gpu=32, duration_mimg=300),
              'ffhq64': dict(alpha=1.0, batch_gpu=64, g_beta1=0.0, duration_mimg=200),
              'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200),
-             'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0)},  # scaled to the toy (README)
+             'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0),  # scaled to the toy (README)
+             'toy-images': dict(alpha=1.0, sida_warmup_kimg=1, sida_mix_kimg=2, lsg_gan=2.0)},
 }
 # What a resumed run may change; anything else would change its maths.
 RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg', 'fid_num',
@@ -337,7 +351,7 @@ RANGES = dict(batch=(1, None), batch_gpu=(1, None), fid_num=(2, None), seed=(0, 
               sigma_init=(0.002, 80), tmax=(0, 1000), dropout=(0, 0.99), augment=(0, 1), g_beta1=(0, 0.99))
 POSITIVE = {'alpha', 'tmax', 'lr', 'glr', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'ema_mimg'}
 for _k in ('ls', 'lsg', 'lsd', 'lsg_gan', 'lambda_idem', 'lambda_rec', 'lambda_flow', 'fid_every_kimg', 'sida_warmup_kimg',
-           'sida_mix_kimg'):
+           'sida_mix_kimg', 'psi_warmup_kimg'):
     RANGES[_k] = (0, None)
 
 def preset(dataset='toy', method='sid', init_generator='', fast=False):
@@ -346,7 +360,7 @@ def preset(dataset='toy', method='sid', init_generator='', fast=False):
         raise ValueError(f"unknown --dataset '{dataset}' or --method '{method}' (datasets: {', '.join(PRESETS)}; "
                          f"methods: {', '.join(METHODS)})")
     p = dict(PRESETS[dataset], dataset=dataset, method=method, **METHOD_PRESETS.get(method, {}).get(dataset, {}))
-    p.update(dict(duration_mimg=100) if method == 'sida' and init_generator and dataset != 'toy' else {})  # SiD²A
+    p.update(dict(duration_mimg=100) if method == 'sida' and init_generator and dataset not in toy.WORLDS else {})  # SiD²A
     if fast and method != 'sida':  # SiD's and SIGN's maths do not depend on the micro-batch (SiDA's batch statistics do)
         p['batch_gpu'] = max(p['batch_gpu'], 64)  # the GPU launch-bound below 64 (README, Speed); at most batch / GPUs
     return dict(p, **FAST, fast=True) if fast else p
@@ -482,6 +496,8 @@ def open_data(run):
     """Real images for SiDA / SIGN and labels for conditional nets: a toy's exact samples, else --data (official:
     labels from the dataset; without --data, uniform labels). Streams resume at the saved position."""
     cfg, run.data = run.cfg, None
+    if cfg.method == 'sign' and not cfg.data and run.toy is None:
+        run.log('SIGN without --data: no reconstruction term L_rec (only real images are made fixed points)')
     if run.toy is not None and cfg.method in ('sida', 'sign'):
         run.data = run.toy.batches(run.batch_gpu, cfg.seed * run.world_size + run.rank, start=run.data_batches)
     elif cfg.method == 'sida' or cfg.data:
@@ -609,7 +625,8 @@ def finish(run):
     if run.toy is not None and run.rank == 0:
         sign = None
         if cfg.method == 'sign':  # IGN's properties and SIGN's multi-step sampling and projection, on fixed draws
-            sign = runs.sign_evaluation(lambda v: generate(run.G_ema, v, None, cfg.sigma_init), *run.toy.sign_inputs())
+            c = run.toy.sign_labels  # labels of the fixed draws (None: an unconditional world)
+            sign = runs.sign_evaluation(lambda v: generate(run.G_ema, v, c, cfg.sigma_init), *run.toy.sign_inputs())
         run.written += [os.path.basename(p) for p in run.toy.report(cfg.outdir, run.log, sign)]
     if run.own_group:
         import torch.distributed as dist

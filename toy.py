@@ -4,10 +4,11 @@
 # denoiser E[x_0 | x_t] of a known distribution, so no network has to be trusted), the starting point of G and
 # f_psi (a small EDM-preconditioned network fitted to that teacher, as SiD starts from the teacher's weights),
 # exact samples (the "real data" of SiDA and SIGN), quality figures against the exact distribution, and pictures.
-# Used by sid.py (`--dataset toy`); imports only edm_nets.
+# Used by sid.py (`--dataset toy`: 2-D mixture; `--dataset toy-images`: 16x16 shapes); imports only edm_nets.
 
 import json
 import math
+import os
 import numpy as np
 import torch
 
@@ -269,6 +270,8 @@ class Toy2D:
                 f"{q['within']:.3f} (exact: 0.865), clustering {q['clustering']:.3f} (exact: {EXACT['clustering']}, "
                 f"a ring: 0), balance {q['balance']:.2f} (exact: ~1, one mode: 0)")
 
+    sign_labels = None  # the 2-D toy is unconditional
+
     def sign_inputs(self):
         """Fixed draws for SIGN's evaluation: latents, exact data, re-noising levels and noises, projection noise."""
         x_data = self.teacher.sample(2000, torch.Generator().manual_seed(5))
@@ -314,4 +317,277 @@ class Toy2D:
                     self.teacher, f'{outdir}/toy.gif')
         quality_plot(curve, f'{outdir}/toy_quality.png')
 
-WORLDS = {'toy': Toy2D}
+#----------------------------------------------------------------------------
+# The image toy: 16x16 RGB pictures of 4 shapes (the class), drawn with PIL. The set is kept simple enough for a
+# 180k-parameter one-step generator to master on a CPU in minutes: every shape is centred and of one size, and its
+# colour (a random saturated hue on black) is the only variation within a class. The teacher f_phi is the exact
+# denoiser of the set's empirical distribution, so no network has to be trusted and samples are scored against
+# the set itself.
+
+SHAPES = ('disc', 'square', 'triangle', 'cross')  # class k = SHAPES[k]
+
+def draw_shape(shape, hue, res=16, ss=4):
+    """One RGB uint8 image [res, res, 3]: `shape` in the saturated colour of `hue` on black, drawn at ss x the
+    resolution and box-filtered down (anti-aliased edges)."""
+    from PIL import Image, ImageDraw
+    R, c, r = res * ss, res * ss / 2, 0.36 * res * ss  # centre, half-size
+    fg = tuple(int(255 * np.clip(abs((hue * 6 + k) % 6 - 3) - 1, 0, 1)) for k in (0, 4, 2))
+    im = Image.new('RGB', (R, R), (0, 0, 0))
+    d = ImageDraw.Draw(im)
+    if shape == 'disc':
+        d.ellipse([c - r, c - r, c + r, c + r], fill=fg)
+    elif shape == 'square':
+        d.rectangle([c - r * 0.85, c - r * 0.85, c + r * 0.85, c + r * 0.85], fill=fg)
+    elif shape == 'triangle':
+        d.polygon([(c, c - r), (c - r, c + r), (c + r, c + r)], fill=fg)
+    else:  # cross: two bars a third as wide as long
+        w = r / 3
+        d.rectangle([c - r, c - w, c + r, c + w], fill=fg)
+        d.rectangle([c - w, c - r, c + w, c + r], fill=fg)
+    return np.asarray(im.resize((res, res), Image.BOX))
+
+def make_image_set(per_class=16, res=16, seed=0):
+    """-> (uint8 [N, 3, res, res], float32 one-hot [N, 4]), N = 4 * per_class, classes interleaved; fixed seed:
+    the same set on every machine."""
+    hues = np.random.default_rng(seed).uniform(0, 1, per_class * len(SHAPES))
+    ims = [draw_shape(SHAPES[i % len(SHAPES)], h, res) for i, h in enumerate(hues)]
+    ys = torch.arange(len(ims)) % len(SHAPES)
+    return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous(), torch.eye(len(SHAPES))[ys]
+
+#----------------------------------------------------------------------------
+# The exact image teacher. For p_data = (1/N) sum_i delta(x_i), x_t = x_0 + sigma*eps has the posterior mean
+#   D(x; sigma) = sum_i softmax_i(-||x - x_i||^2 / (2 sigma^2)) x_i          (Tweedie; SiD §3 uses D as f_phi)
+# in float64 (logits reach ~1e4 / sigma^2) and differentiable in x. With labels, the sum runs over that class.
+
+class EmpiricalDenoiser(torch.nn.Module):
+    """Exact D(x; sigma) of an image set; call convention of edm_nets.EDMPrecond (float32 in and out)."""
+    def __init__(self, images, labels, conditional=True, chunk_elems=2 ** 22):
+        super().__init__()
+        X = images.double().flatten(1) / 127.5 - 1                        # [N, D] in [-1, 1]
+        self.register_buffer('X', X)
+        self.register_buffer('half_sq', 0.5 * (X ** 2).sum(1))             # ||x_i||^2 / 2
+        self.register_buffer('set_labels', labels.double())
+        self.img_channels, self.img_resolution = images.shape[1], images.shape[2]
+        self.label_dim = labels.shape[1] if conditional else 0
+        self.sigma_data, self.chunk = 0.5, max(1, chunk_elems // len(X))    # rows per chunk bound the [rows, N] memory
+
+    def weights(self, x, sigma, class_labels=None):
+        """Posterior weights [B, N] in float64 (x [B, C, H, W], sigma [B])."""
+        # -||x - x_i||^2 / 2 = x.x_i - ||x_i||^2 / 2 - ||x||^2 / 2; the last term is the same for all i: dropped
+        logits = (x.double().flatten(1) @ self.X.T - self.half_sq) / (sigma.reshape(-1, 1) ** 2).clamp_min(1e-300)
+        if self.label_dim and class_labels is not None:
+            same = class_labels.double().reshape(-1, self.label_dim) @ self.set_labels.T > 0.5
+            logits = logits.masked_fill(~same, -float('inf'))
+        return logits.softmax(1)
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, **kw):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(len(x))
+        c = class_labels.reshape(-1, self.label_dim).expand(len(x), -1) if self.label_dim and class_labels is not None else None
+        out = [self.weights(x[i:i + self.chunk], sigma[i:i + self.chunk], None if c is None else c[i:i + self.chunk]) @ self.X
+               for i in range(0, len(x), self.chunk)]  # chunks: memory [chunk, N] however large the batch
+        return torch.cat(out).reshape(x.shape).to(torch.float32)
+
+#----------------------------------------------------------------------------
+# The image student: EDM's DDPM++ U-Net (SongUNet) shrunk to 16 channels, in EDM preconditioning, fitted to the
+# exact teacher by EDM's loss with the teacher's output as target, so that G and f_psi start as "the teacher" (SiD §4).
+
+STUDENT_KWARGS = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                      decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], augment_dim=9,
+                      model_channels=16, channel_mult=[1, 2], channel_mult_emb=4, num_blocks=1, attn_resolutions=[])
+
+def fit_student(net, teacher, sampler, steps, batch=64, lr=2e-3, seed=0, P_mean=-0.6, P_std=1.6):
+    """lambda(sigma) |net(x_0 + sigma n) - f_phi(x_0 + sigma n)|^2 over ln sigma ~ N(-0.6, 1.6^2), wider than EDM's
+    because SiD queries f_psi up to sigma ~ 24 and G at 2.5; the lr decays over the second half."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, 2 * (1 - k / max(steps, 1)) + 0.05))
+    for _ in range(steps):
+        x0, c = sampler(batch, gen)
+        sigma = (torch.randn(batch, 1, 1, 1, generator=gen) * P_std + P_mean).exp().clamp(0.002, 80)
+        x = x0 + sigma * torch.randn(x0.shape, generator=gen)
+        with torch.no_grad():
+            target = teacher(x, sigma, c)
+        w = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2  # EDM's lambda(sigma), sigma_data = 0.5
+        loss = (w * (net(x, sigma, c) - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+    return net
+
+#----------------------------------------------------------------------------
+# Image quality against the set (per-pixel RMS distances, float64).
+
+def _rms(a, b):
+    return ((a ** 2).sum(1, keepdim=True) - 2 * a @ b.T + (b ** 2).sum(1)).clamp_min(0).div(a.shape[1]).sqrt()
+
+def image_quality(X, set_labels, x, labels=None):
+    """coverage = fraction of set images that are some sample's nearest; fidelity = mean RMS distance to it;
+    class_acc = its class is the sample's label; energy = energy distance to the set in RMS units (0 for p_g =
+    p_data; blur and collapse both raise it); sharpness = mean squared difference of neighbouring pixels."""
+    xd, X = x.detach().cpu().double().flatten(1), X.cpu()
+    d = _rms(xd, X)
+    dmin, nn_i = d.min(1)
+    n, im = len(xd), x.detach().cpu().double()
+    e_xx, e_yy = _rms(xd, xd).sum() / max(n * (n - 1), 1), _rms(X, X).sum() / (len(X) * (len(X) - 1))  # zero diagonals out
+    sharp = ((im[..., 1:, :] - im[..., :-1, :]) ** 2).mean() + ((im[..., 1:] - im[..., :-1]) ** 2).mean()
+    out = dict(coverage=len(nn_i.unique()) / len(X), fidelity=float(dmin.mean()), energy=float(2 * d.mean() - e_xx - e_yy),
+               sharpness=float(sharp / 2))
+    if labels is not None and labels.shape[-1]:
+        out['class_acc'] = float((set_labels.cpu()[nn_i].argmax(1) == labels.cpu().argmax(1)).double().mean())
+    return out
+
+def quality_text(q):
+    return (f"coverage {q['coverage']:.2f}, energy {q['energy']:.3f}, class acc {q.get('class_acc', float('nan')):.2f}, "
+            f"fidelity {q['fidelity']:.3f}, sharpness {q['sharpness']:.3f}")
+
+def image_panels(panels, path, cols=8, scale=4):
+    """panels: [(title, subtitle, images [n, C, H, W] in [-1, 1])] -> one PNG of grids side by side (atomic);
+    pixels as EDM's uint8 rule, upscaled by nearest neighbour so that 16x16 images can be seen."""
+    from PIL import Image, ImageDraw
+    grids = []
+    for _, _, x in panels:
+        u = (x[:cols * cols].detach().cpu().float() * 127.5 + 128).clip(0, 255).to(torch.uint8)
+        n, C, H, W = u.shape
+        g = torch.full(((n + cols - 1) // cols * (H + 1) + 1, cols * (W + 1) + 1, C), 80, dtype=torch.uint8)
+        for i, v in enumerate(u):
+            r, k = divmod(i, cols)
+            g[1 + r * (H + 1):1 + r * (H + 1) + H, 1 + k * (W + 1):1 + k * (W + 1) + W] = v.permute(1, 2, 0)
+        im = Image.fromarray(g.numpy())
+        grids.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    head, pad = 30, 8
+    canvas = Image.new('RGB', (sum(g.width + pad for g in grids) + pad, max(g.height for g in grids) + head + pad), (20, 20, 20))
+    d, u = ImageDraw.Draw(canvas), pad
+    for (title, sub, _), g in zip(panels, grids):
+        d.text((u, 3), title, fill=(255, 255, 255))
+        d.text((u, 16), sub, fill=(200, 200, 120))
+        canvas.paste(g, (u, head))
+        u += g.width + pad
+    with edm_nets.atomic_write(path) as f:
+        canvas.save(f, format='PNG')
+
+# SIGN's re-noising levels on the image toy (multi-step sampling) and its corruptions for projection.
+IMAGE_SIGN_SIGMAS = (0.8, 0.4, 0.2)
+IMAGE_PROJ_SIGMA = 0.3  # additive noise; masking blanks a random 8x8 square to 0 (mid grey)
+
+#----------------------------------------------------------------------------
+# The image world as the loop sees it (same interface as Toy2D). Class-conditional: G and f_psi get one-hot labels.
+
+_FITTED = {}  # fitted student weights per setting: the fit runs once per process
+
+class ImageToy:
+    name = 'toy-images'
+
+    def __init__(self, per_class=16, res=16, fit_steps=400, n_eval=256, net_kwargs=None, seed=0):
+        self.images, self.labels = make_image_set(per_class, res, seed)
+        self.teacher = EmpiricalDenoiser(self.images, self.labels).eval().requires_grad_(False)
+        self.net_kwargs, self.fit_steps, self.seed = dict(STUDENT_KWARGS, **(net_kwargs or {})), fit_steps, seed
+        g = torch.Generator().manual_seed(7)  # fixed latents (unit noise) and labels for frames and figures
+        self.eps = torch.randn([n_eval, *self.images.shape[1:]], generator=g)
+        self.sign_labels = torch.eye(len(SHAPES))[torch.arange(n_eval) % len(SHAPES)]
+        self.sigma_init = 2.5
+        self.frames = []  # [(title, G_ema samples)]: the first and the latest only (images are large)
+        self.curve = []   # (title, figures) at every observation
+        self._exact = None
+
+    def student(self, dropout=0.0):
+        """G's and f_psi's common start: a tiny SongUNet fitted to the exact teacher (the global RNG is untouched)."""
+        kw = dict(img_resolution=self.images.shape[2], img_channels=self.images.shape[1], label_dim=len(SHAPES),
+                  **self.net_kwargs)
+        key = (len(self.images), self.fit_steps, self.seed, repr(sorted(self.net_kwargs.items())))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if key not in _FITTED:
+                net = edm_nets.EDMPrecond(**kw, dropout=0.0)
+                _FITTED[key] = fit_student(net, self.teacher, self.sample, self.fit_steps, seed=self.seed).state_dict()
+            net = edm_nets.EDMPrecond(**kw, dropout=dropout)
+        net.load_state_dict(_FITTED[key])
+        return net
+
+    def sample(self, n, gen=None):
+        """n exact samples (uniform draws from the set) -> (x [n, C, H, W] in [-1, 1], one-hot labels [n, 4])."""
+        i = torch.randint(len(self.images), (n,), generator=gen)
+        return self.images[i].float() / 127.5 - 1, self.labels[i]
+
+    def sample_of(self, labels, gen):
+        """One exact sample per given label (a random set image of that class)."""
+        per = len(self.images) // len(SHAPES)
+        i = labels.argmax(1) + len(SHAPES) * torch.randint(per, (len(labels),), generator=gen)
+        return self.images[i].float() / 127.5 - 1
+
+    def batches(self, batch, seed, start=0):
+        gen = torch.Generator().manual_seed(seed + 99)
+        for _ in range(start):
+            self.sample(batch, gen)
+        while True:
+            yield self.sample(batch, gen)
+
+    def observe(self, G_ema, sigma_init, title):
+        self.sigma_init = sigma_init
+        with torch.no_grad():
+            x = G_ema(self.eps * sigma_init, torch.full([len(self.eps), 1, 1, 1], sigma_init), self.sign_labels).contiguous()
+        self.frames = self.frames[:1] + [(title, x)]
+        self.curve.append((title, self.quality(x)))
+        return x
+
+    def quality(self, x, labels=None):
+        return image_quality(self.teacher.X, self.teacher.set_labels, x, self.sign_labels if labels is None else labels)
+
+    def exact(self):
+        """As many exact samples as frames have, with the frames' labels (fixed seed): the reference figures."""
+        if self._exact is None:
+            x = self.sample_of(self.sign_labels, torch.Generator().manual_seed(1234))
+            self._exact = (x, self.quality(x))
+        return self._exact
+
+    def quality_line(self, x):
+        return f'{quality_text(self.quality(x))} (exact samples: {quality_text(self.exact()[1])})'
+
+    def sign_inputs(self):
+        """Fixed draws for SIGN's evaluation, one per frame label: latents, exact data, re-noising levels and
+        noises, additive projection noise and level, and the masked data (an 8x8 square set to 0)."""
+        x_data = self.sample_of(self.sign_labels, torch.Generator().manual_seed(5))
+        noises = [torch.randn(self.eps.shape, generator=torch.Generator().manual_seed(9 + k)) for k in range(len(IMAGE_SIGN_SIGMAS))]
+        g = torch.Generator().manual_seed(11)
+        noise_proj = torch.randn(x_data.shape, generator=g)
+        H = x_data.shape[-1]
+        u, v = torch.randint(H - 7, (2, len(x_data)), generator=g)
+        ar = torch.arange(H)
+        keep = ~(((ar[None] >= u[:, None]) & (ar[None] < u[:, None] + 8))[:, :, None] &
+                 ((ar[None] >= v[:, None]) & (ar[None] < v[:, None] + 8))[:, None, :])
+        return (self.eps * self.sigma_init, x_data, IMAGE_SIGN_SIGMAS, noises, noise_proj, IMAGE_PROJ_SIGMA,
+                dict(masked=x_data * keep[:, None]))
+
+    def report(self, outdir, log, sign=None):
+        """End figures, SIGN's multi-step and projection figures, and the pictures; returns the files written."""
+        (t0, x0), (t1, x1), (xe, qe) = self.frames[0], self.frames[-1], self.exact()
+        log(f'toy end:   {self.quality_line(x1)}')
+        step = max(1, len(self.curve) // 10)
+        if self.curve:  # (a resumed run has only the frames)
+            log('toy curve (energy / coverage): ' + ', '.join(f"{t} {q['energy']:.3f} / {q['coverage']:.2f}"
+                                                              for t, q in self.curve[::step] + self.curve[-1:]))
+        paths = [os.path.join(outdir, 'toy-images.png')]
+        image_panels([(f'start ({t0})', quality_text(self.quality(x0)), x0), (f'end ({t1})', quality_text(self.quality(x1)), x1),
+                      ('exact samples', quality_text(qe), xe)], paths[0])
+        if sign is not None:
+            paths += [os.path.join(outdir, f'toy-images-sign-{k}.png') for k in ('steps', 'projection')]
+            self.report_sign(sign, log, *paths[1:])
+        return paths
+
+    def report_sign(self, sign, log, path_steps, path_proj):
+        """SIGN's figures: 1-, 2- and 4-step samples, and the projections f(y) of corrupted data y (RMS to the clean
+        image, and how often the nearest set image is the clean one); one PNG each."""
+        log(f"sign: idempotence error E|f(f(z)) - f(z)| {sign['idem']:.4f}, fixed-point error E|f(x) - x| on data {sign['fix']:.4f}")
+        panels, n = [], len(IMAGE_SIGN_SIGMAS)
+        for k in (1, 2, n + 1):
+            q = self.quality(sign['steps'][k - 1])
+            log(f'sign: {k} step(s) (sigmas {list(IMAGE_SIGN_SIGMAS[:k - 1])}): {quality_text(q)}')
+            panels.append((f'{k} step(s)', f"cov {q['coverage']:.2f} en {q['energy']:.3f} acc {q['class_acc']:.2f}", sign['steps'][k - 1]))
+        image_panels(panels, path_steps)
+        x, panels = sign['data'], []
+        rms = lambda a: float((a - x).flatten(1).pow(2).mean(1).sqrt().mean())  # to the clean image
+        hit = lambda a: float((_rms(a.double().flatten(1), self.teacher.X).argmin(1) == _rms(x.double().flatten(1), self.teacher.X).argmin(1)).double().mean())
+        for name, (y, p) in [('noisy', (sign['noisy'], sign['projected']))] + list(sign.get('corrupted', {}).items()):
+            log(f'sign: projection of {name} data: RMS to the clean image {rms(y):.3f} -> {rms(p):.3f}, '
+                f'nearest set image is the clean one {hit(y):.2f} -> {hit(p):.2f}')
+            panels += [(name, f'RMS {rms(y):.3f}', y), (f'f({name})', f'RMS {rms(p):.3f} hit {hit(p):.2f}', p)]
+        image_panels(panels + [('clean data', '', x)], path_proj)
+
+WORLDS = {'toy': Toy2D, 'toy-images': ImageToy}
