@@ -605,7 +605,7 @@ def maintain(run, method):
     every = lambda kimg: max(round(kimg * 1e3), 1)
     crossed = lambda kimg: kimg > 0 and (done or run.cur_nimg // every(kimg) > (run.cur_nimg - cfg.batch) // every(kimg))
     if run.toy is not None and crossed(cfg.duration_mimg * 1e3 / 40):  # 40 frames for the toy's GIF
-        run.toy.observe(run.G_ema, cfg.sigma_init, f'{run.cur_nimg / 1e3:.0f} kimg')
+        run.toy.observe(run.G_ema, cfg.sigma_init, f'{run.cur_nimg / 1e3:.4g} kimg')
     if crossed(cfg.tick_kimg):
         runs.report_tick(run, method.extra)
     if crossed(cfg.fid_every_kimg):
