@@ -232,7 +232,17 @@ TOY_SIGN_SIGMAS = (0.1, 0.05, 0.02)
 #----------------------------------------------------------------------------
 # The 2-D world as the loop sees it: teacher, student, exact samples, and the report (frames, figures, pictures).
 
-class Toy2D:
+class World:
+    """What every toy world shares: its real-data stream for SiDA and SIGN."""
+    def batches(self, batch, seed, start=0):
+        """Endless exact samples from their own generator (replayed up to `start` on resume)."""
+        gen = torch.Generator().manual_seed(seed + 99)
+        for _ in range(start):
+            self.sample(batch, gen)
+        while True:
+            yield self.sample(batch, gen)
+
+class Toy2D(World):
     name = 'toy'
 
     def __init__(self):
@@ -249,14 +259,6 @@ class Toy2D:
     def sample(self, n, gen):
         """Exact samples and (empty) labels: the toy's real data for SiDA and SIGN."""
         return self.teacher.sample(n, gen), torch.zeros(n, 0)
-
-    def batches(self, batch, seed, start=0):
-        """Endless exact samples from their own generator (replayed up to `start` on resume)."""
-        gen = torch.Generator().manual_seed(seed + 99)
-        for _ in range(start):
-            self.sample(batch, gen)
-        while True:
-            yield self.sample(batch, gen)
 
     def observe(self, G_ema, sigma_init, title):
         self.sigma_init = sigma_init
@@ -472,7 +474,7 @@ IMAGE_PROJ_SIGMA = 0.3  # additive noise; masking blanks a random 8x8 square to 
 
 _FITTED = {}  # fitted student weights per setting: the fit runs once per process
 
-class ImageToy:
+class ImageToy(World):
     name = 'toy-images'
 
     def __init__(self, per_class=16, res=16, fit_steps=400, n_eval=256, net_kwargs=None, seed=0):
@@ -511,13 +513,6 @@ class ImageToy:
         per = len(self.images) // len(SHAPES)
         i = labels.argmax(1) + len(SHAPES) * torch.randint(per, (len(labels),), generator=gen)
         return self.images[i].float() / 127.5 - 1
-
-    def batches(self, batch, seed, start=0):
-        gen = torch.Generator().manual_seed(seed + 99)
-        for _ in range(start):
-            self.sample(batch, gen)
-        while True:
-            yield self.sample(batch, gen)
 
     def observe(self, G_ema, sigma_init, title):
         self.sigma_init = sigma_init
