@@ -7,7 +7,7 @@ training state and resume; and the `generate` and `project` commands.
     python sid.py generate --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps, re-noised between
     python sid.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/proj  # SIGN: f(y + sigma eps)
 """
-import argparse, dataclasses, json, math, os, re, sys, time
+import argparse, dataclasses, json, math, os, re, sys, time, types
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -169,6 +169,33 @@ def prepare_outdir(outdir, resume, rank):
         if not os.access(outdir, os.W_OK | os.X_OK):
             raise ValueError(f'--outdir {outdir}: not writable')
         edm_nets.remove_stale_temporaries(outdir)
+
+def start(run, ref):
+    """The start-up line (options that differ from the preset `ref`, processes, micro-batches, size, folder) and the
+    tick clock of the status lines."""
+    cfg = run.cfg
+    diff = ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if v != getattr(ref, k) and k != 'outdir')
+    run.log(f'{cfg.method} on {cfg.dataset}{" with " + diff if diff else ""}; {run.world_size} process(es) on {run.device}, '
+            f'{run.rounds} round(s) of {run.batch_gpu} per step; G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M '
+            f'parameters; writing to {cfg.outdir}')
+    run.tick = types.SimpleNamespace(nimg=run.cur_nimg, time=time.time(), start=time.time(), iters=0,
+                                     index=round(run.cur_nimg / max(cfg.tick_kimg * 1e3, 1)),
+                                     sums=torch.zeros(3, dtype=torch.float64, device=run.device))
+
+def finish(run):
+    """The end of a run: a toy's report (SIGN: IGN's properties, multi-step sampling and projection on fixed draws),
+    the process group closed, one line listing what was written. -> the last namespace of sid.iterate."""
+    cfg = run.cfg
+    if run.toy is not None and run.rank == 0:
+        sign = None
+        if cfg.method == 'sign':
+            c = run.toy.sign_labels  # labels of the fixed draws (None: an unconditional world)
+            sign = sign_evaluation(lambda v: generate(run.G_ema, v, c, cfg.sigma_init), *run.toy.sign_inputs())
+        run.written += [os.path.basename(p) for p in run.toy.report(cfg.outdir, run.log, sign)]
+    if run.own_group:
+        torch.distributed.destroy_process_group()
+    run.log(f"wrote {cfg.outdir}: {', '.join(run.written)}")
+    return types.SimpleNamespace(cur_nimg=run.cur_nimg, G=run.G, G_ema=run.G_ema, f_psi=run.f_psi)
 
 def save(run, name, writer, *args):
     writer(os.path.join(run.cfg.outdir, name), *args)

@@ -1,17 +1,11 @@
-"""sid: Score identity Distillation (SiD), SiDA/SiD²A and SIGN in one readable file.
-
-    python sid.py --dataset toy                        # 2-D demo with an exact teacher, ~15 s on a CPU
-    python sid.py --dataset cifar10 --fast             # SiD on the official EDM CIFAR-10 teacher (GPU)
-    torchrun --nproc_per_node=4 sid.py --dataset cifar10 --method sida
-    python sid.py generate --ckpt RUN --seeds 0-49999 --outdir out/c10
-    python sid.py --help                               # every option, grouped, with its unit and default
+"""sid: Score identity Distillation (SiD), SiDA/SiD²A and SIGN in one readable file (examples: python sid.py --help).
 
 Reading order: identities -> SiD losses -> SiDA -> SIGN -> the three methods as objectives -> configuration ->
 the training loop (SiD Algorithm 1) -> command line. Papers: SiD, Zhou et al., ICML 2024 (arXiv 2404.04057);
 SiDA, Zhou et al., ICLR 2025 (arXiv 2410.14919); SIGN, Zaman et al. 2025 (arXiv 2509.21470; no public code,
 our reconstruction is documented in README). Official code: github.com/mingyuanzhou/SiD.
 """
-import argparse, collections, copy, dataclasses, json, math, os, re, sys, time, types
+import argparse, collections, copy, dataclasses, json, math, os, re, sys, types
 from contextlib import nullcontext
 import numpy as np
 import torch
@@ -175,12 +169,9 @@ def sign_student_loss(G, G_bar, f_phi, f_psi, x_g, labels, sigma, noise, alpha=1
     """Per-sample SIGN terms dict(dm, idem, rec, flow) for x_g = f_theta(z) with its graph; the loop forms
     (lsg * sum dm + sum_k lam_k * sum term_k) / n. dm is SiD's loss (for SIGN's distribution-matching term); the
     IGN terms are pixel MEANS times D = pixels per sample, i.e. pixel sums like SiD's, so that a lambda tuned on
-    the toy (D = 2) carries over to images. x: real images; None (data-free): no L_rec, and L_flow starts its
-    teacher paths at sg x_g. A zero lambda skips.
-    Why no data-free L_rec: with x = sg f(z) it is d(f(sg f(z)), sg f(z)), a gradient through f's OUTER call,
-    which is what IGN's tightness term pushes against: it makes every generated point a fixed point whatever it
-    is, so the fixed-point set grows towards the identity (lambda_rec = lambda_idem gives the full gradient of
-    d(f(f(z)), f(z))). Only real images are to be fixed points."""
+    the toy (D = 2) carries over to images. A zero lambda skips. x: real images; None (data-free): no L_rec, since
+    d(f(sg f(z)), sg f(z)) would train f's OUTER call, what IGN's tightness term pushes against: every generated
+    point would become a fixed point, growing the fixed-point set towards the identity. L_flow then starts at sg x_g."""
     if lam_flow and (sigma_f is None or sigma_f_next is None or noise_f is None):
         raise ValueError('sign_student_loss: lam_flow > 0 needs sigma_f, sigma_f_next and noise_f')
     B, D = x_g.shape[0], x_g[0].numel()
@@ -350,9 +341,8 @@ RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kim
 RANGES = dict(batch=(1, None), batch_gpu=(1, None), fid_num=(2, None), seed=(0, 2 ** 32 - 1), alpha=(0, 2),
               sigma_init=(0.002, 80), tmax=(0, 1000), dropout=(0, 0.99), augment=(0, 1), g_beta1=(0, 0.99))
 POSITIVE = {'alpha', 'tmax', 'lr', 'glr', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'ema_mimg'}
-for _k in ('ls', 'lsg', 'lsd', 'lsg_gan', 'lambda_idem', 'lambda_rec', 'lambda_flow', 'fid_every_kimg', 'sida_warmup_kimg',
-           'sida_mix_kimg', 'psi_warmup_kimg'):
-    RANGES[_k] = (0, None)
+RANGES.update(dict.fromkeys(['ls', 'lsg', 'lsd', 'lsg_gan', 'lambda_idem', 'lambda_rec', 'lambda_flow', 'fid_every_kimg',
+                              'sida_warmup_kimg', 'sida_mix_kimg', 'psi_warmup_kimg'], (0, None)))
 
 def preset(dataset='toy', method='sid', init_generator='', fast=False):
     """The resolved defaults of a dataset and method."""
@@ -517,10 +507,7 @@ def iterate(cfg, nets=None):
     run, method = setup(cfg, nets), METHODS[cfg.method]
     if run.toy is not None and not cfg.resume:
         run.log(f'toy start: {run.toy.quality_line(run.toy.observe(run.G_ema, cfg.sigma_init, "0 kimg"))}')
-    run.log(startup_line(run))
-    run.tick = types.SimpleNamespace(nimg=run.cur_nimg, time=time.time(), start=time.time(), iters=0,
-                                     index=round(run.cur_nimg / max(cfg.tick_kimg * 1e3, 1)),
-                                     sums=torch.zeros(3, dtype=torch.float64, device=run.device))
+    runs.start(run, Config(**preset(cfg.dataset, cfg.method, cfg.init_generator, cfg.fast)))  # status line, tick clock
     while run.cur_nimg < run.end_nimg:
         # 1. f_psi learns the score of G's current samples: G makes them without a graph and with dropout off,
         #    f_psi trains with dropout on, on augmented images (SiDA: plus its discriminator term on real images).
@@ -540,7 +527,7 @@ def iterate(cfg, nets=None):
         yield types.SimpleNamespace(cur_nimg=run.cur_nimg, loss_fake=fake[0], loss_G=gen[0], loss_extra=gen[1],
                                     G=run.G, G_ema=run.G_ema, f_psi=run.f_psi)
         maintain(run, method)
-    yield finish(run)
+    yield runs.finish(run)
 
 def accumulate(run, phase, net, opt, objective, clip=None):
     """One Adam step of `net` on the whole batch: rounds of batch_gpu images per GPU with summed gradients, DDP's
@@ -612,27 +599,6 @@ def maintain(run, method):
         runs.fid_step(run)
     if crossed(cfg.snap_kimg) and run.rank == 0:
         runs.save_checkpoint(run)
-
-def startup_line(run):
-    cfg, ref = run.cfg, Config(**preset(run.cfg.dataset, run.cfg.method, run.cfg.init_generator, run.cfg.fast))
-    diff = ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if v != getattr(ref, k) and k != 'outdir')
-    return (f'{cfg.method} on {cfg.dataset}{" with " + diff if diff else ""}; {run.world_size} process(es) on '
-            f'{run.device}, {run.rounds} round(s) of {run.batch_gpu} per step; G {sum(p.numel() for p in run.G.parameters()) / 1e6:.2f}M '
-            f'parameters; writing to {cfg.outdir}')
-
-def finish(run):
-    cfg = run.cfg
-    if run.toy is not None and run.rank == 0:
-        sign = None
-        if cfg.method == 'sign':  # IGN's properties and SIGN's multi-step sampling and projection, on fixed draws
-            c = run.toy.sign_labels  # labels of the fixed draws (None: an unconditional world)
-            sign = runs.sign_evaluation(lambda v: generate(run.G_ema, v, c, cfg.sigma_init), *run.toy.sign_inputs())
-        run.written += [os.path.basename(p) for p in run.toy.report(cfg.outdir, run.log, sign)]
-    if run.own_group:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    run.log(f"wrote {cfg.outdir}: {', '.join(run.written)}")
-    return types.SimpleNamespace(cur_nimg=run.cur_nimg, G=run.G, G_ema=run.G_ema, f_psi=run.f_psi)
 
 def train(cfg, nets=None):
     """Run (or resume) a distillation to its end; -> the final (G, G_ema, f_psi)."""
