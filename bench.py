@@ -182,44 +182,17 @@ def _resident_mib(device):
 
 
 def bench_sid(args):
-    from torch.utils.flop_counter import FlopCounterMode
+    """Each (micro-batch, method, setting) timed by measure(), the loop the compare mode uses; one table."""
     device = torch.device(args.device)
     batches = args.batch_gpu or ([64, 16] if device.type == 'cuda' else [4])
     settings = args.settings or (GPU_SETTINGS if device.type == 'cuda' else CPU_SETTINGS)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     peaks = next((p for key, p in PEAK_TFLOPS if key in name), None) if device.type == 'cuda' else None
-    results, flops = [], {}
-    workdir = tempfile.mkdtemp(prefix='sid-bench-')
-    for B in batches:
-        for method in args.methods:
-            for setting in settings:
-                cfg, it = sid_iterations(method, setting, B, device, workdir)
-                for _ in range(1 + 2 * cfg.compile):  # warm-up: set-up, allocator, cuDNN autotuning, compilation
-                    run_iteration(it)
-                times, cpu_times, peak = [], [], 0.0
-                for _ in range(args.repeat):
-                    m = [0.0]
-                    resident = _resident_mib(device)
-                    with peak_memory_mib(device, m):
-                        _sync(device)
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        run_iteration(it)
-                        _sync(device)
-                        times.append(time.perf_counter() - t0)
-                        cpu_times.append(time.process_time() - c0)  # all threads; robust to other loads
-                    peak = max(peak, m[0])
-                # Model FLOPs of one iteration, counted once per (method, batch) on an eager run without
-                # recomputation: compiled kernels bypass the counter, checkpointing's recompute is not model work.
-                if (method, B) not in flops and not (cfg.compile or cfg.checkpointing):
-                    with FlopCounterMode(display=False) as fc:
-                        run_iteration(it)
-                    flops[method, B] = fc.get_total_flops()
-                results.append((method, setting, B, statistics.median(times), statistics.median(cpu_times),
-                                resident, peak))
-                it.close()
-                del it
-                if device.type == 'cuda':
-                    torch.cuda.empty_cache()
+    ctx = dict(device=device, workdir=tempfile.mkdtemp(prefix='sid-bench-'), net_overrides=args.net_overrides or '')
+    runs = [measure(s, setting_fields(s), method, B, args, ctx) for B in batches for method in args.methods for s in settings]
+    # model FLOPs (eager runs only: compiled kernels bypass the counter, checkpointing's recompute is not model work)
+    flops = {(r['method'], r['B']): r['flops'] for r in runs if 'flops' in r}
+    results = [(r['method'], r['label'], r['B'], r['t'], r['t_cpu'], r['resident'], r['peak']) for r in runs]
     rows, by_key = [], {}
     for method, setting, B, t, t_cpu, resident, peak in results:
         f = flops.get((method, B), float('nan'))
@@ -288,15 +261,16 @@ def measure(label, fields, method, B, args, ctx, track=0, profile=False):
             step()
         _sync(device)
         r['warmup_s'] = time.perf_counter() - t0
-        resident, m, times = _resident_mib(device), [0.0], []
+        resident, m, times, cpu_times = _resident_mib(device), [0.0], [], []
         with peak_memory_mib(device, m):
             for _ in range(args.repeat):
                 _sync(device)
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
                 step()
                 _sync(device)
                 times.append(time.perf_counter() - t1)
-        r.update(t=statistics.median(times), peak=m[0], resident=resident)
+                cpu_times.append(time.process_time() - c1)  # all threads; robust to other loads on a CPU
+        r.update(t=statistics.median(times), t_cpu=statistics.median(cpu_times), peak=m[0], resident=resident)
         if not cfg.compile and not cfg.checkpointing:  # compiled kernels bypass the counter
             with FlopCounterMode(display=False) as fc:
                 step()
