@@ -288,24 +288,32 @@ class SongUNet(torch.nn.Module):
                 self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
         skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
 
-        # Decoder; attention only in the last block of a level (unlike ADM).
-        self.dec = torch.nn.ModuleDict()
+        self.dec = self.decoder(cout, skips, img_resolution, out_channels, model_channels, channel_mult, num_blocks,
+                                attn_resolutions, decoder_type, resample_filter, block_kwargs)
+
+    @staticmethod
+    def decoder(cout, skips, img_resolution, out_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                decoder_type, resample_filter, block_kwargs):
+        """The decoder, mirroring the encoder (skips: its outputs' channels); attention only in the last block of a
+        level (unlike ADM)."""
+        dec, init_zero = torch.nn.ModuleDict(), block_kwargs['init_zero']
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+                dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+                dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = (idx == num_blocks and res in attn_resolutions)
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+                dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
             if decoder_type == 'skip' or level == 0:
                 if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter)
-                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+                    dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter)
+                dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
+                dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        return dec
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None, return_logits=False, encoder_only=False):
         # Mapping. EDM swaps the embedding halves to [sin, cos] and scales one-hot labels by sqrt(label_dim).

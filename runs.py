@@ -181,16 +181,21 @@ def start(run, ref):
     run.tick = types.SimpleNamespace(nimg=run.cur_nimg, time=time.time(), start=time.time(), iters=0,
                                      index=round(run.cur_nimg / max(cfg.tick_kimg * 1e3, 1)),
                                      sums=torch.zeros(3, dtype=torch.float64, device=run.device))
+    # SIGN on a toy: IGN's two errors before training too, for the report (unknown when resumed)
+    fresh = run.toy is not None and cfg.method == 'sign' and run.cur_nimg == 0 and run.rank == 0
+    run.sign_start = toy_sign_evaluation(run) if fresh else None
+
+def toy_sign_evaluation(run):
+    """sign_evaluation of G_ema on the toy world's fixed draws (no random numbers used: the run's stream is untouched)."""
+    c = run.toy.sign_labels  # labels of the fixed draws (None: an unconditional world)
+    return sign_evaluation(lambda v: generate(run.G_ema, v, c, run.cfg.sigma_init), *run.toy.sign_inputs())
 
 def finish(run):
     """The end of a run: a toy's report (SIGN: IGN's properties, multi-step sampling and projection on fixed draws),
     the process group closed, one line listing what was written. -> the last namespace of sid.iterate."""
     cfg = run.cfg
     if run.toy is not None and run.rank == 0:
-        sign = None
-        if cfg.method == 'sign':
-            c = run.toy.sign_labels  # labels of the fixed draws (None: an unconditional world)
-            sign = sign_evaluation(lambda v: generate(run.G_ema, v, c, cfg.sigma_init), *run.toy.sign_inputs())
+        sign = dict(toy_sign_evaluation(run), start=run.sign_start) if cfg.method == 'sign' else None
         run.written += [os.path.basename(p) for p in run.toy.report(cfg.outdir, run.log, sign)]
     if run.own_group:
         torch.distributed.destroy_process_group()

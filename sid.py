@@ -315,8 +315,8 @@ P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.1
 PRESETS = {  # SiD, official run_sid.sh
     'toy':          dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=512, batch_gpu=512, dropout=0.0, augment=0.0,
                          ema_mimg=0.03, duration_mimg=0.3, tick_kimg=30, snap_kimg=300, device='cpu'),  # toy.py: why
-    'toy-images':   dict(alpha=1.0, lr=1e-3, glr=1e-4, batch=8, batch_gpu=8, dropout=0.0, augment=0.0, psi_warmup_kimg=0.5,
-                         ema_mimg=0.001, duration_mimg=0.005, tick_kimg=0.5, snap_kimg=5, device='cpu'),  # toy.py: the image toy
+    'toy-images':   dict(alpha=1.0, lr=3e-3, glr=3e-5, batch=8, batch_gpu=8, dropout=0.0, augment=0.0, psi_warmup_kimg=0.5,
+                         ema_mimg=0.001, duration_mimg=0.01, tick_kimg=1, snap_kimg=10, device='cpu'),  # toy.py: the image toy
     'cifar10':      dict(C10, duration_mimg=500),
     'cifar10-cond': dict(C10, teacher='cifar10-32x32-cond-vp', duration_mimg=800),
     'imagenet64':   dict(teacher='imagenet-64x64-cond-adm', fid_ref='imagenet-64x64', batch=8192, batch_gpu=16,
@@ -333,7 +333,8 @@ METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches;
              'ffhq64': dict(alpha=1.0, batch_gpu=64, g_beta1=0.0, duration_mimg=200),
              'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200),
              'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0),  # scaled to the toy (README)
-             'toy-images': dict(alpha=1.0, sida_warmup_kimg=1, sida_mix_kimg=2, lsg_gan=2.0)},
+             'toy-images': dict(alpha=1.0, sida_warmup_kimg=1, sida_mix_kimg=2, lsg_gan=2.0, duration_mimg=0.006)},
+    'sign': {'toy-images': dict(duration_mimg=0.005)},  # SIGN's student step costs ~2 SiD steps: the same minutes
 }
 # What a resumed run may change; anything else would change its maths.
 RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg', 'fid_num',
