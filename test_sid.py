@@ -505,22 +505,17 @@ def test_official_config_sizes(monkeypatch, name, overrides, n_params, n_keys):
         assert heads['32x32_block0'] == 6 and heads['16x16_block0'] == 9 and heads['8x8_block0'] == 12
     with pytest.raises(ValueError, match='unknown preset'): edm_nets.build_preset('cifar10-32x32-uncond-ve')
 
-class ConstantBody(nn.Module):  # EDMPrecond's body F: records its inputs, returns a constant
-    def forward(self, x, noise_labels, class_labels, **kw):
-        self.x_in, self.noise_labels = x, noise_labels
-        return torch.full_like(x, self.value)
-
 @pytest.mark.parametrize('sigma,c_skip,c_out,c_in,c_noise', [(2.5, 0.038462, 0.490290, 0.392232, 0.229073),
                          (0.5, 0.5, 0.5 / math.sqrt(2), 1 / (0.5 * math.sqrt(2)), math.log(0.5) / 4)])
 def test_precond_coefficients(sigma, c_skip, c_out, c_in, c_noise):
     """EDM Table 1 at SiD's sigma_init = 2.5 and at sigma_data; the toy's EDMPrecond(ToyMLP) shares them."""
     for net, x in ((tiny_net('cifar10-32x32-uncond-vp', randomize=False), torch.randn(3, 3, 32, 32)),
                    (edm_nets.EDMPrecond(img_resolution=0, img_channels=2, model_type='ToyMLP'), torch.randn(3, 2))):
-        net.model, close = ConstantBody(), lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        net.model.value = 0.0
+        body = net.model = Stub(lambda m, x, s: torch.full_like(x, m.value))  # the body F: a constant, its inputs recorded
+        close, body.value = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5), 0.0
         D0 = net(x, torch.tensor(sigma))  # scalar sigma broadcasts
-        close(D0, c_skip * x), close(net.model.x_in, c_in * x), close(net.model.noise_labels, torch.tensor([c_noise]))
-        net.model.value = 1.0
+        close(D0, c_skip * x), close(body.calls[0]['x'], c_in * x), close(body.calls[0]['sigma'], torch.tensor([c_noise]))
+        body.value = 1.0
         close(net(x, sigma) - D0, torch.full_like(x, c_out))
 
 @pytest.mark.parametrize('name,overrides', [(n, {}) for n in edm_nets.PRESETS] + [('cifar10-32x32-cond-vp', NCSNPP)])
@@ -1542,11 +1537,8 @@ def test_fast_path_agrees_with_fp32(fp32_ref, opt, loss_tol, grad_tol):
 #----------------------------------------------------------------------------
 # runs.py: generate (per-seed images, grid, classes), SIGN's multi-step noise, and SIGN on the toy.
 
-def read_png(path):
-    with PIL.Image.open(path) as im: return np.asarray(im)
-
 def test_generate_per_seed_grid_and_classes(tmp_path):
-    snap = {}
+    snap, read_png = {}, lambda path: np.asarray(PIL.Image.open(path))
     for ds in ('cifar10', 'cifar10-cond'):  # perturbed tiny generators, unconditional and class-conditional
         snap[ds] = str(tmp_path / f'{ds}.pt')
         runs.save_snapshot(snap[ds], perturb_copy(nets_for(cfg_for(tmp_path / 'u', ds), perturb=False)[1]).eval(), 0, sid.Config(dataset=ds))
