@@ -282,8 +282,8 @@ def test_sida_generator_loss_values_clamp_and_coupling():
 def test_G_sida_mixes_half_and_half_after_sida_mix_kimg(cur_nimg, mix):
     """Pure SiD up to 200 kimg (the default), then 0.5 grad(lsg * sum(sid)/n) + 0.5 grad(lsg_gan * sum(gan)/n)."""
     x_g, _, _, off = draws(B=4, shape=(3, 8, 8))
-    run = types.SimpleNamespace(cfg=sid.Config(method='sida', lsg=100.0, lsg_gan=0.01), autocast=contextlib.nullcontext, n=4,
-                                cur_nimg=cur_nimg, f_phi=affine(0.8), f_psi=affine(0.6, 0.05, off=off))
+    run = types.SimpleNamespace(cfg=sid.Config(method='sida', lsg=100.0, lsg_gan=0.01), autocast=contextlib.nullcontext,
+                                n=4, cur_nimg=cur_nimg, f_phi=affine(0.8), f_psi=affine(0.6, 0.05, off=off))
     x_g.requires_grad_()
     torch.manual_seed(5)
     loss, logs = sid.G_sida(run, x_g, None, None)
@@ -637,7 +637,8 @@ def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n
     with fake_edm_modules() as (reconstruct, EasyDict):
         def reduce(obj):
             if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'): return NotImplemented
-            state = {**{k: v for k, v in obj.__dict__.items() if k != 'init_kwargs'}, '_init_args': (), '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
+            state = {**obj.__dict__, '_init_args': (), '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
+            state.pop('init_kwargs', None)
             if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
                 state['skip_scale'] = np.float64(state['skip_scale'])
             return reconstruct, (dict(type='class', version=6, module_src=module_src, class_name=type(obj).__name__, state=state),)
@@ -1128,7 +1129,8 @@ def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
 @pytest.fixture
 def bad_env(tmp_path):
     """Files the bad-input table refers to: an unconditional snapshot, a toy run folder, small PNG datasets."""
-    runs.save_snapshot(str(tmp_path / 'g.pt'), perturb_copy(nets_for(cfg_for(tmp_path / 'unused'), perturb=False)[1]).eval(), 0, sid.Config())
+    G = perturb_copy(nets_for(cfg_for(tmp_path / 'unused'), perturb=False)[1])
+    runs.save_snapshot(str(tmp_path / 'g.pt'), G.eval(), 0, sid.Config())
     for name, cfg in (('run', sid.make_config({'outdir': str(tmp_path / 'run')})), ('nostate', cfg_for(tmp_path / 'nostate'))):
         os.makedirs(tmp_path / name), runs.write_json(str(tmp_path / name / 'config.json'), dataclasses.asdict(cfg))
     os.makedirs(tmp_path / 'full'), (tmp_path / 'full' / 'x').write_text('x')
@@ -1245,7 +1247,8 @@ def test_adam_settings_and_nonfinite_grads(tmp_path, precision, eps):
         before, other = (pG.detach().clone(), ppsi.detach().clone()), G.model.enc['32x32_block0'].conv0.weight.detach().clone()
         for p in (pG, ppsi): p.register_hook(lambda g: torch.full_like(g, float('nan')))
         (G1, _, psi1), _ = run_quiet(cfg_for(tmp_path / 'b', iters=1), nets)
-        assert torch.equal(pG, before[0]) and torch.equal(ppsi, before[1]) and not torch.equal(G1.model.enc['32x32_block0'].conv0.weight, other)
+        assert torch.equal(pG, before[0]) and torch.equal(ppsi, before[1])
+        assert not torch.equal(G1.model.enc['32x32_block0'].conv0.weight, other)
         assert all(torch.isfinite(p).all() for n in (G1, psi1) for p in n.parameters())
 
 @pytest.mark.parametrize('ema_mimg', [8e-6, 1.0])  # half-life 8 images (reached after 20 iterations) / pure ramp-up
@@ -1560,7 +1563,8 @@ def test_generate_per_seed_grid_and_classes(tmp_path):
             for s in range(2):
                 z = 2.5 * torch.randn([1, 3, 32, 32], generator=torch.Generator().manual_seed(s))
                 with torch.no_grad(): x = G(z, torch.full([1, 1, 1, 1], 2.5), F.one_hot(torch.tensor([c]), 10).float())[0]
-                assert np.array_equal(read_png(tmp_path / str(c) / f'{s:06d}.png'), (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+                ref = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+                assert np.array_equal(read_png(tmp_path / str(c) / f'{s:06d}.png'), ref)
     finally:
         torch.backends.mkldnn.enabled = old
     assert not np.array_equal(read_png(tmp_path / '3' / '000000.png'), read_png(tmp_path / '7' / '000000.png'))
