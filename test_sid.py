@@ -1,6 +1,6 @@
 """Tests for sid: the maths against closed forms and independent computations, then files, CLI, the loop, DDP.
 
-    python -m pytest -q                 # the default, CPU, ~1 minute on 2 cores
+    python -m pytest -q                 # the default, CPU, under 2 minutes on 2 cores
     SID_SLOW=1 python -m pytest -q      # also the slow tests (longer toy runs, every CLI case as a subprocess)
 
 One section per module or method; under torchrun this file is the multi-process driver of the DDP tests (_driver).
