@@ -329,11 +329,12 @@ class Toy2D(World):
 # the set itself.
 #
 # Its defaults (sid.PRESETS['toy-images']: batch 8, 10 kimg, lr 3e-3 for f_psi, 3e-5 for G) come from a sweep of 32
-# runs (seeds 0-2). What matters is that f_psi keeps up with G: the generator gradient is only as right as f_psi's
-# picture of G's current samples. With lr 1e-3 / 1e-4 the hues within a class collapsed and the figures oscillated
-# (energy 0.01-0.24 between ticks, coverage 0.66 at the end); f_psi 3x faster or G 3x slower each fixed most of it,
-# both together gave coverage 0.73-0.88 and energy <= 0.08 at 10 kimg over seeds 0-2. No gain from alpha 1.2 or 0.5
-# (0.5 collapses), tmax 500 (collapses), batch 16 or 32, a 32-channel student, or a 4x longer student fit.
+# runs. What matters is that f_psi keeps up with G: the generator gradient is only as right as f_psi's picture of
+# G's current samples. With lr 1e-3 / 1e-4 the hues within a class collapsed and the figures oscillated (energy
+# 0.01-0.24 between ticks, coverage 0.66 at 10 kimg). f_psi 3x faster ended at coverage 0.69-0.84 (seeds 0-2) but
+# still jumped early (energy 0.27 at 1 kimg); G 3x slower as well ended at 0.73-0.88, with energy <= 0.06 at every
+# tick after the first but one (0.079). Not better at these lrs: batch 16 or 32, alpha 1.2; worse: alpha 0.5 and
+# tmax 500 (both collapse). A 32-channel student or a 4x longer student fit cost minutes more for little.
 
 SHAPES = ('disc', 'square', 'triangle', 'cross')  # class k = SHAPES[k]
 
