@@ -171,8 +171,8 @@ def prepare_outdir(outdir, resume, rank):
         edm_nets.remove_stale_temporaries(outdir)
 
 def start(run, ref):
-    """The start-up line (options that differ from the preset `ref`, processes, micro-batches, size, folder) and the
-    tick clock of the status lines."""
+    """The start-up line (options that differ from the preset `ref`, processes, micro-batches, size, folder), the
+    tick clock of the status lines, and for SIGN on a toy the baseline of its end-of-run report."""
     cfg = run.cfg
     diff = ', '.join(f'{k}={v}' for k, v in dataclasses.asdict(cfg).items() if v != getattr(ref, k) and k != 'outdir')
     run.log(f'{cfg.method} on {cfg.dataset}{" with " + diff if diff else ""}; {run.world_size} process(es) on {run.device}, '

@@ -1709,8 +1709,7 @@ def run_world(tmp_path, monkeypatch, method, world_kw=None, **kw):
     make = lambda: worlds.append(toy.ImageToy(**(world_kw or {}))) or worlds[-1]
     monkeypatch.setitem(toy.WORLDS, 'toy-images', make)
     cfg = sid.make_config(dict(dataset='toy-images', method=method, outdir=str(tmp_path / method), **kw))
-    for _ in sid.iterate(cfg):
-        pass
+    sid.train(cfg)
     return [q for _, q in worlds[0].curve]  # the figures at every tick, the start first
 
 def test_image_loop_learns_in_a_minute(tmp_path, monkeypatch):
