@@ -3,55 +3,67 @@
     python fid.py ref  --data cifar-10-python.tar.gz --dest cifar10-32x32.npz
     python fid.py calc --images out/samples --ref cifar10-32x32 [--num 50000] [--batch 64]
 
-The protocol follows EDM's fid.py (Karras et al. 2022): uint8 images go straight into the detector, which
-resizes them to 299x299 itself (TF1 bilinear); features are the 2048-d pool3 vector; the covariance is
-unbiased (N-1); reference files are .npz with `mu` and `sigma`. Only the matrix square root differs
-(symmetric eigen form instead of scipy.linalg.sqrtm; equal to round-off, faster, no scipy).
+The protocol follows EDM's fid.py (Karras et al. 2022, github.com/NVlabs/edm): uint8 images go
+straight into the detector, which resizes them to 299x299 itself (TF1 bilinear); features are the
+2048-d pool3 vector; the covariance is unbiased (N-1); reference files are .npz with `mu` and
+`sigma`. Only the matrix square root differs (symmetric eigen form instead of scipy.linalg.sqrtm;
+equal to round-off, faster, no scipy).
 """
 
-import argparse, os, sys
+import argparse
+import os
+import sys
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import edm_nets  # all file I/O (downloads, atomic writes, image and dataset readers)
+import data  # dataset archives (the training data loader)
+import fileio  # downloads, atomic writes, the image reader
 
-DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+DETECTOR_URL = ('https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/'
+                'inception-2015-12-05.pt')
 REF_PRESETS = {name: f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{name}.npz'  # EDM's fid-refs
                for name in ['cifar10-32x32', 'imagenet-64x64', 'ffhq-64x64', 'afhqv2-64x64']}
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 def _fetch(url_or_path):
-    return edm_nets.download(url_or_path)  # local paths pass through; URLs are cached atomically
+    return fileio.download(url_or_path)  # local paths pass through; URLs are cached atomically
 
 #----------------------------------------------------------------------------
 # Detector: NVIDIA's TorchScript port of TF Inception-v3 (StyleGAN2-ADA metrics, as used by SiD).
 
 def load_detector(device, path=None):
-    """Load the Inception detector from `path`, $SID_DETECTOR, or the NVIDIA URL (downloaded and cached)."""
+    """Load the Inception detector from `path`, $SID_DETECTOR, or the NVIDIA URL (downloaded and
+    cached)."""
     path = _fetch(path or os.environ.get('SID_DETECTOR') or DETECTOR_URL)
     try:
         return torch.jit.load(path, map_location=device).eval()
     except Exception as e:  # torch raises several types for a bad archive
-        raise ValueError(f'cannot load TorchScript detector {path}: {str(e).splitlines()[0]}') from None
+        raise ValueError(f'cannot load TorchScript detector {path}: '
+                         f'{str(e).splitlines()[0]}') from None
 
 def to_uint8(x):
-    """Float images in [-1, 1] -> uint8 in [0, 255], EDM's rule: +128 then truncation (not rounding)."""
+    """Float images in [-1, 1] -> uint8 in [0, 255], EDM's rule: +128 then truncation (not
+    rounding)."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 def extract_features(detector, images, device):
-    """uint8 NCHW images (1 or 3 channels, any size) -> float64 features [N, D] (D = 2048 for Inception)."""
+    """uint8 NCHW images (1 or 3 channels, any size) -> float64 features [N, D] (D = 2048 for
+    Inception)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f'detector expects uint8 NCHW images with 1 or 3 channels, got {images.dtype} '
-                         f'{tuple(images.shape)}')
+        raise ValueError(f'detector expects uint8 NCHW images with 1 or 3 channels, '
+                         f'got {images.dtype} {tuple(images.shape)}')
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)  # grayscale -> RGB, as EDM
-    with torch.no_grad():  # the network resizes to 299x299 and maps (x-128)/128 inside its own graph
+    # the network resizes to 299x299 and maps (x-128)/128 inside its own graph
+    with torch.no_grad():
         features = detector(images.to(device), return_features=True)  # (N, D)
     return features.to(torch.float64)
 
 #----------------------------------------------------------------------------
-# Streaming feature statistics in float64 (EDM fid.py): sums only, so batch split, order and ranks don't matter.
+# Streaming feature statistics in float64 (EDM fid.py): sums only, so batch split, order and ranks
+# don't matter.
 
 class FeatureStats:
     """Running n, sum f and sum f f^T. Raw tensors are public so DDP ranks can all_reduce them."""
@@ -72,7 +84,8 @@ class FeatureStats:
         return self
 
     def all_reduce(self, all_reduce):
-        """Sum n, sum, sum_outer across ranks with a callable like torch.distributed.all_reduce (in place)."""
+        """Sum n, sum, sum_outer across ranks with a callable like torch.distributed.all_reduce
+        (in place)."""
         n = torch.tensor(float(self.n), dtype=torch.float64, device=self.sum.device)
         for t in (n, self.sum, self.sum_outer):
             all_reduce(t)
@@ -89,8 +102,9 @@ class FeatureStats:
 
 #----------------------------------------------------------------------------
 # Frechet distance (Heusel et al. 2017): |mu1-mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2).
-# S1 S2 is similar to the PSD matrix sqrt(S1) S2 sqrt(S1), so the trace term is the sum of square roots of
-# its eigenvalues: two symmetric eigensolves in float64, real arithmetic, robust when S is rank-deficient.
+# S1 S2 is similar to the PSD matrix sqrt(S1) S2 sqrt(S1), so the trace term is the sum of square
+# roots of its eigenvalues: two symmetric eigensolves in float64, real arithmetic, robust when S is
+# rank-deficient.
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
@@ -112,20 +126,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def load_ref(path_or_preset):
     path = _fetch(REF_PRESETS.get(path_or_preset, path_or_preset))
     try:
-        with np.load(path, allow_pickle=False) as data:
-            mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
+        with np.load(path, allow_pickle=False) as npz:
+            mu, sigma = npz['mu'].astype(np.float64), npz['sigma'].astype(np.float64)
     except Exception as e:  # BadZipFile, KeyError, truncated arrays, ...
-        raise ValueError(f'cannot read reference statistics (keys mu, sigma) from {path}: {e}') from None
+        raise ValueError(f'cannot read reference statistics (keys mu, sigma) '
+                         f'from {path}: {e}') from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f'bad reference statistics in {path}: mu {mu.shape}, sigma {sigma.shape}')
     return mu, sigma
 
 def save_ref(path, mu, sigma):
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 #----------------------------------------------------------------------------
-# Statistics of an image stream and FID of a generator (used by the training loop, optionally under DDP).
+# Statistics of an image stream and FID of a generator (used by the training loop, optionally
+# under DDP).
 
 def compute_stats_from_images(batches, detector, device):
     """Iterable of uint8 NCHW batches -> (mu, sigma) float64 numpy."""
@@ -134,16 +150,18 @@ def compute_stats_from_images(batches, detector, device):
         stats.update(extract_features(detector, images, device))
     return stats.mean_cov()
 
-def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device, batch=64, rank=0, world_size=1):
-    """FID of images make_batch(seeds) (float in [-1, 1]) for seeds 0..num_images-1. Rank r takes seeds
-    r, r+W, r+2W, ...; the raw sums are then added across ranks, so every rank returns the same FID."""
+def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device, batch=64, rank=0,
+                     world_size=1):
+    """FID of images make_batch(seeds) (float in [-1, 1]) for seeds 0..num_images-1. Rank r takes
+    seeds r, r+W, r+2W, ...; the raw sums are then added across ranks, so every rank returns the
+    same FID."""
     if num_images < max(2, world_size):
         raise ValueError(f'num_images={num_images} too small for world_size={world_size}')
     seeds = list(range(num_images))[rank::world_size]
     stats = FeatureStats()
     for i in range(0, len(seeds), batch):
-        with torch.no_grad():
-            images = to_uint8(make_batch(seeds[i:i + batch]))  # quantised in memory, no PNG round trip
+        with torch.no_grad():  # quantised in memory, no PNG round trip
+            images = to_uint8(make_batch(seeds[i:i + batch]))
         stats.update(extract_features(detector, images, device))
     if world_size > 1:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -156,7 +174,8 @@ def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device
 # Image folders (the output of a sampler): sorted recursive file list, streamed in batches.
 
 def list_images(folder, num=None, seed=0):
-    """Sorted image files under `folder`; with more than `num`, a seeded random subset (EDM's rule)."""
+    """Sorted image files under `folder`; with more than `num`, a seeded random subset (EDM's
+    rule)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'no such folder: {folder}')
     files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
@@ -172,16 +191,18 @@ def list_images(folder, num=None, seed=0):
     return files
 
 def iterate_image_files(files, batch):
-    """Yield uint8 [B, 3, H, W] batches; grayscale becomes RGB (channel repeated); sizes must agree."""
+    """Yield uint8 [B, 3, H, W] batches; grayscale becomes RGB (channel repeated); sizes must
+    agree."""
     size = None
     for i in range(0, len(files), batch):
         arrays = []
         for path in files[i:i + batch]:
-            a = edm_nets.read_image(path)  # bounded: decompression bombs and broken files are refused
+            a = fileio.read_image(path)  # bounded: decompression bombs and broken files are refused
             a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
             size = size or a.shape[1:]
             if a.shape[1:] != size:
-                raise ValueError(f'images of mixed sizes: {path} is {a.shape[2]}x{a.shape[1]}, expected {size[1]}x{size[0]}')
+                raise ValueError(f'images of mixed sizes: {path} is {a.shape[2]}x{a.shape[1]}, '
+                                 f'expected {size[1]}x{size[0]}')
             arrays.append(a)
         yield torch.from_numpy(np.stack(arrays))
 
@@ -223,41 +244,52 @@ def plot_curve(points, path, xlabel='Mimg', ylabel='FID', width=560, height=360)
         draw.line(xy, fill=(31, 119, 180), width=2)
     for x, y in xy:
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         img.save(f, format='PNG')
 
 #----------------------------------------------------------------------------
-# Command line: `ref` writes reference statistics for a dataset, `calc` prints the FID of an image folder.
+# Command line: `ref` writes reference statistics for a dataset, `calc` prints the FID of an image
+# folder.
 
 def _dataset_batches(path, batch):
-    if os.path.isdir(path):  # a PNG folder is streamed; archives go through the training data loader
+    # a PNG folder is streamed; archives go through the training data loader
+    if os.path.isdir(path):
         files = list_images(path)
         return len(files), iterate_image_files(files, batch)
     if not os.path.exists(path):
         raise FileNotFoundError(f'no such file or folder: {path}')
-    images, _ = edm_nets.load_dataset(path)  # uint8 [N, C, H, W]
+    images, _ = data.load_dataset(path)  # uint8 [N, C, H, W]
     return len(images), (images[i:i + batch] for i in range(0, len(images), batch))
 
 def _check_writable(path):
-    """Fail before hours of feature extraction if the destination cannot be written (or is a folder)."""
+    """Fail before hours of feature extraction if the destination cannot be written (or is a
+    folder)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f'cannot write --dest {path} (missing or read-only folder, or a folder of that name)')
+        raise ValueError(f'cannot write --dest {path} '
+                         f'(missing or read-only folder, or a folder of that name)')
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='FID with NVIDIA Inception features (EDM protocol).')
+    parser = argparse.ArgumentParser(
+        description='FID with NVIDIA Inception features (EDM protocol).')
     sub = parser.add_subparsers(dest='cmd', required=True)
     ref = sub.add_parser('ref', help='compute reference statistics of a dataset')
-    ref.add_argument('--data', required=True, help='PNG folder, dataset zip, or CIFAR-10 python archive')
+    ref.add_argument('--data', required=True,
+                     help='PNG folder, dataset zip, or CIFAR-10 python archive')
     ref.add_argument('--dest', required=True, help='output .npz (keys mu, sigma)')
     calc = sub.add_parser('calc', help='FID of an image folder against reference statistics')
     calc.add_argument('--images', required=True, help='folder of generated images (recursive)')
-    calc.add_argument('--ref', required=True, help=f'.npz path, URL, or preset: {", ".join(REF_PRESETS)}')
-    calc.add_argument('--num', type=int, default=50000, help='number of images used (default: 50000)')
-    calc.add_argument('--seed', type=int, default=0, help='picks the subset if there are more (default: 0)')
+    calc.add_argument('--ref', required=True,
+                      help=f'.npz path, URL, or preset: {", ".join(REF_PRESETS)}')
+    calc.add_argument('--num', type=int, default=50000,
+                      help='number of images used (default: 50000)')
+    calc.add_argument('--seed', type=int, default=0,
+                      help='picks the subset if there are more (default: 0)')
     for p in (ref, calc):
-        p.add_argument('--batch', type=int, default=64, help='images per detector call (default: 64)')
-        p.add_argument('--detector', default=None, help='local Inception .pt (default: $SID_DETECTOR or URL)')
+        p.add_argument('--batch', type=int, default=64,
+                       help='images per detector call (default: 64)')
+        p.add_argument('--detector', default=None,
+                       help='local Inception .pt (default: $SID_DETECTOR or URL)')
         p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     try:
@@ -267,18 +299,22 @@ def main(argv=None):
             _check_writable(args.dest)
             num, batches = _dataset_batches(args.data, args.batch)
             print(f'computing reference statistics of {num} images from {args.data}')
-            mu, sigma = compute_stats_from_images(batches, load_detector(args.device, args.detector), args.device)
+            detector = load_detector(args.device, args.detector)
+            mu, sigma = compute_stats_from_images(batches, detector, args.device)
             save_ref(args.dest, mu, sigma)
             print(f'saved {args.dest}')
         else:
             if args.num < 2:
-                raise ValueError(f'--num must be >= 2 (a covariance needs two images), got {args.num}')
+                raise ValueError(f'--num must be >= 2 (a covariance needs two images), '
+                                 f'got {args.num}')
             files = list_images(args.images, args.num, args.seed)
-            ref_mu, ref_sigma = load_ref(args.ref)  # before the detector runs: fail early on a bad reference
+            # before the detector runs: fail early on a bad reference
+            ref_mu, ref_sigma = load_ref(args.ref)
             detector = load_detector(args.device, args.detector)
-            mu, sigma = compute_stats_from_images(iterate_image_files(files, args.batch), detector, args.device)
+            batches = iterate_image_files(files, args.batch)
+            mu, sigma = compute_stats_from_images(batches, detector, args.device)
             print(f'{frechet_distance(mu, sigma, ref_mu, ref_sigma):g}')
-    except (ValueError, OSError, RuntimeError, ImportError) as e:  # OSError covers FileNotFoundError
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # OSError: FileNotFoundError too
         print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
         sys.exit(2)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import edm_nets, fid, toy
+import checkpoints, fid, fileio, toy
 
 #----------------------------------------------------------------------------
 # The SiD generator (SiD §4): EDM's denoiser at sigma_init applied to z = sigma_init * eps.
@@ -90,7 +90,7 @@ def snapshot_path(path):
 
 #----------------------------------------------------------------------------
 # A run's files: config.json, stats.jsonl, snapshots (G_ema with its network arguments, read back by
-# edm_nets.load_checkpoint) and the training state. Every file is written atomically (edm_nets.atomic_write).
+# checkpoints.load_checkpoint) and the training state. Every file is written atomically (fileio.atomic_write).
 
 def new_run_dir(parent, desc):
     """EDM's convention: a fresh numbered folder parent/NNNNN-desc, one more than the largest number there."""
@@ -107,7 +107,7 @@ def read_json(path, what):
         raise ValueError(f'{what}: no readable {os.path.basename(path)} in {os.path.dirname(path) or "."}') from None
 
 def write_json(path, obj):
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         f.write(json.dumps(obj, indent=2).encode())
 
 def append_stats(outdir, entry):
@@ -124,16 +124,16 @@ def truncate_stats(path, kimg):
     if os.path.exists(path):
         with open(path) as f:
             keep = [line for line in f if kept(line)]
-        with edm_nets.atomic_write(path) as f:
+        with fileio.atomic_write(path) as f:
             f.write(''.join(keep).encode())
 
 def save_snapshot(path, G_ema, cur_nimg, cfg, fid_value=None):
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         torch.save(dict(G_ema=G_ema.state_dict(), net_kwargs=dict(G_ema.init_kwargs, dropout=0.0), kimg=cur_nimg / 1e3,
                         fid=fid_value, config=dataclasses.asdict(cfg)), f)
 
 def write_training_state(path, run):
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         torch.save(dict(G=run.G.state_dict(), G_ema=run.G_ema.state_dict(), f_psi=run.f_psi.state_dict(),
                         opt_G=run.opt_G.state_dict(), opt_psi=run.opt_psi.state_dict(), cur_nimg=run.cur_nimg,
                         data_images=run.data_batches * run.batch_gpu * run.world_size, fid=run.stats_fid,
@@ -168,7 +168,7 @@ def prepare_outdir(outdir, resume, rank):
         os.makedirs(outdir, exist_ok=True)
         if not os.access(outdir, os.W_OK | os.X_OK):
             raise ValueError(f'--outdir {outdir}: not writable')
-        edm_nets.remove_stale_temporaries(outdir)
+        fileio.remove_stale_temporaries(outdir)
 
 def start(run, ref):
     """The start-up line (options that differ from the preset `ref`, processes, micro-batches, size, folder), the
@@ -212,7 +212,7 @@ def save_checkpoint(run):
     save(run, 'training-state.pt', write_training_state, run)
     if run.G.img_resolution:
         images = fid.to_uint8(sample_images(run.G_ema, range(64), run.cfg.sigma_init, run.device)).cpu()
-        save(run, f'samples-{run.cur_nimg:09d}.png', edm_nets.save_png, images)
+        save(run, f'samples-{run.cur_nimg:09d}.png', fileio.save_png, images)
 
 def fid_step(run):
     """FID of G_ema (all ranks share the work), logged and plotted; the best snapshot kept."""
@@ -313,7 +313,7 @@ def open_generator(a):
         raise ValueError(f'--device {a.device}: CUDA is not available here')
     if os.path.isdir(a.outdir) and os.listdir(a.outdir):
         raise ValueError(f'--outdir {a.outdir} is not empty: choose a new folder (nothing is overwritten)')
-    G, info = edm_nets.load_checkpoint(snapshot_path(a.ckpt))
+    G, info = checkpoints.load_checkpoint(snapshot_path(a.ckpt))
     if a.class_idx is not None and not 0 <= a.class_idx < G.label_dim:
         raise ValueError(f'--class-idx {a.class_idx}: ' + (f'this generator has classes 0..{G.label_dim - 1}' if G.label_dim
                                                           else 'this generator is unconditional'))
@@ -328,7 +328,7 @@ def cmd_generate(a):
     os.makedirs(a.outdir, exist_ok=True)
     if not G.img_resolution:  # the 2-D toy: points and a picture
         x = sample_images(G, seeds, sigma_init, device, None, sigmas).cpu()
-        with edm_nets.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
+        with fileio.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
             np.save(f, x.numpy())
         T = toy.ToyMixture()
         toy.toy_picture([(f'{len(seeds)} samples', x, toy.figure_lines(toy.toy_figures(x, T)))], T, os.path.join(a.outdir, 'samples.png'))
@@ -344,9 +344,9 @@ def cmd_generate(a):
             torch.backends.mkldnn.enabled = mkldnn
         grid += [x] if a.grid else []
         for s, im in zip(seeds[i:i + a.batch], x if not a.grid else []):
-            edm_nets.save_png(os.path.join(a.outdir, f'{s:06d}.png'), im)
+            fileio.save_png(os.path.join(a.outdir, f'{s:06d}.png'), im)
     if a.grid:
-        edm_nets.save_png(os.path.join(a.outdir, 'grid.png'), torch.cat(grid))
+        fileio.save_png(os.path.join(a.outdir, 'grid.png'), torch.cat(grid))
     print(f"wrote {len(seeds)} images to {a.outdir}{'/grid.png' if a.grid else ''}")
 
 def cmd_project(a):
@@ -363,7 +363,7 @@ def cmd_project(a):
             raise ValueError(f'{a.input}: expected points [N, {G.img_channels}] for a 2-D toy generator, got {list(y.shape)}')
         x = project(lambda v: generate(G, v, None, sigma_init), torch.from_numpy(y).float().to(device), a.sigma, gen, a.repeat)
         os.makedirs(a.outdir, exist_ok=True)
-        with edm_nets.atomic_write(os.path.join(a.outdir, 'projected.npy')) as f:
+        with fileio.atomic_write(os.path.join(a.outdir, 'projected.npy')) as f:
             np.save(f, x.cpu().numpy())
         return print(f'wrote {len(x)} projected points to {a.outdir}/projected.npy')
     files = [a.input] if os.path.isfile(a.input) else sorted(
@@ -375,14 +375,14 @@ def cmd_project(a):
     c = F.one_hot(torch.tensor([a.class_idx]), G.label_dim).float().to(device) if G.label_dim else None
     images = []  # read (and check) every input before writing anything
     for path in files:
-        y = edm_nets.read_image(path, path)
+        y = fileio.read_image(path, path)
         if list(y.shape) != G.img_shape:
             raise ValueError(f'{path}: image of shape {list(y.shape)} (C,H,W), the generator makes {G.img_shape}')
         images.append(torch.from_numpy(y.copy()).float() / 127.5 - 1)
     os.makedirs(a.outdir, exist_ok=True)
     for path, y in zip(files, images):
         x = project(lambda v: generate(G, v, c, sigma_init), y[None].to(device), a.sigma, gen, a.repeat)
-        edm_nets.save_png(os.path.join(a.outdir, os.path.basename(path).rsplit('.', 1)[0] + '.png'), fid.to_uint8(x)[0].cpu())
+        fileio.save_png(os.path.join(a.outdir, os.path.basename(path).rsplit('.', 1)[0] + '.png'), fid.to_uint8(x)[0].cpu())
     print(f'wrote {len(files)} projected image(s) to {a.outdir}')
 
 METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN', net_overrides='JSON',

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import edm_nets, fid, runs, toy
+import augment, checkpoints, data, edm_nets, fid, runs, toy
 from runs import generate
 
 #----------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def resumed_options(over):
     return {**saved, **over, 'outdir': over.get('outdir') or folder}
 
 def net_overrides(cfg):
-    return edm_nets.parse_net_overrides(cfg.net_overrides, PRESETS[cfg.dataset].get('teacher'))
+    return checkpoints.parse_net_overrides(cfg.net_overrides, PRESETS[cfg.dataset].get('teacher'))
 
 #----------------------------------------------------------------------------
 # Set-up. Teacher f_phi, fake score f_psi and generator G all start from the teacher's weights (SiD §4); G and f_psi
@@ -412,7 +412,7 @@ def setup(cfg, nets=None):
             net.to(memory_format=torch.channels_last)
     run.G_ema = copy.deepcopy(run.G).eval().requires_grad_(False)
     run.G_bar = frozen_copy(run.G) if cfg.method == 'sign' else None  # SIGN's f_theta', refreshed every step
-    pipe = edm_nets.AugmentPipe(p=cfg.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    pipe = augment.edm_pipe(cfg.augment)
     run.augment = pipe if cfg.augment > 0 and run.G.img_resolution else (lambda x: (x, None))
     eps, fused = (1e-6 if cfg.precision == 'fp16' else 1e-8), (True if cfg.fused_adam else None)  # official eps
     run.opt_psi = torch.optim.Adam(run.f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
@@ -463,14 +463,14 @@ def build_networks(cfg, device, world=None):
             torch.manual_seed(0)
             f_phi = edm_nets.build_preset(PRESETS[cfg.dataset]['teacher'], **over)
         else:
-            f_phi = edm_nets.load_checkpoint(name)[0]
+            f_phi = checkpoints.load_checkpoint(name)[0]
         kw, state = dict(f_phi.init_kwargs, **over, use_fp16=cfg.precision == 'fp16'), f_phi.state_dict()
         f_phi, G = edm_nets.EDMPrecond(**dict(kw, dropout=0.0)), edm_nets.EDMPrecond(**dict(kw, dropout=cfg.dropout))
         for net in (f_phi, G):
             net.load_state_dict(state)
     f_psi = copy.deepcopy(G)
     if cfg.init_generator:  # SiD²A: G (and so G_ema) from a SiD generator; f_psi stays the teacher
-        G.load_state_dict(edm_nets.load_checkpoint(runs.snapshot_path(cfg.init_generator))[0].state_dict())
+        G.load_state_dict(checkpoints.load_checkpoint(runs.snapshot_path(cfg.init_generator))[0].state_dict())
     return f_phi.to(device).eval().requires_grad_(False), G.to(device), f_psi.to(device)
 
 def ddp(run, net, unused):
@@ -494,9 +494,9 @@ def open_data(run):
     elif cfg.method == 'sida' or cfg.data:
         if not cfg.data:
             raise ValueError(f'--method {cfg.method} needs real images: pass --data PATH')
-        images, labels = edm_nets.load_dataset(cfg.data)
-        labels = edm_nets.check_dataset_matches(images, labels, run.f_phi)
-        run.data = edm_nets.infinite_batches(images, labels, run.batch_gpu, cfg.seed, run.rank, run.world_size,
+        images, labels = data.load_dataset(cfg.data)
+        labels = data.check_dataset_matches(images, labels, run.f_phi)
+        run.data = data.infinite_batches(images, labels, run.batch_gpu, cfg.seed, run.rank, run.world_size,
                                              start=run.data_batches, pin=run.device.type == 'cuda')
 
 #----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import edm_nets, fid, runs, sid, toy
+import augment, checkpoints, data, edm_nets, fid, fileio, runs, sid, toy, unpickle
 
 from conftest import (HERE, SLOW, slow, Stub, affine, gaussian, linear, NET, cfg_for, perturb_copy, nets_for,
                       run_quiet, cli, assert_one_line_error, states_equal, read_stats, load_state, write_bytes, draws,
@@ -490,34 +490,34 @@ SID_AUG = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_fr
 
 def test_augment_p0_flips_layout_and_reproducible():
     _, x = torch.manual_seed(0), torch.randn(8, 3, 32, 32)
-    y, labels = edm_nets.AugmentPipe(p=0, **SID_AUG)(x)  # the identity warp still resamples: round-off ~1e-5 on |x| ~ 3
+    y, labels = augment.AugmentPipe(p=0, **SID_AUG)(x)  # the identity warp still resamples: round-off ~1e-5 on |x| ~ 3
     assert torch.allclose(y, x, atol=1e-4) and labels.shape == (8, 9) and not labels.any()
-    y, labels = edm_nets.AugmentPipe(p=0.12, **SID_AUG)(torch.randn(4000, 1, 2, 2))  # xflip=1e8: a fair coin whatever p
+    y, labels = augment.AugmentPipe(p=0.12, **SID_AUG)(torch.randn(4000, 1, 2, 2))  # xflip=1e8: a fair coin whatever p
     assert abs(labels[:, 0].mean() - 0.5) < 0.04 and abs((labels[:, 2] != 0).float().mean() - 0.12) < 0.02
     x = torch.randn(64, 3, 8, 8)
-    y, labels = edm_nets.AugmentPipe(p=1, xflip=1, yflip=1)(x)
+    y, labels = augment.AugmentPipe(p=1, xflip=1, yflip=1)(x)
     flip = lambda v, a, b: (lambda w: w.flip(1) if b else w)(v.flip(2) if a else v)
     assert all(torch.equal(y[i], flip(x[i], labels[i, 0], labels[i, 1])) for i in range(64)) and 0 < labels[:, 0].sum() < 64 and 0 < labels[:, 1].sum() < 64
     x = torch.randn(2, 3, 16, 16)  # an integer translation is a reflect-padded shift
-    pad, y = F.pad(x, [8, 8, 8, 8], mode='reflect'), edm_nets.warp_images(x, edm_nets._translate(torch.tensor([-3.0, 2.0]), torch.tensor([1.0, -4.0])))
+    pad, y = F.pad(x, [8, 8, 8, 8], mode='reflect'), augment.warp_images(x, augment._translate(torch.tensor([-3.0, 2.0]), torch.tensor([1.0, -4.0])))
     torch.testing.assert_close(y, torch.stack([pad[0, :, 9:25, 5:21], pad[1, :, 4:20, 10:26]]), atol=1e-5, rtol=0)
     x = torch.randn(256, 3, 8, 8)
-    (y1, l1), (y2, l2) = [(torch.manual_seed(0), edm_nets.AugmentPipe(p=1, **SID_AUG)(x))[1] for _ in range(2)]
+    (y1, l1), (y2, l2) = [(torch.manual_seed(0), augment.AugmentPipe(p=1, **SID_AUG)(x))[1] for _ in range(2)]
     assert torch.equal(l1, l2) and torch.allclose(y1, y2, atol=1e-5) and (l1[:, 2:] != 0).all(dim=0)[[0, 1, 2, 5, 6]].all()  # seeded
 
 def test_augment_sync_free_identity_rows_exact_rows_independent():
-    y, labels = edm_nets.AugmentPipe(p=0.5, **SID_AUG)(torch.empty(8, 3, 16, 16, device='meta'))  # no host values:
+    y, labels = augment.AugmentPipe(p=0.5, **SID_AUG)(torch.empty(8, 3, 16, 16, device='meta'))  # no host values:
     assert y.shape == (8, 3, 16, 16) and labels.shape == (8, 9)  # any .item()/.tolist() (a GPU sync) would raise here
     x = torch.randn(512, 3, 8, 8)
     torch.manual_seed(0)
-    y, labels = edm_nets.AugmentPipe(p=0.3, **SID_AUG)(x)
+    y, labels = augment.AugmentPipe(p=0.3, **SID_AUG)(x)
     ident = (labels[:, 2:] == 0).all(dim=1)
     flipped = torch.where(labels[:, 0, None, None, None] == 1, x.flip(3), x)
     flipped = torch.where(labels[:, 1, None, None, None] == 1, flipped.flip(2), flipped)
     assert 50 < ident.sum() < 400 and torch.equal(y[ident], flipped[ident])  # untouched by the resampler
     x2 = torch.where(torch.arange(512)[:, None, None, None] % 2 == 0, x, torch.randn_like(x))
     torch.manual_seed(0)  # other images in the batch (same draws) leave a row's output as it was
-    y2, labels2 = edm_nets.AugmentPipe(p=0.3, **SID_AUG)(x2)
+    y2, labels2 = augment.AugmentPipe(p=0.3, **SID_AUG)(x2)
     assert torch.equal(labels2, labels) and torch.allclose(y2[::2], y[::2], atol=1e-6, rtol=0)
 
 #----------------------------------------------------------------------------
@@ -569,7 +569,7 @@ def test_loader_roundtrip_edm_pickle(tmp_path, name, overrides, spelling):
         raw = raw.replace(b'c' + found + b'\n', b'c' + spelling.encode() + b'\n')
         assert raw.count(b'c' + spelling.encode() + b'\n') >= 2  # scalar and _reconstruct
         write_bytes(tmp_path / 'net.pkl', raw)
-    loaded, info = edm_nets.load_checkpoint(str(tmp_path / 'net.pkl'))
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 'net.pkl'))
     assert isinstance(loaded, edm_nets.EDMPrecond) and not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert_same_net(net, loaded)
 
@@ -586,10 +586,10 @@ def test_loader_refuses_unsafe_globals_and_never_runs_module_src(tmp_path, make,
     for extra in (dict(evil=make(marker)), dict(ema=dict(state=dict(_modules=dict(x=make(marker)))))):
         write_edm_pickle(tmp_path / 'evil.pkl', net, extra=extra)
         with pytest.raises(ValueError, match=f'evil.pkl: unsafe .*refusing to load global {global_name}'):
-            edm_nets.load_checkpoint(str(tmp_path / 'evil.pkl'))
+            checkpoints.load_checkpoint(str(tmp_path / 'evil.pkl'))
         assert not marker.exists()
     write_edm_pickle(tmp_path / 'src.pkl', net, module_src=f'open({str(marker)!r}, "w").write("ran")\nraise SystemExit("ran")\n')
-    edm_nets.load_checkpoint(str(tmp_path / 'src.pkl'))
+    checkpoints.load_checkpoint(str(tmp_path / 'src.pkl'))
     assert not marker.exists()
 
 def test_loader_strict_errors_and_own_checkpoints(tmp_path):
@@ -602,18 +602,18 @@ def test_loader_strict_errors_and_own_checkpoints(tmp_path):
     with fake_edm_modules(): write_bytes(tmp_path / 'c.pkl', pickle.dumps(dict(loss_fn=None)))
     for name, err, msg in (('a.pkl', ValueError, 'a.pkl: weights do not match.*missing keys.*map_layer1.bias'), ('c.pkl', ValueError, 'c.pkl: no "ema"'),
                            ('b.pkl', ValueError, 'b.pkl: weights do not match.*unexpected keys.*map_label'), ('missing.pkl', FileNotFoundError, 'missing.pkl')):
-        with pytest.raises(err, match=msg): edm_nets.load_checkpoint(str(tmp_path / name))
+        with pytest.raises(err, match=msg): checkpoints.load_checkpoint(str(tmp_path / name))
     net = tiny_net('cifar10-32x32-cond-vp')
     for key in ('G_ema', 'ema'):
         torch.save({key: net.state_dict(), 'net_kwargs': net.init_kwargs, 'kimg': 3}, tmp_path / f'{key}.pt')
-        assert_same_net(net, edm_nets.load_checkpoint(str(tmp_path / f'{key}.pt'))[0])
+        assert_same_net(net, checkpoints.load_checkpoint(str(tmp_path / f'{key}.pt'))[0])
     runs.save_snapshot(str(tmp_path / 's.pt'), net, 12, sid.Config(sigma_init=1.5))
-    loaded, info = edm_nets.load_checkpoint(str(tmp_path / 's.pt'))
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 's.pt'))
     assert states_equal(net, loaded) and info['kimg'] == 0.012 and info['config']['sigma_init'] == 1.5
 
 @slow
 def test_official_cifar_teacher_loads_and_samples():  # needs the real checkpoint (~225 MB in $SID_CACHE)
-    net, _ = edm_nets.load_checkpoint('cifar10-32x32-uncond-vp')
+    net, _ = checkpoints.load_checkpoint('cifar10-32x32-uncond-vp')
     x = edm_nets.edm_sampler(net, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     assert torch.isfinite(x).all() and -1.5 < x.min() and x.max() < 1.5 and 0.2 < x.std() < 0.8
 
@@ -621,14 +621,14 @@ def test_download_local_path_and_cache_keyed_on_url(tmp_path):
     a, b, cache = tmp_path / 'a' / 'edm.pkl', tmp_path / 'b' / 'edm.pkl', str(tmp_path / 'cache')
     for p, blob in ((a, b'first'), (b, b'second')):
         os.makedirs(p.parent), write_bytes(p, blob)
-    assert edm_nets.download(str(a)) == str(a)
-    with pytest.raises(FileNotFoundError): edm_nets.download(str(tmp_path / 'nope.pkl'))
-    pa, pb = (edm_nets.download(p.as_uri(), cache) for p in (a, b))  # the same file name at two URLs: two entries
+    assert fileio.download(str(a)) == str(a)
+    with pytest.raises(FileNotFoundError): fileio.download(str(tmp_path / 'nope.pkl'))
+    pa, pb = (fileio.download(p.as_uri(), cache) for p in (a, b))  # the same file name at two URLs: two entries
     assert pa != pb and open(pa, 'rb').read() == b'first' and open(pb, 'rb').read() == b'second'
     a.unlink()  # cached now: no second fetch
-    assert edm_nets.download(a.as_uri(), cache) == pa and open(pa, 'rb').read() == b'first'
+    assert fileio.download(a.as_uri(), cache) == pa and open(pa, 'rb').read() == b'first'
     with pytest.raises(RuntimeError, match=r'sha256 mismatch.*fetch it by hand to .*c2/[0-9a-f]{16}-edm\.pkl$'):
-        edm_nets.download(b.as_uri(), str(tmp_path / 'c2'), sha256='0' * 64)
+        fileio.download(b.as_uri(), str(tmp_path / 'c2'), sha256='0' * 64)
     assert os.listdir(tmp_path / 'c2') == []  # no partial or temporary file left
 
 #----------------------------------------------------------------------------
@@ -670,40 +670,40 @@ def write_dataset(path, files, meta=None, kind='folder'):
     return str(path)
 
 def test_cifar_archive_truncation_and_allow_list(tmp_path):
-    data, labels = cifar_tar(tmp_path / 'c.tar.gz')
-    images, onehot = edm_nets.load_dataset(tmp_path / 'c.tar.gz')
-    assert images.dtype == torch.uint8 and torch.equal(images, torch.from_numpy(data))  # batches 1..5 in order
+    rows, labels = cifar_tar(tmp_path / 'c.tar.gz')
+    images, onehot = data.load_dataset(tmp_path / 'c.tar.gz')
+    assert images.dtype == torch.uint8 and torch.equal(images, torch.from_numpy(rows))  # batches 1..5 in order
     assert onehot.dtype == torch.float32 and onehot.shape == (15, 10) and onehot.argmax(1).tolist() == labels
     cifar_tar(tmp_path / 'big.tar.gz', per_batch=50)
     write_bytes(tmp_path / 't.tar.gz', (tmp_path / 'big.tar.gz').read_bytes()[:20000])
-    with pytest.raises(ValueError, match='not a readable CIFAR-10'): edm_nets.load_dataset(tmp_path / 't.tar.gz')
+    with pytest.raises(ValueError, match='not a readable CIFAR-10'): data.load_dataset(tmp_path / 't.tar.gz')
     # only numpy's array reconstruction and the bytes codec are allowed: any other global (numpy's too) is refused
     for payload, name in [(Evil(os.system, 'true'), 'system'), (Evil(np.load, 'x.npy'), 'numpy.load'), (Evil(np.frombuffer, b'\0' * 8), 'numpy.frombuffer')]:
         cifar_tar(tmp_path / 'e.tar.gz', payload=payload)
-        with pytest.raises(ValueError, match=f'e.tar.gz: not a readable CIFAR.*refusing to load global .*{name}'): edm_nets.load_dataset(tmp_path / 'e.tar.gz')
+        with pytest.raises(ValueError, match=f'e.tar.gz: not a readable CIFAR.*refusing to load global .*{name}'): data.load_dataset(tmp_path / 'e.tar.gz')
 
 @pytest.mark.parametrize('kind', ['zip', 'folder'])
 def test_edm_dataset_zip_folder_grayscale_and_errors(tmp_path, kind):
     ext = '.zip' if kind == 'zip' else ''
     files, chw, ys = edm_files()
-    images, onehot = edm_nets.load_dataset(write_dataset(tmp_path / f'd{ext}', files, {'labels': [[n, y] for n, y in zip(files, ys)]}, kind))
+    images, onehot = data.load_dataset(write_dataset(tmp_path / f'd{ext}', files, {'labels': [[n, y] for n, y in zip(files, ys)]}, kind))
     assert torch.equal(images, torch.from_numpy(chw)) and onehot.shape == (5, 3) and onehot.argmax(1).tolist() == ys
     gfiles, chw, _ = edm_files(n=3, rgb=False)
-    images, labels = edm_nets.load_dataset(write_dataset(tmp_path / f'g{ext}', gfiles, None, kind))
+    images, labels = data.load_dataset(write_dataset(tmp_path / f'g{ext}', gfiles, None, kind))
     assert torch.equal(images, torch.from_numpy(chw)) and images.shape == (3, 1, 8, 8) and labels.shape == (3, 0)
     for i, (fs, meta, msg) in enumerate([(files, {'labels': [[n, 0] for n in files] + [['00000/gone.png', 1]]}, 'not in the dataset, e.g. 00000/gone.png'),
                                          (files, {'labels': [[n, 0] for n in list(files)[:2]]}, 'no label for 3 image.*img00000002'),
                                          ({**files, '00000/img00000009.png': png_bytes(np.zeros((16, 16, 3), np.uint8))}, None, r'img00000009.png is \(3, 16, 16\)')]):
-        with pytest.raises(ValueError, match=msg): edm_nets.load_dataset(write_dataset(tmp_path / f'e{i}{ext}', fs, meta, kind))
+        with pytest.raises(ValueError, match=msg): data.load_dataset(write_dataset(tmp_path / f'e{i}{ext}', fs, meta, kind))
     if kind == 'zip':
         write_bytes(tmp_path / 'trunc.zip', (tmp_path / 'd.zip').read_bytes()[:-40])
-        with pytest.raises(ValueError, match='unreadable dataset'): edm_nets.load_dataset(tmp_path / 'trunc.zip')
-    with pytest.raises(FileNotFoundError): edm_nets.load_dataset(tmp_path / f'nope{ext or "/"}')
+        with pytest.raises(ValueError, match='unreadable dataset'): data.load_dataset(tmp_path / 'trunc.zip')
+    with pytest.raises(FileNotFoundError): data.load_dataset(tmp_path / f'nope{ext or "/"}')
 
 def test_batches_sharding_epochs_and_teacher_match():
     n = 11
     images, labels, shards = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous(), torch.eye(n), []
-    stream = lambda rank, start=0: edm_nets.infinite_batches(images, labels, batch=3, seed=7, rank=rank, world_size=2, start=start)
+    stream = lambda rank, start=0: data.infinite_batches(images, labels, batch=3, seed=7, rank=rank, world_size=2, start=start)
     for rank in range(2):
         it = stream(rank)
         x, y = (torch.cat(t) for t in zip(*[next(it) for _ in range(4)]))
@@ -713,17 +713,17 @@ def test_batches_sharding_epochs_and_teacher_match():
     resumed, it = stream(1, start=2), stream(1)
     [next(it) for _ in range(2)]
     assert all(torch.equal(next(it)[1], next(resumed)[1]) for _ in range(3))  # `start` resumes the stream
-    take = lambda seed: [next(it)[1].argmax(1).tolist() for it in [edm_nets.infinite_batches(images[:8], torch.eye(8), 8, seed)] for _ in range(3)]
+    take = lambda seed: [next(it)[1].argmax(1).tolist() for it in [data.infinite_batches(images[:8], torch.eye(8), 8, seed)] for _ in range(3)]
     a = take(3)
     assert a == take(3) and a != take(4) and all(sorted(e) == list(range(8)) for e in a) and a[0] != a[1]
     net = types.SimpleNamespace(img_resolution=32, img_channels=3, label_dim=10)
     img, lab = torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, 10)
-    assert edm_nets.check_dataset_matches(img, lab, net) is lab
+    assert data.check_dataset_matches(img, lab, net) is lab
     for bad, msg in [((torch.zeros(2, 3, 64, 64), lab), 'resolution 64x64 .* resolution 32'), ((torch.zeros(2, 1, 32, 32), lab), '1 channels'),
                      ((img, lab[:, :0]), 'label_dim 0 .* label_dim 10')]:
-        with pytest.raises(ValueError, match=msg): edm_nets.check_dataset_matches(*bad, net)
+        with pytest.raises(ValueError, match=msg): data.check_dataset_matches(*bad, net)
     net.label_dim = 0  # an unconditional teacher drops the labels
-    assert edm_nets.check_dataset_matches(img, lab, net).shape == (2, 0)
+    assert data.check_dataset_matches(img, lab, net).shape == (2, 0)
 
 #----------------------------------------------------------------------------
 # Hostile files (a few bytes to ~1 MB each), all read in ONE subprocess under RLIMIT_AS = 1.5 GB and a 20 s alarm
@@ -775,9 +775,9 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
 
 READ_ALL = f"""import contextlib, io, json, resource, signal, sys, time
 resource.setrlimit(resource.RLIMIT_AS, ({1536 << 20}, {1536 << 20}))
-import edm_nets, fid, runs
+import checkpoints, data, fid, fileio, runs
 signal.signal(signal.SIGALRM, lambda *a: sys.exit('timeout'))
-READ = dict(ckpt=edm_nets.load_checkpoint, data=edm_nets.load_dataset, image=edm_nets.read_image, fid=lambda a: fid.main(a.split('|')[1:]))
+READ = dict(ckpt=checkpoints.load_checkpoint, data=data.load_dataset, image=fileio.read_image, fid=lambda a: fid.main(a.split('|')[1:]))
 for line in sys.stdin:  # each refusal as the commands report it: one line on stderr, exit code 2
     name, reader, arg = line.split()
     t, err, code = time.time(), io.StringIO(), 0
@@ -816,56 +816,56 @@ def test_unpickler_bounds_structure_and_is_exact_on_honest_data():
     dag = b'\x80\x04]\x940' + b''.join(bytes([0x68, k, 0x68, k, 0x86, 0x94]) + (b'0' if k < 39 else b'') for k in range(40)) + b'.'
     for blob in (dag, b'\x80\x04' + b'](' * 100 + b'e' * 100 + b'.', b'\x80\x04]\x94h\x00a.'):  # 2^40 nodes as a tree; deep; a cycle
         t = time.time()
-        with pytest.raises(ValueError, match='x.pkl: .*nesting deeper than 64 or more than'): edm_nets.bounded_unpickle(io.BytesIO(blob), {}, 'x.pkl')
+        with pytest.raises(ValueError, match='x.pkl: .*nesting deeper than 64 or more than'): unpickle.bounded_unpickle(io.BytesIO(blob), {}, 'x.pkl')
         assert time.time() - t < 5
-    assert edm_nets.bounded_unpickle(io.BytesIO(b'\x80\x04' + b'](' * 60 + b'e' * 60 + b'.'), {}, 'x.pkl')  # shallower is fine
+    assert unpickle.bounded_unpickle(io.BytesIO(b'\x80\x04' + b'](' * 60 + b'e' * 60 + b'.'), {}, 'x.pkl')  # shallower is fine
     obj = {'a': [1, 2.5, None, True, b'x', 'y'], 3: (np.arange(6, dtype=np.float32).reshape(2, 3), {1, 'q'}),
            'od': collections.OrderedDict(z=1), 's': np.float64(0.25)}
     for protocol in (2, 4):
         obj = dict(obj, f=frozenset({1, 2})) if protocol == 4 else obj  # FROZENSET opcode only from protocol 4
-        got = edm_nets.bounded_unpickle(io.BytesIO(pickle.dumps(obj, protocol)), edm_nets.EDM_GLOBALS, 'x.pkl')
+        got = unpickle.bounded_unpickle(io.BytesIO(pickle.dumps(obj, protocol)), unpickle.EDM_GLOBALS, 'x.pkl')
         assert got.keys() == obj.keys() and got['a'] == obj['a'] and got['od'] == obj['od'] and got['s'] == 0.25
         assert np.array_equal(got[3][0], obj[3][0]) and got[3][1] == obj[3][1] and got.get('f') == obj.get('f')
     for bad in ({(1,): 2}, {frozenset({1}): 1}, np.array([None], dtype=object)):  # keys/objects refused
         with pytest.raises(ValueError, match='x.pkl: unsafe or unreadable pickle'):
-            edm_nets.bounded_unpickle(io.BytesIO(pickle.dumps(bad, 4)), edm_nets.EDM_GLOBALS, 'x.pkl')
+            unpickle.bounded_unpickle(io.BytesIO(pickle.dumps(bad, 4)), unpickle.EDM_GLOBALS, 'x.pkl')
     base = dict(edm_nets.PRESETS['cifar10-32x32-cond-vp']['kwargs'])  # network kwargs: exact allow-list and ranges
-    assert edm_nets.check_net_kwargs(base, 'f') == base and edm_nets.check_net_kwargs(dict(model_type='ToyMLP', hidden=64, depth=3, dropout=0.1), 'f')
+    assert checkpoints.check_net_kwargs(base, 'f') == base and checkpoints.check_net_kwargs(dict(model_type='ToyMLP', hidden=64, depth=3, dropout=0.1), 'f')
     for kw, match in [(dict(model_channels='128'), 'model_channels=128 is unknown or out of range'), (dict(evil=1), 'evil=1 is unknown'),
                       (dict(model_type='Nope'), 'model_type'), (dict(channel_mult=[1] * 20), 'channel_mult'), (dict(label_dim=10 ** 8), 'label_dim')]:
-        with pytest.raises(ValueError, match=f'f: network kwarg {match}'): edm_nets.check_net_kwargs(dict(base, **kw), 'f')
+        with pytest.raises(ValueError, match=f'f: network kwarg {match}'): checkpoints.check_net_kwargs(dict(base, **kw), 'f')
 
 def test_atomic_write_symlink_crash_and_stale(tmp_path, monkeypatch):
     secret, dest, names = tmp_path / 'secret', tmp_path / 'out.bin', iter(['aaaaaa', 'bbbbbb'])
     write_bytes(secret, b'secret')
-    monkeypatch.setattr(edm_nets.secrets, 'token_hex', lambda n: next(names))
+    monkeypatch.setattr(fileio.secrets, 'token_hex', lambda n: next(names))
     (tmp_path / '.out.bin.aaaaaa.tmp').symlink_to(secret)  # planted at the first name tried
-    with edm_nets.atomic_write(dest) as f: f.write(b'new')
+    with fileio.atomic_write(dest) as f: f.write(b'new')
     assert secret.read_bytes() == b'secret' and dest.read_bytes() == b'new'
-    monkeypatch.setattr(edm_nets.secrets, 'token_hex', lambda n: 'cccccc')
-    with pytest.raises(KeyError), edm_nets.atomic_write(dest) as f:  # a crash mid-write: old content kept, no temporary left
+    monkeypatch.setattr(fileio.secrets, 'token_hex', lambda n: 'cccccc')
+    with pytest.raises(KeyError), fileio.atomic_write(dest) as f:  # a crash mid-write: old content kept, no temporary left
         f.write(b'half')
         raise KeyError
     assert dest.read_bytes() == b'new' and not (tmp_path / '.out.bin.cccccc.tmp').exists()
     write_bytes(tmp_path / '.g.png.0a1b2c.tmp', b'x'), write_bytes(tmp_path / 'keep.tmp', b'x')
-    assert edm_nets.remove_stale_temporaries(tmp_path) == ['.g.png.0a1b2c.tmp', '.out.bin.aaaaaa.tmp']
+    assert fileio.remove_stale_temporaries(tmp_path) == ['.g.png.0a1b2c.tmp', '.out.bin.aaaaaa.tmp']
     assert sorted(os.listdir(tmp_path)) == ['keep.tmp', 'out.bin', 'secret']
 
 @pytest.mark.parametrize('shape,cols', [((3, 5, 7), None), ((1, 5, 7), None), ((5, 3, 4, 6), None), ((3, 1, 4, 6), 2)])
 def test_save_png_read_image_round_trip(tmp_path, shape, cols):
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    edm_nets.save_png(tmp_path / 'g.png', x, cols=cols)
-    got, (n, c, h, w) = edm_nets.read_image(tmp_path / 'g.png'), (1, *shape) if len(shape) == 3 else shape
+    fileio.save_png(tmp_path / 'g.png', x, cols=cols)
+    got, (n, c, h, w) = fileio.read_image(tmp_path / 'g.png'), (1, *shape) if len(shape) == 3 else shape
     cols = cols or math.ceil(math.sqrt(n))  # a grid of cols columns, row by row
     assert all(np.array_equal(got[:, i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w], x.view(n, c, h, w)[i].numpy()) for i in range(n))
     assert os.listdir(tmp_path) == ['g.png'] and got.shape[0] == c
     batch = next(fid.iterate_image_files([str(tmp_path / 'g.png')], 1))  # fid reads through read_image (gray -> RGB)
     assert batch.shape[1] == 3 and np.array_equal(batch[0, 0].numpy(), got[0])
-    with pytest.raises(ValueError, match='junk.png: unreadable image'): edm_nets.read_image(b'not a png', 'junk.png')
+    with pytest.raises(ValueError, match='junk.png: unreadable image'): fileio.read_image(b'not a png', 'junk.png')
     for mode, channels in (('L', 1), ('1', 1), ('LA', 1), ('RGBA', 3), ('P', 3), ('I;16', 3)):
         buf = io.BytesIO()
         PIL.Image.new(mode, (4, 3)).save(buf, format='PNG')
-        assert edm_nets.read_image(buf.getvalue()).shape == (channels, 3, 4), mode
+        assert fileio.read_image(buf.getvalue()).shape == (channels, 3, 4), mode
 
 #----------------------------------------------------------------------------
 # fid: Frechet distance (closed forms, scipy), streaming statistics, a TorchScript detector stand-in, files, CLI.
@@ -1106,7 +1106,7 @@ def test_end_to_end_image_run_files(tmp_path):
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith(('network', 'samples'))) == [  # named by images seen
         'network-snapshot-000000008.pt', 'network-snapshot-000000012.pt', 'samples-000000008.png', 'samples-000000012.png']
     assert load_state(tmp_path)['cur_nimg'] == 12
-    net, info = edm_nets.load_checkpoint(runs.snapshot_path(str(tmp_path)))  # the run folder -> its latest snapshot
+    net, info = checkpoints.load_checkpoint(runs.snapshot_path(str(tmp_path)))  # the run folder -> its latest snapshot
     assert states_equal(net, G_ema) and info['kimg'] == pytest.approx(0.012) and info['config']['dataset'] == 'cifar10'
     with PIL.Image.open(tmp_path / 'samples-000000012.png') as im: assert im.size == (8 * 32, 8 * 32)
 
@@ -1215,7 +1215,7 @@ def test_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch, fail_on):
     assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]  # the dying write removed its own
     monkeypatch.setattr(torch, 'save', real)
     assert load_state(tmp_path)['cur_nimg'] == 4
-    assert edm_nets.load_checkpoint(str(tmp_path / 'network-snapshot-000000004.pt'))[1]['kimg'] == pytest.approx(0.004)
+    assert checkpoints.load_checkpoint(str(tmp_path / 'network-snapshot-000000004.pt'))[1]['kimg'] == pytest.approx(0.004)
     assert os.path.exists(tmp_path / 'network-snapshot-000000008.pt') == (fail_on == 'state')
     _, out = run_quiet(sid.make_config(dict(resume=str(tmp_path))))  # the run continues from the surviving state
     assert 'resumed from' in out and load_state(tmp_path)['cur_nimg'] == 8
@@ -1230,7 +1230,7 @@ def test_fid_in_loop_best_snapshot_and_plot(tmp_path, monkeypatch):
     fids = load_state(tmp_path / 'run')['fid']
     assert [m for m, _ in fids] == pytest.approx([4e-6, 8e-6, 12e-6]) and len({v for _, v in fids}) == 3
     assert sum(l.startswith('FID ') for l in out.splitlines()) == 3 and [e['fid'] for e in read_stats(tmp_path / 'run') if 'fid' in e] == [v for _, v in fids]
-    G, info = edm_nets.load_checkpoint(str(tmp_path / 'run' / 'network-snapshot-best.pt'))
+    G, info = checkpoints.load_checkpoint(str(tmp_path / 'run' / 'network-snapshot-best.pt'))
     m_best, v_best = min(fids, key=lambda p: p[1])
     assert info['kimg'] == pytest.approx(m_best * 1e3) and os.path.getsize(tmp_path / 'run' / 'fid.png') > 1000
     z = 2.5 * torch.stack([torch.randn([3, 32, 32], generator=torch.Generator().manual_seed(s)) for s in range(16)])
@@ -1461,7 +1461,7 @@ def test_generate_per_seed_grid_and_classes(tmp_path):
     gen('cifar10', 'g', '--seeds', '0-3', '--grid')
     grid = read_png(tmp_path / 'g' / 'grid.png')
     assert os.listdir(tmp_path / 'g') == ['grid.png'] and np.array_equal(grid[:32, 32:], imgs[1]) and np.array_equal(grid[32:, 32:], imgs[3])
-    G, _ = edm_nets.load_checkpoint(snap['cifar10-cond'])
+    G, _ = checkpoints.load_checkpoint(snap['cifar10-cond'])
     old, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # as generate: oneDNN rounds per batch size
     try:
         for c in (3, 7):  # the image of a seed computed independently: z = 2.5 eps from the seed, G(z; 2.5), EDM's uint8 rule

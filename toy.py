@@ -4,7 +4,7 @@
 # denoiser E[x_0 | x_t] of a known distribution, so no network has to be trusted), the starting point of G and
 # f_psi (a small EDM-preconditioned network fitted to that teacher, as SiD starts from the teacher's weights),
 # exact samples (the "real data" of SiDA and SIGN), quality figures against the exact distribution, and pictures.
-# Used by sid.py (`--dataset toy`: 2-D mixture; `--dataset toy-images`: 16x16 shapes); imports only edm_nets.
+# Used by sid.py (`--dataset toy`: 2-D mixture; `--dataset toy-images`: 16x16 shapes); imports only edm_nets, fileio.
 
 import json
 import math
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import edm_nets
+import fileio
 
 #----------------------------------------------------------------------------
 # The 2-D toy: a mixture of 8 Gaussians on a ring, per-axis std sigma_data = 0.5. Its noised densities are
@@ -158,7 +159,7 @@ def toy_picture(panels, teacher, path, size=256, extent=1.4):
     bg = _density(teacher, size, extent)
     ims = [_panel(bg, title, pts, lines, size, extent) for title, pts, lines in panels]
     w, h = ims[0].size
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         if path.endswith('.gif'):  # a fixed palette, 250 greys and the dots' yellow: fast (Pillow's default
             pal = Image.new('P', (1, 1))  # median cut per frame is slow) and without banding in the density
             pal.putpalette([v for i in range(250) for v in (i * 255 // 249,) * 3] + [255, 220, 80] * 6)
@@ -209,7 +210,7 @@ def quality_plot(curve, path, width=760, height=350):
             x0 = L + j * (R - L) // len(series)  # legend row under the plot
             dr.line([(x0, height - 10), (x0 + 20, height - 10)], fill=colour, width=2)
             dr.text((x0 + 25, height - 10), name, fill=colour, font=font, anchor='lm')
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         img.save(f, format='PNG')
 
 # SIGN's multi-step noise levels on the toy. The student is time-free, and in 2-D a re-noised point x + sigma*eps
@@ -472,7 +473,7 @@ def image_panels(panels, path, cols=8, scale=4):
         d.text((u, 16), sub, fill=(200, 200, 120))
         canvas.paste(g, (u, head))
         u += g.width + pad
-    with edm_nets.atomic_write(path) as f:
+    with fileio.atomic_write(path) as f:
         canvas.save(f, format='PNG')
 
 # SIGN's re-noising levels on the image toy (multi-step sampling) and its corruptions for projection.

@@ -1,0 +1,234 @@
+# Checkpoints of sid: network-kwargs checks, the EDM/SiD .pkl reader, the torch.save reader.
+#
+# Reads the official checkpoints of EDM (Karras et al. 2022, github.com/NVlabs/edm: the `ema`
+# network of its training snapshots, pickled by torch_utils.persistence) and of SiD (Zhou et al.
+# 2024, same format), and sid's own torch.save snapshots, into an EDMPrecond with strict
+# state-dict loading.
+# Nothing from a file is executed: pickles go through unpickle.bounded_unpickle, and every shape
+# and size is checked before the network is built for real.
+
+import io
+import json
+import math
+import os
+import zipfile
+
+import torch
+
+from edm_nets import PRESETS, EDMPrecond
+from fileio import download
+from unpickle import (EDM_GLOBALS, STORAGE_GLOBALS, Refused, StorageType, bounded_unpickle,
+                      check_view, ordered_dict)
+
+#----------------------------------------------------------------------------
+# Network kwargs: checked per model_type (types and ranges) before anything is built; then the net
+# is built on the meta device to compare every shape with the stored tensors and to count its
+# parameters.
+
+MAX_PARAMS = 2e9
+
+
+def _int_in(lo, hi):  # a plain int (not a bool) in [lo, hi]
+    return lambda v: type(v) is int and lo <= v <= hi
+
+
+def _num_in(lo, hi):  # a plain int or float in [lo, hi]
+    return lambda v: type(v) in (int, float) and lo <= v <= hi
+
+
+def _ints_in(lo, hi, n):  # a list or tuple of at most n ints in [lo, hi]
+    each = _int_in(lo, hi)
+    return lambda v: isinstance(v, (list, tuple)) and len(v) <= n and all(each(x) for x in v)
+
+
+def _one_of(*choices):
+    return lambda v: isinstance(v, str) and v in choices
+
+
+_UNET_KWARGS = dict(augment_dim=_int_in(0, 64), model_channels=_int_in(1, 4096),
+                    channel_mult=_ints_in(1, 64, 8), channel_mult_emb=_int_in(1, 64),
+                    num_blocks=_int_in(1, 64), attn_resolutions=_ints_in(1, 4096, 16),
+                    dropout=_num_in(0, 1), label_dropout=_num_in(0, 1))
+NET_KWARGS = {  # None: EDMPrecond's own arguments; then one table per model_type (extend here)
+    None: dict(img_resolution=_int_in(0, 4096), img_channels=_int_in(1, 16),
+               label_dim=_int_in(0, 100000), use_fp16=lambda v: type(v) is bool,
+               sigma_min=_num_in(0, math.inf), sigma_max=_num_in(0, math.inf),
+               sigma_data=_num_in(1e-9, 1e9),
+               model_type=lambda v: v in NET_KWARGS and v is not None),
+    'SongUNet': dict(_UNET_KWARGS, embedding_type=_one_of('positional', 'fourier'),
+                     channel_mult_noise=_int_in(1, 64),
+                     encoder_type=_one_of('standard', 'skip', 'residual'),
+                     decoder_type=_one_of('standard', 'skip'),
+                     resample_filter=_ints_in(1, 1 << 16, 8)),
+    'DhariwalUNet': dict(_UNET_KWARGS),
+    'ToyMLP': dict(hidden=_int_in(1, 1 << 16), depth=_int_in(1, 64), dropout=_num_in(0, 1)),
+}
+
+
+def check_net_kwargs(kwargs, source):
+    """EDMPrecond kwargs from a file -> a plain dict, or one ValueError line naming the offending
+    key."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f'{source}: network kwargs are not a dict of names')
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    table = dict(NET_KWARGS[None], **NET_KWARGS.get(kwargs.get('model_type', 'DhariwalUNet'), {}))
+    for k, v in kwargs.items():
+        if k not in table or not table[k](v):
+            raise ValueError(f'{source}: network kwarg {k}={str(v)[:60]} '
+                             f'is unknown or out of range')
+    return kwargs
+
+
+def parse_net_overrides(text, preset=None):
+    """A JSON object of network kwargs (sid's --net-overrides), checked on top of the preset's
+    network kwargs."""
+    try:
+        over = json.loads(text or '{}')
+    except json.JSONDecodeError:
+        over = None
+    if not isinstance(over, dict):
+        raise ValueError('--net-overrides must be a JSON object of network arguments, '
+                         'e.g. \'{"model_channels": 16}\'')
+    full = dict(PRESETS[preset]['kwargs'], **over) if preset in PRESETS else over
+    check_net_kwargs(full, '--net-overrides')
+    return over
+
+
+def _build_checked(kwargs, state_dict, source):
+    """An eval-mode frozen EDMPrecond with `state_dict`, built for real only after the meta-device
+    check."""
+    kwargs = check_net_kwargs(kwargs, source)
+    tensors = isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor)
+                                                   for v in state_dict.values())
+    if not tensors:
+        raise ValueError(f'{source}: the weights are not a dict of tensors')
+    try:
+        with torch.device('meta'):
+            meta = EDMPrecond(**kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f'{source}: cannot build the network from its stored kwargs '
+                         f'({str(e).splitlines()[0]})') from None
+    count = sum(p.numel() for p in meta.parameters())
+    if count > MAX_PARAMS:
+        raise ValueError(f'{source}: the stored kwargs describe {count:.3g} parameters '
+                         f'(limit {MAX_PARAMS:.3g})')
+    ours = meta.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
+    if missing or unexpected:
+        raise ValueError(f'{source}: weights do not match the network built from its kwargs: '
+                         f'missing keys {missing[:5]}, unexpected keys {unexpected[:5]}')
+    for k, t in ours.items():
+        if state_dict[k].shape != t.shape:
+            raise ValueError(f'{source}: {k} has shape {list(state_dict[k].shape)}, '
+                             f'the network needs {list(t.shape)}')
+    net = EDMPrecond(**kwargs)
+    net.load_state_dict(state_dict, strict=True)
+    return net.eval().requires_grad_(False)
+
+#----------------------------------------------------------------------------
+# sid's own snapshots: torch.save zips, scanned within bounds before torch.load(weights_only=True).
+
+def _scan_torch_zip(path):
+    """Bounded pre-scan of a torch.save zip: member sizes, then data.pkl through the bounded
+    unpickler with every storage checked against its member and every tensor view against its
+    storage."""
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+        total = sum(i.file_size for i in infos.values())
+        if total > os.path.getsize(path) + (1 << 20):  # torch stores members uncompressed
+            raise ValueError(f'{path}: zip members declare {total} bytes, more than the file holds')
+        pkl = [n for n in infos if n.endswith('/data.pkl') and n.count('/') == 1]
+        if len(pkl) != 1:
+            raise ValueError(f'{path}: not a torch.save archive (no single */data.pkl)')
+        prefix = pkl[0][:-len('data.pkl')]
+
+        def persistent(pid):
+            ok = (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
+                  and isinstance(pid[1], StorageType) and isinstance(pid[2], str)
+                  and type(pid[4]) is int and f'{prefix}data/{pid[2]}' in infos)
+            if not ok or infos[f'{prefix}data/{pid[2]}'].file_size != pid[4] * pid[1].itemsize:
+                raise Refused(f'refusing a storage record that does not match its data member: '
+                              f'{str(pid)[:80]}')
+            return pid[4]
+
+        def tensor(numel, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+            check_view(numel, offset, size, stride)
+            return ()
+
+        allow = {**STORAGE_GLOBALS, ('collections', 'OrderedDict'): ordered_dict,
+                 ('torch._utils', '_rebuild_tensor_v2'): tensor}
+        with zf.open(pkl[0]) as f:
+            bounded_unpickle(io.BytesIO(f.read()), allow, path, persistent)
+
+
+def _load_torch_file(path):
+    _scan_torch_zip(path)
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many types for a bad archive
+        raise ValueError(f'{path}: cannot read checkpoint safely '
+                         f'({str(e).splitlines()[0]})') from None
+    key = next((k for k in ('G_ema', 'ema') if isinstance(data, dict) and k in data), None)
+    if key is None or 'net_kwargs' not in data:
+        found = list(data)[:10] if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f'{path}: expected keys "ema" or "G_ema" and "net_kwargs", found {found}')
+    config = data.get('config')
+    info = dict(path=str(path), config=config if isinstance(config, dict) else {},
+                kimg=data.get('kimg'))
+    return _build_checked(data['net_kwargs'], data[key], path), info
+
+#----------------------------------------------------------------------------
+# EDM/SiD .pkl: the inert record of the `ema` network, flattened to a state dict (EDM's module tree,
+# torch_utils.persistence format version 6).
+
+def _flatten_state(rec, prefix='', out=None):
+    """module.state_dict() equivalent of a pickled module tree (records / inert modules)."""
+    out = {} if out is None else out
+    state = rec['state'] if isinstance(rec, dict) else getattr(rec, 'state', {})
+    skip = set(state.get('_non_persistent_buffers_set', ()))
+    for group in ('_parameters', '_buffers'):
+        for name, t in (state.get(group) or {}).items():
+            if t is not None and not (group == '_buffers' and name in skip):
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f'checkpoint entry {prefix}{name} is not a tensor')
+                out[f'{prefix}{name}'] = t.detach()
+    for name, child in (state.get('_modules') or {}).items():
+        if child is not None:
+            _flatten_state(child, f'{prefix}{name}.', out)
+    return out
+
+
+def _load_edm_file(path):
+    with open(path, 'rb') as f:
+        data = bounded_unpickle(f, EDM_GLOBALS, path)
+    if not isinstance(data, dict) or 'ema' not in data:
+        found = list(data)[:10] if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f'{path}: no "ema" network in the checkpoint (found {found})')
+    rec = data['ema']
+    if not isinstance(rec, dict) or 'state' not in rec:
+        raise ValueError(f'{path}: "ema" is not a persistent network record')
+    state = rec['state']
+    if state.get('_init_args'):
+        raise ValueError(f'{path}: positional constructor arguments are not supported')
+    if str(rec['class_name']).rsplit('.', 1)[-1] != 'EDMPrecond':
+        raise ValueError(f'{path}: unsupported network class "{rec["class_name"]}" '
+                         f'(only EDMPrecond)')
+    net = _build_checked(state.get('_init_kwargs', {}), _flatten_state(rec), path)
+    for attr in ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min',
+                 'sigma_max', 'sigma_data'):
+        if attr in state and state[attr] != getattr(net, attr):
+            raise ValueError(f'{path}: {attr}={state[attr]} in the pickle but '
+                             f'{getattr(net, attr)} after rebuilding')
+    return net, dict(path=str(path), config={}, kimg=None, class_name=rec['class_name'],
+                     module_src_sha1=rec['module_src_sha1'])
+
+#----------------------------------------------------------------------------
+# The one checkpoint reader.
+
+def load_checkpoint(src):
+    """(eval-mode frozen EDMPrecond, info) from an EDM/SiD .pkl (its `ema`) or our torch.save file
+    ({'G_ema' or 'ema': state_dict, 'net_kwargs': dict, 'config': dict, 'kimg'}); src: a path,
+    URL or PRESETS name. info = dict(path, config ({} for .pkl), kimg). Nothing from the file is
+    executed."""
+    path = download(PRESETS[src]['url'] if src in PRESETS else src)
+    return _load_torch_file(path) if zipfile.is_zipfile(path) else _load_edm_file(path)
