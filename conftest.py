@@ -3,9 +3,13 @@
 Test files import what they need from here (`from conftest import Stub, cli`); pytest also loads it first.
 """
 import contextlib, copy, json, math, os, subprocess, sys, types, io
+import zipfile
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import edm_nets, sid, toy
 
@@ -110,3 +114,99 @@ def draws(B=6, shape=(3, 4, 4), seed=0):
 
 softplus = lambda v: math.log1p(math.exp(v)) if v < 30 else v  # BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l)
 sigmoid = lambda v: 1 / (1 + math.exp(-v))
+
+#----------------------------------------------------------------------------
+# Shared by the tests of the networks, checkpoints, data and fid: tiny official configs, files in
+# EDM's dataset layouts, a pickle payload that would run code, a TorchScript FID detector stand-in.
+
+# NCSN++ (EDM's ncsnpp architecture) on top of a DDPM++ preset
+NCSNPP = dict(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
+              resample_filter=[1, 3, 3, 1])
+TINY = {name: dict(model_channels=16, num_blocks=1) for name in edm_nets.PRESETS}
+# >= 64 channels: one attention head
+TINY['imagenet-64x64-cond-adm'] = dict(model_channels=64, num_blocks=1, img_resolution=32)
+
+
+def tiny_net(name, seed=0, randomize=True, **overrides):
+    """A preset at a tiny size, in eval mode; randomize: every parameter moved (EDM zero-inits
+    output layers, which would hide the weights behind them)."""
+    torch.manual_seed(seed)
+    net = edm_nets.build_preset(name, **{**TINY[name], **overrides}).eval()
+    return perturb_copy(net, seed) if randomize else net
+
+
+def net_inputs(net, batch=2, seed=1):
+    """(x, sigma, one-hot labels or None, augmentation labels or None) for `net`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn([batch, *net.img_shape], generator=g)
+    labels = None
+    if net.label_dim:
+        labels = torch.eye(net.label_dim)[torch.randint(net.label_dim, [batch], generator=g)]
+    aug = torch.randn([batch, 9], generator=g) if net.model.map_augment is not None else None
+    return x, torch.exp(torch.randn([batch, 1, 1, 1], generator=g)), labels, aug
+
+
+class Evil:
+    """Unpickles as fn(*args): a file that would run code if its globals were allowed."""
+    def __init__(self, fn, *args):
+        self.reduced = fn, args
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def png_bytes(arr):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def edm_files(n=5, size=8, rgb=True):
+    """{name: png bytes} in a subfolder as EDM's dataset_tool writes them, the arrays (C,H,W) and
+    int labels."""
+    rng = np.random.default_rng(1)
+    shape = (size, size, 3) if rgb else (size, size)
+    arrs = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+    files = {f'00000/img{i:08d}.png': png_bytes(a) for i, a in enumerate(arrs)}
+    chw = np.stack([a.transpose(2, 0, 1) if rgb else a[None] for a in arrs])
+    return files, chw, [i % 3 for i in range(n)]
+
+
+def write_dataset(path, files, meta=None, kind='folder'):
+    """A zip (members stored out of order: the loader must sort) or a folder; meta -> dataset.json."""
+    if meta is not None:
+        files = {**files, 'dataset.json': json.dumps(meta).encode()}
+    if kind == 'zip':
+        with zipfile.ZipFile(path, 'w') as zf:
+            for name in reversed(list(files)):
+                zf.writestr(name, files[name])
+        return str(path)
+    for name, blob in files.items():
+        os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+        write_bytes(os.path.join(path, name), blob)
+    return str(path)
+
+
+def write_pngs(folder, n, size=8):
+    """A flat folder of n PNGs."""
+    files = {k.split('/')[1]: v for k, v in edm_files(n, size)[0].items()}
+    return write_dataset(folder, files)
+
+
+class FidStandIn(nn.Module):
+    """forward(img uint8, return_features) like NVIDIA's .pt: float cast, fixed resize,
+    (x-128)/128, features."""
+    def __init__(self, dim=16):
+        super().__init__()
+        proj = torch.randn(48, dim, generator=torch.Generator().manual_seed(0))
+        self.proj = nn.Parameter(proj, requires_grad=False)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d((img.to(torch.float32) - 128) / 128, 4).flatten(1)
+        features = torch.tanh(pooled @ self.proj)
+        return features if return_features else features.sum(1, keepdim=True)
+
+
+def detector_file(path, dim=16):
+    torch.jit.save(torch.jit.script(FidStandIn(dim)), str(path))
+    return str(path)

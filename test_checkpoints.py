@@ -1,0 +1,325 @@
+"""Tests of checkpoints: the reader on fixtures in EDM's persistence format, our own snapshots,
+refusals, network-kwargs checks, and hostile files of every reader in one bounded subprocess."""
+import collections
+import contextlib
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import types
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import checkpoints
+import edm_nets
+import runs
+import sid
+from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, net_inputs, png_bytes, slow,
+                      states_equal, tiny_net, write_bytes, write_dataset)
+
+#----------------------------------------------------------------------------
+# Fixtures in EDM's persistence format, written without EDM's code: a fake
+# torch_utils.persistence exists only while pickling; our modules reduce to
+# (_reconstruct_persistent_obj, (meta,)) as EDM's persistent classes do.
+
+@contextlib.contextmanager
+def fake_edm_modules():
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('only used as a pickle reference')
+
+    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    EasyDict = type('EasyDict', (dict,), dict(__module__='dnnlib.util'))
+    names = ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')
+    fakes = {k: types.ModuleType(k) for k in names}
+    fakes['torch_utils.persistence']._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    fakes['dnnlib.util'].EasyDict = EasyDict
+    saved = {k: sys.modules.get(k) for k in fakes}
+    sys.modules.update(fakes)
+    try:
+        yield _reconstruct_persistent_obj, EasyDict
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n', protocol=4,
+                     extra=None):
+    """EDM's .pkl layout: our modules reduce to (_reconstruct_persistent_obj, (meta,)) with the
+    class name and state."""
+    with fake_edm_modules() as (reconstruct, EasyDict):
+        def reduce(obj):
+            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
+                return NotImplemented
+            state = {**obj.__dict__, '_init_args': (),
+                     '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
+            state.pop('init_kwargs', None)
+            if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
+                state['skip_scale'] = np.float64(state['skip_scale'])
+            meta = dict(type='class', version=6, module_src=module_src,
+                        class_name=type(obj).__name__, state=state)
+            return reconstruct, (meta,)
+
+        dataset_kwargs = EasyDict(path='x.zip', arr=np.arange(3.0))
+        snapshot = {**dict(ema=ema, augment_pipe=None, dataset_kwargs=dataset_kwargs),
+                    **(extra or {})}  # extra may replace the ema record
+        buf = io.BytesIO()
+        pickler = type('P', (pickle.Pickler,),
+                       dict(reducer_override=lambda self, obj: reduce(obj)))
+        pickler(buf, protocol=protocol).dump(snapshot)
+    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def assert_same_net(a, b):
+    assert a.init_kwargs == b.init_kwargs and list(a.state_dict()) == list(b.state_dict())
+    assert states_equal(a, b)
+    x, sigma, labels, aug = net_inputs(a)
+    assert torch.equal(a(x, sigma, labels, aug), b(x, sigma, labels, aug))
+
+#----------------------------------------------------------------------------
+# The reader: round trips, refusals of code in the file, strict errors, our own snapshots.
+
+@pytest.mark.parametrize('name,overrides,spelling', [
+    ('cifar10-32x32-cond-vp', {}, ''), ('ffhq-64x64-uncond-vp', NCSNPP, ''),
+    ('imagenet-64x64-cond-adm', {}, ''), ('cifar10-32x32-uncond-vp', {}, 'numpy.core.multiarray'),
+    ('cifar10-32x32-uncond-vp', {}, 'numpy._core.multiarray')])
+def test_loader_roundtrip_edm_pickle(tmp_path, name, overrides, spelling):
+    net = tiny_net(name, **overrides)
+    # protocol 3: globals as text lines
+    raw = write_edm_pickle(tmp_path / 'net.pkl', net, protocol=3 if spelling else 4)
+    if spelling:  # numpy 1 and 2 spell the array module differently
+        modules = (b'numpy._core.multiarray', b'numpy.core.multiarray')
+        found = [m for m in modules if b'c' + m + b'\nscalar\n' in raw][0]
+        raw = raw.replace(b'c' + found + b'\n', b'c' + spelling.encode() + b'\n')
+        assert raw.count(b'c' + spelling.encode() + b'\n') >= 2  # scalar and _reconstruct
+        write_bytes(tmp_path / 'net.pkl', raw)
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 'net.pkl'))
+    assert isinstance(loaded, edm_nets.EDMPrecond) and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert_same_net(net, loaded)
+
+
+@pytest.mark.parametrize('make,global_name', [
+    (lambda m: Evil(os.system, f'touch {m}'), f'{os.system.__module__}.system'),
+    (lambda m: Evil(eval, f'open({str(m)!r}, "w")'), 'builtins.eval'),
+    (lambda m: Evil(getattr, 'text', 'upper'), 'builtins.getattr'),
+    (lambda m: Evil(subprocess.Popen, ['touch', str(m)]), 'subprocess.Popen'),
+    (lambda m: Evil(torch.save, {}, str(m)), 'torch.serialization.save'),
+    (lambda m: Evil(np.save, str(m), np.zeros(1)), 'numpy.save')])
+def test_loader_refuses_unsafe_globals_and_never_runs_module_src(tmp_path, make, global_name):
+    marker, net = tmp_path / 'marker', tiny_net('cifar10-32x32-uncond-vp')
+    inside_ema = dict(ema=dict(state=dict(_modules=dict(x=make(marker)))))
+    for extra in (dict(evil=make(marker)), inside_ema):
+        write_edm_pickle(tmp_path / 'evil.pkl', net, extra=extra)
+        with pytest.raises(ValueError, match=f'evil.pkl: unsafe .*refusing to load global '
+                                             f'{global_name}'):
+            checkpoints.load_checkpoint(str(tmp_path / 'evil.pkl'))
+        assert not marker.exists()
+    source = f'open({str(marker)!r}, "w").write("ran")\nraise SystemExit("ran")\n'
+    write_edm_pickle(tmp_path / 'src.pkl', net, module_src=source)
+    checkpoints.load_checkpoint(str(tmp_path / 'src.pkl'))
+    assert not marker.exists()
+
+
+def test_loader_strict_errors_and_own_checkpoints(tmp_path):
+    net = tiny_net('cifar10-32x32-cond-vp')
+    del net.model.map_layer1._parameters['bias']  # a weight missing from the checkpoint
+    write_edm_pickle(tmp_path / 'a.pkl', net)
+    net = tiny_net('cifar10-32x32-cond-vp')
+    net.init_kwargs['label_dim'] = 0  # kwargs that do not match the weights
+    write_edm_pickle(tmp_path / 'b.pkl', net)
+    with fake_edm_modules():
+        write_bytes(tmp_path / 'c.pkl', pickle.dumps(dict(loss_fn=None)))
+    for name, err, msg in (
+            ('a.pkl', ValueError, 'a.pkl: weights do not match.*missing keys.*map_layer1.bias'),
+            ('c.pkl', ValueError, 'c.pkl: no "ema"'),
+            ('b.pkl', ValueError, 'b.pkl: weights do not match.*unexpected keys.*map_label'),
+            ('missing.pkl', FileNotFoundError, 'missing.pkl')):
+        with pytest.raises(err, match=msg):
+            checkpoints.load_checkpoint(str(tmp_path / name))
+    net = tiny_net('cifar10-32x32-cond-vp')
+    for key in ('G_ema', 'ema'):
+        torch.save({key: net.state_dict(), 'net_kwargs': net.init_kwargs, 'kimg': 3},
+                   tmp_path / f'{key}.pt')
+        assert_same_net(net, checkpoints.load_checkpoint(str(tmp_path / f'{key}.pt'))[0])
+    runs.save_snapshot(str(tmp_path / 's.pt'), net, 12, sid.Config(sigma_init=1.5))
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 's.pt'))
+    assert states_equal(net, loaded) and info['kimg'] == 0.012
+    assert info['config']['sigma_init'] == 1.5
+
+
+def test_network_kwargs_exact_allow_list_and_ranges():
+    base = dict(edm_nets.PRESETS['cifar10-32x32-cond-vp']['kwargs'])
+    assert checkpoints.check_net_kwargs(base, 'f') == base
+    toy = dict(model_type='ToyMLP', hidden=64, depth=3, dropout=0.1)
+    assert checkpoints.check_net_kwargs(toy, 'f') == toy
+    for kw, match in [(dict(model_channels='128'), 'model_channels=128 is unknown or out of range'),
+                      (dict(evil=1), 'evil=1 is unknown'), (dict(model_type='Nope'), 'model_type'),
+                      (dict(channel_mult=[1] * 20), 'channel_mult'),
+                      (dict(label_dim=10 ** 8), 'label_dim')]:
+        with pytest.raises(ValueError, match=f'f: network kwarg {match}'):
+            checkpoints.check_net_kwargs(dict(base, **kw), 'f')
+
+
+@slow
+def test_official_cifar_teacher_loads_and_samples():  # the real checkpoint (~225 MB in $SID_CACHE)
+    net, _ = checkpoints.load_checkpoint('cifar10-32x32-uncond-vp')
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = edm_nets.edm_sampler(net, z)
+    assert torch.isfinite(x).all() and -1.5 < x.min() and x.max() < 1.5 and 0.2 < x.std() < 0.8
+
+#----------------------------------------------------------------------------
+# Hostile files (a few bytes to ~1 MB each), all read in ONE subprocess under RLIMIT_AS = 1.5 GB:
+# each is refused with one line naming the file, without exhausting memory. A 60 s alarm per file
+# only turns a hang into a failure (a refusal takes milliseconds; no test asserts a duration).
+
+class TensorView:  # a view of 250M floats on a storage of 1000: set_() would grow it to 1 GB
+    def __reduce__(self):
+        storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(1000).untyped_storage(),
+                                             dtype=torch.float32, _internal=True)
+        args = (storage, 0, (250_000_000,), (1,), False, collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, args
+
+
+def zip_bomb(path):
+    """A hand-written ~1 MB zip whose one member inflates to 1 GiB of zeros (one deflate block,
+    repeated)."""
+    c, chunk = zlib.compressobj(9, zlib.DEFLATED, -15), bytes(1 << 20)
+    # after a full flush: identical blocks
+    first, again = (c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH) for _ in range(2))
+    data, crc, n = first + again * 1023 + c.flush(), 0, b'a.png'
+    for _ in range(1024):
+        crc = zlib.crc32(chunk, crc)
+    local = struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, 8, 0, 0, crc, len(data), 1 << 30,
+                        len(n), 0) + n + data
+    central = struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, 8, 0, 0, crc, len(data),
+                          1 << 30, len(n), 0, 0, 0, 0, 0, 0) + n
+    end = struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, 1, 1, len(central), len(local), 0)
+    return write_bytes(path, local + central + end)
+
+
+def png_header(path, w, h):  # a valid PNG header claiming w x h pixels, one tiny IDAT
+    def chunk(kind, data):
+        crc = struct.pack('>I', zlib.crc32(kind + data))
+        return struct.pack('>I', len(data)) + kind + data + crc
+
+    header = chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
+    png = b'\x89PNG\r\n\x1a\n' + header + chunk(b'IDAT', zlib.compress(bytes(100)))
+    return write_bytes(path, png + chunk(b'IEND', b''))
+
+
+def labels_zip(d, name, labels):
+    files = {f'{i}.png': png_bytes(np.full((8, 8, 3), i, np.uint8)) for i in range(3)}
+    return write_dataset(d / f'{name}.zip', files, {'labels': labels}, 'zip')
+
+
+def huge(ch):
+    return dict(img_resolution=64, img_channels=3, label_dim=0, model_type='DhariwalUNet',
+                model_channels=ch)
+
+
+def torch_file(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def fid_args(*a):  # fid.py's command line
+    return '|'.join(['fid', *map(str, a)])
+
+
+def hash_bomb():  # t_{k+1} = (t_k, t_k): 2^64 leaves, as a dict key
+    memo = b''.join(bytes([0x68, k, 0x68, k, 0x86, 0x94]) + (b'0' if k < 63 else b'')
+                    for k in range(64))
+    return b'\x80\x04})\x940' + memo + b'K\x01s.'
+
+
+OBJECT_ARRAY = (b'\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ'
+                + struct.pack('<i', 600_000_000) + b'\x85U\x01O\x87R.')
+HOSTILE = [  # (id, reader, build(folder) -> argument, message)
+    ('object-array', 'ckpt', lambda d: write_bytes(d / 'obj.pkl', OBJECT_ARRAY),
+     r'obj.pkl: .*refusing numpy _reconstruct'),
+    ('hash-bomb', 'ckpt', lambda d: write_bytes(d / 'hash.pkl', hash_bomb()),
+     r'refusing a tuple as a dict key'),
+    ('read-claim', 'ckpt',
+     lambda d: write_bytes(d / 'claim.pkl', b'\x80\x04\x8e' + struct.pack('<Q', 1 << 40) + b'xyz.'),
+     r'claims 1099511627776 bytes'),
+    ('tensor-view', 'ckpt',
+     lambda d: write_bytes(d / 'view.pkl', pickle.dumps({'ema': TensorView()}, protocol=4)),
+     r'tensor view \[250000000\].*storage of 1000'),
+    ('huge-kwargs', 'ckpt',
+     lambda d: torch_file(d / 'huge.pt', {'ema': {}, 'net_kwargs': huge(384)}),
+     r'huge.pt: weights do not match.*missing keys'),
+    ('param-budget', 'ckpt', lambda d: torch_file(d / 'p.pt', {'ema': {}, 'net_kwargs': huge(768)}),
+     r'p.pt: .*parameters \(limit 2e\+09\)'),
+    ('zip-bomb', 'data', lambda d: zip_bomb(d / 'bomb.zip'),
+     r'bomb.zip: member a.png declares 1073741824 bytes'),
+    ('label-1e8', 'data', lambda d: labels_zip(d, 'big', [[f'{i}.png', 10 ** 8] for i in range(3)]),
+     r'big.zip: dataset.json labels must be'),
+    ('labels-not-list', 'data', lambda d: labels_zip(d, 'five', 5),
+     r'five.zip: dataset.json labels must be a list'),
+    ('labels-not-pairs', 'data', lambda d: labels_zip(d, 'pairs', [['0.png']]),
+     r'pairs.zip: dataset.json labels must be a list of \[name, int'),
+    ('png-9000', 'image', lambda d: png_header(d / 'big9000.png', 9000, 9000),
+     r'9000x9000 pixels exceeds the limit'),
+    ('png-12000', 'image', lambda d: png_header(d / 'big12000.png', 12000, 12000),
+     r'big12000.png: unreadable image \(DecompressionBombWarning'),
+    ('png-100000', 'image', lambda d: png_header(d / 'big100000.png', 100000, 100000),
+     r'big100000.png:.*(exceeds|bomb)'),
+    ('fid-ref-labels', 'fid', lambda d: fid_args('ref', '--data', d / 'big.zip', '--dest',
+                                                 d / 'r.npz'), 'labels must be'),
+    ('fid-num', 'fid', lambda d: fid_args('calc', '--images', d, '--ref', 'x', '--num', 1),
+     '--num must be >= 2'),
+    ('fid-dest', 'fid', lambda d: fid_args('ref', '--data', d / 'bomb.zip', '--dest',
+                                           d / 'no' / 'r.npz'), 'cannot write --dest')]
+
+READ_ALL = f"""import contextlib, io, json, resource, signal, sys
+resource.setrlimit(resource.RLIMIT_AS, ({1536 << 20}, {1536 << 20}))
+import checkpoints, data, fid, fileio, runs
+signal.signal(signal.SIGALRM, lambda *a: sys.exit('timeout'))
+READ = dict(ckpt=checkpoints.load_checkpoint, data=data.load_dataset, image=fileio.read_image,
+            fid=lambda a: fid.main(a.split('|')[1:]))
+for line in sys.stdin:  # each refusal as the commands report it: one line on stderr, exit code 2
+    name, reader, arg = line.split()
+    err, code = io.StringIO(), 0
+    signal.alarm(60)
+    with contextlib.redirect_stderr(err):
+        try:
+            runs.one_line_errors(lambda: READ[reader](arg))
+        except SystemExit as e:  # the refusal, or the alarm
+            code = e.code
+        except BaseException as e:  # anything else (MemoryError, ...) fails this file only
+            code = repr(e)
+    signal.alarm(0)
+    print(json.dumps([name, code, err.getvalue() or str(code)]), flush=True)
+"""
+
+
+@pytest.fixture(scope='module')
+def hostile(tmp_path_factory):
+    d = tmp_path_factory.mktemp('hostile')
+    args = {name: str(build(d)) for name, _, build, _ in HOSTILE}
+    assert all(os.path.getsize(a) < 1.1e6 for a in args.values() if os.path.isfile(a))
+    lines = ''.join(f'{n} {reader} {args[n]}\n' for n, reader, _, _ in HOSTILE)
+    r = subprocess.run([sys.executable, '-c', READ_ALL], input=lines, cwd=HERE,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    return {row[0]: row[1:] for row in map(json.loads, r.stdout.splitlines())}
+
+
+@pytest.mark.parametrize('name,match', [(h[0], h[3]) for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_file_refused_in_bounded_memory(hostile, name, match):
+    code, err = hostile[name]
+    assert_one_line_error(types.SimpleNamespace(returncode=code, stderr=err), '')
+    assert re.search(match, err), err

@@ -1,0 +1,157 @@
+"""Tests of fid: the Frechet distance (closed forms, scipy), streaming statistics, a TorchScript
+detector stand-in, EDM's reference files, the command line."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fid
+from conftest import (FidStandIn, detector_file, edm_files, write_bytes, write_dataset,
+                      write_pngs)
+
+
+def random_cov(rng, d, rank=None, scale=1.0):
+    a = rng.standard_normal((d, rank or d)) * scale
+    return a @ a.T / (rank or d)
+
+
+def test_frechet_closed_forms_and_scipy():
+    rng, d = np.random.default_rng(1), 128
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))  # shared eigenbasis: commuting covariances
+    a, b = rng.uniform(0, 3, d), rng.uniform(0, 3, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+
+    def closed(a, b):
+        return np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)
+
+    fd = fid.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T)
+    assert fd == pytest.approx(closed(a, b), rel=1e-10)
+    a[:10] = 0  # singular directions: eigenvalues ~1e-16 have square roots ~1e-8
+    fd = fid.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T)
+    assert fd == pytest.approx(closed(a, b), abs=1e-5)
+    s1, s2, low = random_cov(rng, 32), random_cov(rng, 32), random_cov(rng, 64, rank=20)
+    m1, m2 = mu1[:32], mu2[:32]
+    fd = fid.frechet_distance(m1, s1, m2, s2)
+    assert fid.frechet_distance(m2, s2, m1, s1) == pytest.approx(fd, rel=1e-10)
+    assert fid.frechet_distance(3 * m1, 9 * s1, 3 * m2, 9 * s2) == pytest.approx(9 * fd, rel=1e-10)
+    assert abs(fid.frechet_distance(mu1[:64], low, mu1[:64], low)) < 1e-6 * np.trace(low)
+    # EDM's way, scipy.linalg.sqrtm of the product; without scipy the eigenvalues of the
+    # (non-symmetric) product
+    try:
+        from scipy.linalg import sqrtm
+
+        def tr_sqrt(m):
+            return np.trace(sqrtm(m).real)
+    except ImportError:
+        def tr_sqrt(m):
+            return np.sqrt(np.clip(np.linalg.eigvals(m).real, 0, None)).sum()
+    for d, rank in ((64, None), (128, 40), (200, 199)):
+        m1, m2 = rng.standard_normal(d) * 0.1, rng.standard_normal(d) * 0.1
+        c1, c2 = random_cov(rng, d, rank), random_cov(rng, d, rank, 1.3)
+        expected = np.sum((m1 - m2) ** 2) + np.trace(c1 + c2) - 2 * tr_sqrt(c1 @ c2)
+        assert fid.frechet_distance(m1, c1, m2, c2) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match='do not match'):
+        fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(5), np.eye(5))
+
+
+def test_feature_stats_any_split_and_all_reduce():
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((101, 12)) * rng.uniform(0.1, 5, 12) + rng.standard_normal(12) * 3
+    for sizes in ([101], [1, 50, 50], [7] * 14 + [3]):
+        perm, stats = rng.permutation(len(f)), fid.FeatureStats()
+        for n, s in zip(sizes, np.cumsum(sizes)):
+            stats.update(torch.from_numpy(f[perm[s - n:s]]))
+        mu, cov = stats.mean_cov()
+        np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cov, np.cov(f, rowvar=False, ddof=1), rtol=1e-10, atol=1e-12)
+    a, b = fid.FeatureStats(), fid.FeatureStats()
+    a.update(torch.from_numpy(f[:40]))
+    b.update(torch.from_numpy(f[40:]))
+    # a fake 2-rank all_reduce
+    other = iter([torch.tensor(float(b.n), dtype=torch.float64), b.sum, b.sum_outer])
+    a.all_reduce(lambda t: t.add_(next(other)))
+    np.testing.assert_allclose(a.mean_cov()[1], np.cov(f, rowvar=False, ddof=1), rtol=1e-10,
+                               atol=1e-12)
+    one = fid.FeatureStats()
+    one.update(torch.from_numpy(f[:1]))
+    with pytest.raises(ValueError):
+        one.mean_cov()
+
+
+def test_to_uint8_detector_and_generator_fid(tmp_path, monkeypatch):
+    x = torch.tensor([-1.0, 0.0, 1.0, -2.0, 5.0, 100.9 / 127.5 - 128 / 127.5, 0.999 / 127.5,
+                      1 / 127.5, -125 / 127.5])
+    # EDM: +128 and truncation (round(x*127.5+127.5) would give 128, 2)
+    assert fid.to_uint8(x).tolist() == [0, 128, 255, 0, 255, 100, 128, 129, 3]
+    path = detector_file(tmp_path / 'standin.pt')
+    det = fid.load_detector('cpu', path)
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    features = fid.extract_features(det, images, 'cpu')
+    assert features.dtype == torch.float64
+    assert torch.equal(features, FidStandIn()(images, True).double())
+    gray = images[:, :1]
+    assert torch.equal(fid.extract_features(det, gray, 'cpu'),
+                       fid.extract_features(det, gray.repeat(1, 3, 1, 1), 'cpu'))
+    with pytest.raises(ValueError):
+        fid.extract_features(det, images.float(), 'cpu')
+    monkeypatch.setenv('SID_DETECTOR', path)
+    assert torch.equal(fid.extract_features(fid.load_detector('cpu'), images, 'cpu'), features)
+
+    def make(seeds):
+        return torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1
+                            for s in seeds])
+
+    batches = [fid.to_uint8(make(range(13))), fid.to_uint8(make(range(13, 40)))]
+    mu, sigma = fid.compute_stats_from_images(batches, det, 'cpu')
+    same = fid.fid_of_generator(make, 40, mu, sigma, det, 'cpu', batch=7)
+    assert same == pytest.approx(0, abs=1e-9)
+    with pytest.raises(RuntimeError, match='needs an initialised torch.distributed'):
+        fid.fid_of_generator(make, 40, mu, sigma, det, 'cpu', rank=1, world_size=2)
+
+
+def test_fid_files_and_cli(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    mu, sigma = rng.standard_normal(6), random_cov(rng, 6)
+    fid.save_ref(str(tmp_path / 'ref6.npz'), mu, sigma)
+    with np.load(tmp_path / 'ref6.npz') as npz:  # EDM's keys and dtype, no temporary left
+        assert os.listdir(tmp_path) == ['ref6.npz'] and set(npz.files) == {'mu', 'sigma'}
+        assert npz['sigma'].dtype == np.float64
+    loaded = fid.load_ref(str(tmp_path / 'ref6.npz'))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, (mu, sigma)))
+    write_bytes(tmp_path / 'bad.npz', b'not a zip')
+    np.savez(str(tmp_path / 'keys.npz'), mean=mu)
+    for bad in ('bad.npz', 'keys.npz'):
+        with pytest.raises(ValueError):
+            fid.load_ref(str(tmp_path / bad))
+    all_b = fid.list_images(write_pngs(tmp_path / 'b', 12))
+    # EDM's subset rule
+    assert fid.list_images(str(tmp_path / 'b'), num=4, seed=0) == [all_b[i] for i in (4, 6, 10, 11)]
+    folder, ref = write_pngs(tmp_path / 'imgs', 24), str(tmp_path / 'ref.npz')
+    det = ['--detector', detector_file(tmp_path / 'det.pt')]
+    fid.main(['ref', '--data', folder, '--dest', ref, *det, '--batch', '5'])
+    fid.main(['calc', '--images', folder, '--ref', ref, '--num', '24', *det])
+    assert abs(float(capsys.readouterr().out.split()[-1])) < 1e-6  # the reference's own images
+    files, chw, _ = edm_files(n=24, size=8)  # a dataset zip goes through data.load_dataset
+    zipped = write_dataset(tmp_path / 'd.zip', files, None, 'zip')
+    fid.main(['ref', '--data', zipped, '--dest', str(tmp_path / 'z.npz'), *det])
+    expected = FidStandIn()(torch.from_numpy(chw), True).double().mean(0).numpy()
+    assert np.allclose(fid.load_ref(str(tmp_path / 'z.npz'))[0], expected)
+    write_pngs(tmp_path / 'mixed', 3)
+    write_pngs(tmp_path / 'mixed' / 'big', 1, size=16)
+    os.makedirs(tmp_path / 'empty')
+    dest = str(tmp_path / 'x.npz')
+    bad_args = [['ref', '--data', str(tmp_path / d), '--dest', dest, *det]
+                for d in ('missing', 'mixed', 'empty')]
+    bad_args += [
+        ['ref', '--data', folder, '--dest', dest, '--detector', ref],
+        # the detector gives 16 features, ref6 has 6
+        ['calc', '--images', folder, '--ref', str(tmp_path / 'ref6.npz'), '--num', '4', *det],
+        ['calc', '--images', folder, '--ref', ref, '--num', '99', *det]]
+    for args in bad_args:
+        with pytest.raises(SystemExit) as e:
+            fid.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error: '), (args, err)
+        assert len(err.splitlines()) == 1, (args, err)
+    assert not os.path.exists(dest)
