@@ -173,7 +173,8 @@ def edm_files(n=5, size=8, rgb=True):
 
 
 def write_dataset(path, files, meta=None, kind='folder'):
-    """A zip (members stored out of order: the loader must sort) or a folder; meta -> dataset.json."""
+    """A zip (members stored out of order: the loader must sort) or a folder; meta ->
+    dataset.json."""
     if meta is not None:
         files = {**files, 'dataset.json': json.dumps(meta).encode()}
     if kind == 'zip':

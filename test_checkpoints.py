@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import types
+import zipfile
 import zlib
 
 import numpy as np
@@ -210,6 +211,34 @@ def zip_bomb(path):
     return write_bytes(path, local + central + end)
 
 
+def zip_declaring(path, members, size):
+    """A zip whose central directory lists `members` entries of `size` bytes each, all pointing at
+    one empty local member (the declared sizes are never read)."""
+    first = b'0.png'
+    local = struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, 0, 0, 0, 0, 0, 0, len(first), 0) + first
+    central = b''
+    for i in range(members):
+        n = f'{i}.png'.encode()
+        central += struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, 0, 0, 0, 0, size, size,
+                               len(n), 0, 0, 0, 0, 0, 0) + n
+    end = struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, members, members, len(central), len(local), 0)
+    return write_bytes(path, local + central + end)
+
+
+def torch_zip(path, edit):
+    """A torch.save file of one 1000-float tensor whose data.pkl is rewritten by `edit`."""
+    buf = io.BytesIO()
+    torch.save({'ema': {'w': torch.zeros(1000)}, 'net_kwargs': {}}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, 'w') as dst:
+        for info in src.infolist():
+            blob = src.read(info)
+            dst.writestr(info.filename, edit(blob) if info.filename.endswith('/data.pkl') else blob)
+    return path
+
+
+BIG = b'J' + struct.pack('<i', 250_000_000)  # BININT 250M, for BININT2 1000 (M\xe8\x03)
+
+
 def png_header(path, w, h):  # a valid PNG header claiming w x h pixels, one tiny IDAT
     def chunk(kind, data):
         crc = struct.pack('>I', zlib.crc32(kind + data))
@@ -263,8 +292,19 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
      r'huge.pt: weights do not match.*missing keys'),
     ('param-budget', 'ckpt', lambda d: torch_file(d / 'p.pt', {'ema': {}, 'net_kwargs': huge(768)}),
      r'p.pt: .*parameters \(limit 2e\+09\)'),
+    # torch.save zips whose data.pkl lies: a storage of 250M floats in a member of 1000, a view of
+    # 250M floats on that storage of 1000
+    ('zip-storage-size', 'ckpt',
+     lambda d: torch_zip(d / 'size.pt', lambda b: b.replace(b'M\xe8\x03t', BIG + b't', 1)),
+     r'size.pt: .*storage record that does not match its data member'),
+    ('zip-tensor-view', 'ckpt',
+     lambda d: torch_zip(d / 'zview.pt', lambda b: b.replace(b'M\xe8\x03\x85', BIG + b'\x85', 1)),
+     r'zview.pt: .*tensor view \[250000000\].*storage of 1000 elements'),
     ('zip-bomb', 'data', lambda d: zip_bomb(d / 'bomb.zip'),
      r'bomb.zip: member a.png declares 1073741824 bytes'),
+    # 257 members of 256 MiB each (the most one member may declare): 64.25 GiB in all
+    ('zip-total', 'data', lambda d: zip_declaring(d / 'many.zip', 257, 1 << 28),
+     r'many.zip: members declare 68987912192 bytes in all \(limit 68719476736\)'),
     ('label-1e8', 'data', lambda d: labels_zip(d, 'big', [[f'{i}.png', 10 ** 8] for i in range(3)]),
      r'big.zip: dataset.json labels must be'),
     ('labels-not-list', 'data', lambda d: labels_zip(d, 'five', 5),

@@ -61,7 +61,7 @@ def test_cifar_archive_truncation_and_allow_list(tmp_path):
 def test_edm_dataset_zip_folder_grayscale_and_errors(tmp_path, kind):
     ext = '.zip' if kind == 'zip' else ''
     files, chw, _ = edm_files()
-    classes = [2, 0, 1, 0, 2]  # the i-th image (by name) is of class classes[i]
+    classes = [2, 0, 1, 1, 0]  # the i-th image (by name) is of class classes[i]
     # dataset.json lists the images in another order than their names: labels follow the names
     pairs = [[n, c] for n, c in zip(files, classes)]
     meta = {'labels': pairs[::-1]}

@@ -55,3 +55,19 @@ def test_unpickler_bounds_structure_and_is_exact_on_honest_data():
         with pytest.raises(ValueError, match='x.pkl: unsafe or unreadable pickle'):
             unpickle.bounded_unpickle(io.BytesIO(pickle.dumps(bad, 4)), unpickle.EDM_GLOBALS,
                                       'x.pkl')
+
+
+@pytest.mark.parametrize('make,protocols', [
+    (lambda n: list(range(n)), (2, 4)),  # APPENDS
+    (lambda n: {i: i for i in range(n)}, (2, 4)),  # SETITEMS
+    (lambda n: set(range(n)), (2, 4)),  # builtins.set of a list (protocol 2), ADDITEMS (4)
+    (lambda n: frozenset(range(n)), (4,)),  # FROZENSET (protocol 2 would need builtins.frozenset)
+    (lambda n: collections.OrderedDict((i, i) for i in range(n)), (2, 4))])  # plain dict items
+def test_every_container_opcode_is_bounded(monkeypatch, make, protocols):
+    monkeypatch.setattr(unpickle, 'MAX_CONTAINER', 40)
+    for protocol in protocols:
+        ok = pickle.dumps(make(40), protocol)
+        assert unpickle.bounded_unpickle(io.BytesIO(ok), unpickle.EDM_GLOBALS, 'x.pkl') == make(40)
+        too_big = pickle.dumps(make(41), protocol)
+        with pytest.raises(ValueError, match='x.pkl: .*a container of 41 items exceeds the limit'):
+            unpickle.bounded_unpickle(io.BytesIO(too_big), unpickle.EDM_GLOBALS, 'x.pkl')
