@@ -195,17 +195,26 @@ def write_pngs(folder, n, size=8):
 
 
 class FidStandIn(nn.Module):
-    """forward(img uint8, return_features) like NVIDIA's .pt: float cast, fixed resize,
-    (x-128)/128, features."""
-    def __init__(self, dim=16):
+    """forward(img uint8, return_features, no_output_bias) like NVIDIA's .pt: float cast, fixed
+    resize, (x-128)/128, features; else softmax class probabilities (output bias optional)."""
+    def __init__(self, dim=16, classes=10):
         super().__init__()
         proj = torch.randn(48, dim, generator=torch.Generator().manual_seed(0))
         self.proj = nn.Parameter(proj, requires_grad=False)
+        g = torch.Generator().manual_seed(1)
+        self.out_w = nn.Parameter(3 * torch.randn(classes, dim, generator=g), requires_grad=False)
+        self.out_b = nn.Parameter(torch.randn(classes, generator=g), requires_grad=False)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, return_features: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
         pooled = F.adaptive_avg_pool2d((img.to(torch.float32) - 128) / 128, 4).flatten(1)
         features = torch.tanh(pooled @ self.proj)
-        return features if return_features else features.sum(1, keepdim=True)
+        if return_features:
+            return features
+        logits = features @ self.out_w.T
+        if not no_output_bias:
+            logits = logits + self.out_b
+        return torch.softmax(logits, dim=1)
 
 
 def detector_file(path, dim=16):
