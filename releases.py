@@ -87,8 +87,8 @@ class Release:
 # The table.
 
 _SID_README = 'the SiD README (per dataset, the run of main:run_sid.sh)'
-_AFHQ_SID_A1 = ('the SiDA README lists it as alpha 1.2, but the link is this alpha-1 file; '
-                'main:run_sid.sh trains AFHQv2 at alpha 1.0')
+_AFHQ_SID_A1 = ('README row differs: the SiDA README lists it as alpha 1.2, but links this '
+                'alpha-1 file; main:run_sid.sh trains AFHQv2 at alpha 1.0')
 _AFHQ_SIDA = ('run_sida.sh passes the FFHQ dataset as --data (the real images) for AFHQv2; '
               'whether this file was trained so is unknown')
 
@@ -142,8 +142,9 @@ _EDM = [
     _sida('SiDA', 'afhqv2-64', 1.0, 'afhq64-v2_sida_alpha1-127488.pkl', _AFHQ_SIDA),
     _sida('SiD2A', 'afhqv2-64', 1.0, 'afhq64-v2_sid2a_alpha1-175104.pkl', _AFHQ_SIDA),
     _sida('SiD2A', 'afhqv2-64', 1.2, 'afhq64-v2_sid2a_alpha1.2-055808.pkl',
-          f'the README links afhq64-v2_sid2a_alpha1.2-175104.pkl (the alpha-1 file\'s number), '
-          f'which the HF folder does not hold; this is the alpha-1.2 file it holds; {_AFHQ_SIDA}'),
+          f'README row differs: it links afhq64-v2_sid2a_alpha1.2-175104.pkl (the alpha-1 '
+          f'file\'s number), which the HF folder does not hold; this is the alpha-1.2 file it '
+          f'holds; {_AFHQ_SIDA}'),
 ]
 
 _XL_SIDA = ('the README lists it as SiDA, its file name says sid2a (the official metric script '

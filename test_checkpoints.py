@@ -21,6 +21,8 @@ import torch.nn as nn
 
 import checkpoints
 import edm_nets
+import fileio
+import releases
 import runs
 import sid
 from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, net_inputs, png_bytes, slow,
@@ -161,6 +163,42 @@ def test_loader_strict_errors_and_own_checkpoints(tmp_path):
     assert info['config']['sigma_init'] == 1.5
 
 
+
+@pytest.mark.parametrize('name,preset', [('sid-cifar10-cond-a1.2', 'cifar10-32x32-cond-vp'),
+                                         ('sid2a-imagenet64-a1.2', 'imagenet-64x64-cond-adm'),
+                                         ('sida-afhqv2-64-a1', 'afhqv2-64x64-uncond-vp')])
+def test_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, name, preset):
+    """A file in the official format where the cache keeps the release's URL loads by name (no
+    network) and generates; a hostile or truncated file there is refused with one line."""
+    monkeypatch.setenv('SID_CACHE', str(tmp_path))
+    release = releases.resolve(name)
+    cached = fileio.cache_path(release.url)
+    assert cached.startswith(str(tmp_path)) and cached.endswith('-' + release.file)
+    net = tiny_net(preset)
+    raw = write_edm_pickle(cached, net)
+    loaded, info = checkpoints.load_checkpoint(name)
+    assert_same_net(net, loaded)
+    assert info['release'] == name and info['path'] == cached
+    x = runs.sample_images(loaded, [0, 1, 2], releases.SIGMA_INIT, 'cpu')
+    assert list(x.shape) == [3, *net.img_shape] and torch.isfinite(x).all()
+    write_bytes(cached, raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=re.escape(cached)) as e:
+        checkpoints.load_checkpoint(name)
+    assert len(str(e.value).splitlines()) == 1
+    write_edm_pickle(cached, net, extra=dict(evil=Evil(os.system, 'true')))
+    with pytest.raises(ValueError, match='unsafe .*refusing to load global'):
+        checkpoints.load_checkpoint(name)
+
+
+def test_release_names_refused_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    for name, msg in (('sid-img512-xs-a1', 'needs the EDM2 network'),
+                      ('sid-cifar10-uncond-a1.1', 'unknown released generator .*e.g. '
+                                                  'sid-cifar10-uncond-a1.2, sid-cifar10-uncond-a1')):
+        with pytest.raises(ValueError, match=msg):
+            checkpoints.load_checkpoint(name)
+    assert not os.path.exists(tmp_path / 'cache')
+
 def test_network_kwargs_exact_allow_list_and_ranges():
     base = dict(edm_nets.PRESETS['cifar10-32x32-cond-vp']['kwargs'])
     assert checkpoints.check_net_kwargs(base, 'f') == base
@@ -264,6 +302,15 @@ def torch_file(path, obj):
     return path
 
 
+def npz_declaring(path, count):
+    """An .npz whose arr_0 header says `count` uint8 images [64, 64, 3] and which holds one."""
+    with zipfile.ZipFile(path, 'w') as zf, zf.open('arr_0.npy', 'w') as f:
+        header = dict(descr='|u1', fortran_order=False, shape=(count, 64, 64, 3))
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(64 * 64 * 3))
+    return path
+
+
 def fid_args(*a):  # fid.py's command line
     return '|'.join(['fid', *map(str, a)])
 
@@ -317,6 +364,9 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
      r'big12000.png: unreadable image \(DecompressionBombWarning'),
     ('png-100000', 'image', lambda d: png_header(d / 'big100000.png', 100000, 100000),
      r'big100000.png:.*(exceeds|bomb)'),
+    # an OpenAI-style reference batch whose arr_0 header declares 10^9 images of 64x64
+    ('npz-count', 'npz', lambda d: npz_declaring(d / 'ref.npz', 10 ** 9),
+     r'ref.npz: arr_0 declares 1000000000 images but holds 12288 bytes'),
     ('fid-ref-labels', 'fid', lambda d: fid_args('ref', '--data', d / 'big.zip', '--dest',
                                                  d / 'r.npz'), 'labels must be'),
     ('fid-num', 'fid', lambda d: fid_args('calc', '--images', d, '--ref', 'x', '--num', 1),
@@ -326,10 +376,11 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
 
 READ_ALL = f"""import contextlib, io, json, resource, signal, sys
 resource.setrlimit(resource.RLIMIT_AS, ({1536 << 20}, {1536 << 20}))
-import checkpoints, data, fid, fileio, runs
+import checkpoints, data, fid, fileio, metrics, runs
 signal.signal(signal.SIGALRM, lambda *a: sys.exit('timeout'))
 READ = dict(ckpt=checkpoints.load_checkpoint, data=data.load_dataset, image=fileio.read_image,
-            fid=lambda a: fid.main(a.split('|')[1:]))
+            fid=lambda a: fid.main(a.split('|')[1:]),
+            npz=lambda a: sum(len(b) for b in metrics.real_image_batches(a, 64)))
 for line in sys.stdin:  # each refusal as the commands report it: one line on stderr, exit code 2
     name, reader, arg = line.split()
     err, code = io.StringIO(), 0

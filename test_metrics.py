@@ -1,6 +1,6 @@
 """Tests of metrics: the Inception Score and precision/recall against closed forms and independent
-computations, OpenAI's .npz reference batches, the in-memory evaluation end to end with a TorchScript
-detector stand-in on a tiny generator, and the refusals that come before any image is generated."""
+computations, OpenAI's .npz reference batches, the in-memory evaluation end to end with a
+TorchScript detector stand-in on a tiny generator, and the refusals before any image is made."""
 import os
 import zipfile
 
