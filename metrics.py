@@ -242,6 +242,42 @@ def _summary(per_trial):
     return mean, std
 
 
+def _score_trial(sample, seeds, image_shape, metrics, tools, batch, device, splits, k, progress):
+    """The scores of the images of `seeds`, generated and scored `batch` at a time; progress(n)
+    after each batch with the number of images done."""
+    detector, pr_detector = tools['detector'], tools['pr_detector']
+    stats, gen = fid.FeatureStats(), []
+    score = InceptionScore(len(seeds), splits) if 'is' in metrics else None
+    for i in range(0, len(seeds), batch):
+        part = seeds[i:i + batch]
+        with torch.no_grad():
+            images = fid.to_uint8(sample(part))
+        if list(images.shape) != [len(part), *image_shape]:
+            raise ValueError(f'sample() gave {list(images.shape)} for {len(part)} seeds, '
+                             f'expected {[len(part), *image_shape]}')
+        features = None
+        if 'fid' in metrics:
+            features = fid.extract_features(detector, images, device)
+            stats.update(features)
+        if 'is' in metrics:
+            score.update(class_probabilities(detector, images, device))
+        if 'pr' in metrics:
+            if features is None or pr_detector is not detector:
+                features = fid.extract_features(pr_detector, images, device)
+            gen.append(features.to(torch.float16))
+        if progress is not None:
+            progress(i + len(part))
+    result = {}
+    if 'fid' in metrics:
+        mu, sigma = stats.mean_cov()
+        result['fid'] = fid.frechet_distance(mu, sigma, *tools['ref'])
+    if 'is' in metrics:
+        result['is'], result['is_std'] = score.result()
+    if 'pr' in metrics:
+        result['precision'], result['recall'] = precision_recall(tools['real'], torch.cat(gen), k)
+    return result
+
+
 def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, expected_ref=None,
              detector=None, pr_ref=None, pr_detector=None, batch=64, device='cpu', splits=10, k=3,
              progress=None):
@@ -254,9 +290,9 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
     as SiD; VGG16_URL as StyleGAN2-ADA). Every reference is loaded and checked before the first
     image is generated. progress(text) after each batch. Returns dict(trials=[{score: value}],
     mean={...}, std={...}) with scores fid, is, is_std (over the splits), precision, recall."""
-    metrics = list(dict.fromkeys(metrics))
+    metrics, image_shape = list(dict.fromkeys(metrics)), list(image_shape)
     _check_options(metrics, num, trials, batch, splits, k, image_shape)
-    channels, resolution = image_shape[0], image_shape[-1]
+    resolution = image_shape[-1]
     ref = ref if ref is not None else expected_ref
     if 'fid' in metrics:
         check_reference(ref, resolution, expected_ref)
@@ -266,49 +302,24 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
                          'reference batch')
     if detector is None and ('fid' in metrics or 'is' in metrics or pr_detector is None):
         detector = fid.load_detector(device)
+    tools = dict(detector=detector, pr_detector=pr_detector or detector)
     if 'fid' in metrics:
-        ref_mu, ref_sigma = fid.load_ref(ref)
+        tools['ref'] = fid.load_ref(ref)
         probe = torch.zeros([1, *image_shape], dtype=torch.uint8)
         dim = fid.extract_features(detector, probe, device).shape[1]
-        if ref_mu.shape[0] != dim:
-            raise ValueError(f'reference {ref} has {ref_mu.shape[0]} features, the detector '
-                             f'gives {dim}')
-    pr_detector = pr_detector if pr_detector is not None else detector
+        if tools['ref'][0].shape[0] != dim:
+            raise ValueError(f'reference {ref} has {tools["ref"][0].shape[0]} features, the '
+                             f'detector gives {dim}')
     if 'pr' in metrics:
-        real = real_features(pr_detector, pr_ref, batch, device, resolution)
+        tools['real'] = real_features(tools['pr_detector'], pr_ref, batch, device, resolution)
     per_trial = []
     for t in range(trials):
-        stats = fid.FeatureStats()
-        score = InceptionScore(num, splits) if 'is' in metrics else None
-        gen = []
-        for start in range(t * num, (t + 1) * num, batch):
-            seeds = list(range(start, min(start + batch, (t + 1) * num)))
-            with torch.no_grad():
-                images = fid.to_uint8(sample(seeds))
-            if list(images.shape) != [len(seeds), channels, resolution, resolution]:
-                raise ValueError(f'sample() gave {list(images.shape)} for {len(seeds)} seeds, '
-                                 f'expected {[len(seeds), *image_shape]}')
-            features = None
-            if 'fid' in metrics:
-                features = fid.extract_features(detector, images, device)
-                stats.update(features)
-            if 'is' in metrics:
-                score.update(class_probabilities(detector, images, device))
-            if 'pr' in metrics:
-                if features is None or pr_detector is not detector:
-                    features = fid.extract_features(pr_detector, images, device)
-                gen.append(features.to(torch.float16))
-            if progress is not None:
-                progress(f'trial {t + 1}/{trials}: {seeds[-1] + 1 - t * num}/{num} images')
-        result = {}
-        if 'fid' in metrics:
-            mu, sigma = stats.mean_cov()
-            result['fid'] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
-        if 'is' in metrics:
-            result['is'], result['is_std'] = score.result()
-        if 'pr' in metrics:
-            result['precision'], result['recall'] = precision_recall(real, torch.cat(gen), k)
-        per_trial.append(result)
+        def done(n):
+            progress(f'trial {t + 1}/{trials}: {n}/{num} images')
+
+        seeds = list(range(t * num, (t + 1) * num))
+        per_trial.append(_score_trial(sample, seeds, image_shape, metrics, tools, batch, device,
+                                      splits, k, done if progress is not None else None))
     mean, std = _summary(per_trial)
     return dict(trials=per_trial, mean=mean, std=std)
 
