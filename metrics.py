@@ -14,7 +14,6 @@ VGG16 (vgg16.pt) by the Inception pool features, to agree with OpenAI's guided-d
 and compares against the images of OpenAI's VIRTUAL_imagenet64_labeled.npz (the SiD README); so
 the Inception features are the default here and VGG16 is an option.
 """
-import math
 import zipfile
 
 import numpy as np
