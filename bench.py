@@ -153,7 +153,10 @@ def sid_iterations(method, setting, batch, device, workdir, net_overrides=''):
     """sid.iterate() for one setting ('bf16+channels_last+...' or a dict of sid.Config fields): the training loop
     itself, one accumulation round, never reaching a tick or snapshot, SiDA straight in its 0.5/0.5 phase on
     random stand-in real images. net_overrides: JSON network kwargs as sid's --net-overrides (tests use a tiny net)."""
-    import os, PIL.Image, sid
+    import os
+    import PIL.Image
+    import runs
+    import sid
     fields = dict(setting) if isinstance(setting, dict) else setting_fields(setting)
     tag = setting if isinstance(setting, str) else '+'.join(f'{k}={v}' for k, v in fields.items())
     data = ''
@@ -165,16 +168,18 @@ def sid_iterations(method, setting, batch, device, workdir, net_overrides=''):
             PIL.Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()).save(
                 os.path.join(data, f'{i:04d}.png'))
     cfg = sid.make_config(dict(dataset='cifar10', method=method, teacher='random', batch=batch,
-                               batch_gpu=batch, device=device.type, net_overrides=net_overrides, data=data,
-                               outdir=os.path.join(workdir, f'{method}-{tag}-{batch}'), duration_mimg=1e6,
-                               tick_kimg=1e9, snap_kimg=1e9, sida_warmup_kimg=0, sida_mix_kimg=0, **fields))
-    return cfg, sid.iterate(cfg)
+                               batch_gpu=batch, device=device.type, net_overrides=net_overrides,
+                               data=data, outdir=os.path.join(workdir, f'{method}-{tag}-{batch}'),
+                               duration_mimg=1e6, tick_kimg=1e9, snap_kimg=1e9, sida_warmup_kimg=0,
+                               sida_mix_kimg=0, **fields))
+    with contextlib.redirect_stdout(io.StringIO()):  # the driver's start-up lines
+        _, state = runs.start(cfg)
+    return cfg, sid.iterate(state)
 
 
 def run_iteration(it):
-    """One training iteration, its console output (the config at start-up) swallowed."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return next(it)
+    """One training iteration (the loop prints nothing)."""
+    return next(it)
 
 
 def _resident_mib(device):
