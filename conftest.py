@@ -1,7 +1,8 @@
-"""Shared helpers of the tests: one family of stand-in networks, one tiny-config builder, one run and
-one command-line helper, and small file builders (datasets, a detector stand-in).
+"""Shared helpers of the tests: one family of stand-in networks, one tiny-config builder, one run
+and one command-line helper, and small file builders (datasets, a detector stand-in).
 
-Test files import what they need from here (`from conftest import Stub, cli`); pytest loads it first.
+Test files import what they need from here (`from conftest import Stub, cli`); pytest loads it
+first.
 """
 import contextlib
 import copy

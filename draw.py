@@ -57,7 +57,7 @@ def density(teacher, size, extent):
     return (dens / dens.max()).clamp(0, 1).pow(0.3).mul(110).byte().numpy()
 
 def point_panel(bg, title, pts, lines, size, extent, pad=(48, 34, 26, 16)):
-    """One panel: title, samples over the density, x/y axes with numbered ticks, text lines below."""
+    """One panel: title, samples over the density, x/y axes with numbered ticks, lines below."""
     from PIL import Image, ImageDraw
     left, top, right, below = pad
     im = Image.new('RGB', (left + size + right, top + size + below + 15 * len(lines) + 4), 'black')
@@ -151,9 +151,9 @@ def quality_plot(curve, width=760, height=350):
     return png_bytes(img)
 
 def toy_pictures(world, frames, method, sigma_init):
-    """The 2-D toy's pictures from its observations [(title 'K kimg', samples)]: toy.png (start, end,
-    exact samples, with figures), toy.gif (every observation), toy_quality.png (figures against
-    kimg). Drawn from the frames alone, so a resumed run draws its whole history."""
+    """The 2-D toy's pictures from its observations [(title 'K kimg', samples)]: toy.png (start,
+    end, exact samples, with figures), toy.gif (every observation), toy_quality.png (figures
+    against kimg). Drawn from the frames alone, so a resumed run draws its whole history."""
     teacher = world.teacher
     name = {'sid': 'SiD', 'sida': 'SiDA', 'sign': 'SIGN'}.get(method, 'SiD')
     curve = [(float(t.split()[0]), toy.toy_figures(x, teacher, toy.CURVE_ENERGY_N))
@@ -200,8 +200,8 @@ def image_panels(panels, cols=8, scale=4):
     return png_bytes(canvas)
 
 def image_toy_pictures(world, frames, sign=None):
-    """The image toy's pictures: toy-images.png (start, end, exact samples) and, for SIGN, the 1-, 2-
-    and 4-step samples and the projections f(y) of corrupted data y."""
+    """The image toy's pictures: toy-images.png (start, end, exact samples) and, for SIGN, the 1-,
+    2- and 4-step samples and the projections f(y) of corrupted data y."""
     (t0, x0), (t1, x1) = frames[0], frames[-1]
     xe, qe = world.exact()
     out = {'toy-images.png': image_panels([
@@ -209,12 +209,15 @@ def image_toy_pictures(world, frames, sign=None):
         (f'end ({t1})', toy.quality_text(world.quality(x1)), x1),
         ('exact samples', toy.quality_text(qe), xe)])}
     if sign is not None:
-        steps = [(f'{k} step(s)', f"cov {q['coverage']:.2f} en {q['energy']:.3f} acc "
-                  f"{q['class_acc']:.2f}", sign['steps'][k - 1]) for k, q in world.step_figures(sign)]
+        steps = []
+        for k, q in world.step_figures(sign):
+            sub = f"cov {q['coverage']:.2f} en {q['energy']:.3f} acc {q['class_acc']:.2f}"
+            steps.append((f'{k} step(s)', sub, sign['steps'][k - 1]))
         out['toy-images-sign-steps.png'] = image_panels(steps)
         proj = []
         for name, y, p, rms, hit in world.projection_figures(sign):
             proj += [(name, f'RMS {rms[0]:.3f}', y),
                      (f'f({name})', f'RMS {rms[1]:.3f} hit {hit[1]:.2f}', p)]
-        out['toy-images-sign-projection.png'] = image_panels(proj + [('clean data', '', sign['data'])])
+        proj.append(('clean data', '', sign['data']))
+        out['toy-images-sign-projection.png'] = image_panels(proj)
     return out

@@ -49,9 +49,9 @@ class Run:
 
 # What a resumed run may change; anything else would change its maths. (--fast would change the
 # precision, and SiDA's losses depend on --batch-gpu: see resumed_options.)
-RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg',
-             'fid_num', 'fid_ref', 'device', 'batch_gpu', 'compile', 'checkpointing',
-             'channels_last', 'fused_adam'}
+RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg',
+             'fid_every_kimg', 'fid_num', 'fid_ref', 'device', 'batch_gpu', 'compile',
+             'checkpointing', 'channels_last', 'fused_adam'}
 
 def resolve_config(overrides):
     """The run's Config: sid.make_config of the command line's options (None: not given), or, with
@@ -102,7 +102,7 @@ def check_outdir(cfg):
                          f'{cfg.outdir}, or choose another')
 
 def prepare_outdir(outdir):
-    """A writable folder, leftovers of a killed run removed (rank 0, once the inputs are checked)."""
+    """A writable folder, a killed run's leftovers removed (rank 0, once the inputs are checked)."""
     os.makedirs(outdir, exist_ok=True)
     if not os.access(outdir, os.W_OK | os.X_OK):
         raise ValueError(f'--outdir {outdir}: not writable')
@@ -197,8 +197,10 @@ def sample_images(G, seeds, sigma_init, device, class_idx=None, sigmas=()):
     z = torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device) * sigma_init
     c = None
     if G.label_dim:
-        idx = [class_idx if class_idx is not None else int(torch.randint(G.label_dim, (), generator=g))
-               for g in gens]
+        if class_idx is not None:
+            idx = [class_idx] * len(gens)
+        else:
+            idx = [int(torch.randint(G.label_dim, (), generator=g)) for g in gens]
         c = F.one_hot(torch.tensor(idx), G.label_dim).float().to(device)
     noises = [torch.stack([torch.randn(G.img_shape, generator=g) for g in gens]).to(device)
               for _ in sigmas]
@@ -302,7 +304,7 @@ def resume(run, s):
 
 def open_data(run, s):
     """Real images for SiDA and SIGN, and labels for conditional nets: a toy's exact samples, else
-    --data (labels from the dataset; without --data, uniform labels). Starts at the saved position."""
+    --data (labels from the dataset; without --data, uniform labels); from the saved position."""
     cfg = s.cfg
     if cfg.method == 'sign' and not cfg.data and run.world is None:
         run.log('SIGN without --data: no reconstruction term L_rec (only real images are made '
@@ -576,7 +578,9 @@ def cmd_project(a):
     if G.label_dim and a.class_idx is None:
         raise ValueError(f'this generator is class-conditional: pass --class-idx in [0, '
                          f'{G.label_dim})')
-    c = F.one_hot(torch.tensor([a.class_idx]), G.label_dim).float().to(device) if G.label_dim else None
+    c = None
+    if G.label_dim:
+        c = F.one_hot(torch.tensor([a.class_idx]), G.label_dim).float().to(device)
     images = []  # read (and check) every input before writing anything
     for path in files:
         y = edm_nets.read_image(path, path)
@@ -615,20 +619,20 @@ def project_points(a, G, sigma_init, device, gen):
 # generator. Training options come from sid.Config, grouped, with the chosen preset's defaults.
 
 EXAMPLES = """examples:
-  python sid.py --dataset toy                                  # 2-D toy, exact teacher, ~15 s on a CPU
+  python sid.py --dataset toy                                  # 2-D toy, exact teacher, CPU, ~15 s
   python sid.py --dataset toy --method sign --dry-run          # print the resolved options and stop
   torchrun --nproc_per_node=4 sid.py --dataset cifar10 --fast  # SiD on EDM's CIFAR-10 teacher, GPU
   python sid.py --dataset cifar10 --method sida --init-generator runs/00001-cifar10-sid   # SiD²A
   python sid.py --resume runs/00001-cifar10-sid --duration-mimg 600         # continue, for longer
   python sid.py generate --help ; python sid.py project --help              # a trained generator"""
 
-TOOLS = """Use a trained generator: samples per seed as EDM's generate.py, SIGN's multi-step sampling
-and projection.
+TOOLS = """Use a trained generator: samples per seed as EDM's generate.py, SIGN's multi-step
+sampling and projection.
 
     python sid.py generate --ckpt RUN --seeds 0-49999 --outdir out/c10       # one PNG per seed
     python sid.py generate --ckpt RUN --seeds 0-63 --grid --outdir out/grid   # one grid.png
     python sid.py generate --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps
-    python sid.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/proj  # f(y + sigma eps)
+    python sid.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/p   # f(y + sigma eps)
 """
 
 METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN',
@@ -706,11 +710,14 @@ def tools_parser(cmd):
     if cmd == 'generate':
         p.add_argument('--seeds', default='0-63',
                        help='seeds, e.g. 0-49999 or 1,5,10-19 (default: 0-63)')
-        p.add_argument('--grid', action='store_true', help='one grid.png instead of one PNG per seed')
+        p.add_argument('--grid', action='store_true',
+                       help='one grid.png instead of one PNG per seed')
         p.add_argument('--steps', type=int, default=0,
                        help='SIGN: number of steps, with steps-1 --sigmas (default: 1)')
-        p.add_argument('--sigmas', default='', help='SIGN: noise levels between the steps, e.g. 0.8,0.2')
-        p.add_argument('--batch', type=int, default=64, help='images per forward pass (default: 64)')
+        p.add_argument('--sigmas', default='',
+                       help='SIGN: noise levels between the steps, e.g. 0.8,0.2')
+        p.add_argument('--batch', type=int, default=64,
+                       help='images per forward pass (default: 64)')
     else:
         p.add_argument('--input', required=True,
                        help='an image, a folder of images, or a 2-D toy .npy of points [N, 2]')

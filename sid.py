@@ -9,13 +9,13 @@ folders, snapshots, FID, resume) sits above it and calls `setup` and `iterate`.
     python sid.py --dataset toy                  # 2-D toy with an exact teacher, seconds on a CPU
     python sid.py --help                         # every option (the driver in runs.py parses them)
 
-Reading order: identities and noise draws -> the generator -> SiD -> SiDA -> SIGN -> what each method
-minimises -> Config and presets -> set-up -> the loop (Algorithm 1).
+Reading order: identities and noise draws -> the generator -> SiD -> SiDA -> SIGN -> what each
+method minimises -> Config and presets -> set-up -> the loop (Algorithm 1).
 
 Notation (paper -> code):
     f_phi, the teacher's denoiser D(x; sigma)       f_phi          (frozen, eval mode)
     f_psi, the fake score (SiDA: also D's encoder)   f_psi
-    G_theta, the one-step generator                  G, and G_ema (its EMA: what is sampled and saved)
+    G_theta, the one-step generator                  G, and G_ema (its EMA: sampled and saved)
     x_g = G(sigma_init eps; sigma_init)              x_g, generate(), cfg.sigma_init (2.5)
     x_t = x_g + sigma n                              x_t, sigma, noise
     alpha, the SiD loss's weight                     alpha
@@ -24,7 +24,7 @@ Notation (paper -> code):
     t ~ U(0, t_max / 1000) on EDM's rho=7 levels     tmax, sigma_from_t()
     SiDA's discriminator logits (f_psi's encoder)    logits
     SIGN / IGN: f_theta, its frozen copy f_theta'    f, f_bar (G at sigma_init, G_bar)
-    lambda_idem, lambda_rec, lambda_flow             cfg.lambda_idem, cfg.lambda_rec, cfg.lambda_flow
+    lambda_idem, lambda_rec, lambda_flow             cfg.lambda_idem, lambda_rec, lambda_flow
 The official option names are kept: ls, lsg (f_psi's and G's loss scales), lsd, lsg_gan (SiDA's
 discriminator and adversarial scales); lr is f_psi's Adam learning rate, glr G's.
 
@@ -58,8 +58,8 @@ import toy
 #----------------------------------------------------------------------------
 # Identities and noise draws (SiD §3-4; EDM, Karras et al. 2022). Tweedie: a denoiser
 # D(x; sigma) ~ E[x_0 | x_t = x] gives the score grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2,
-# so the paper's score differences are denoiser differences, s_phi - s_psi = (f_phi - f_psi) / sigma^2,
-# and every loss below is written on denoiser outputs.
+# so the paper's score differences are denoiser differences,
+# s_phi - s_psi = (f_phi - f_psi) / sigma^2, and every loss below is written on denoiser outputs.
 
 def sigma_from_t(t, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """EDM's rho=7 levels, t = 0 -> sigma_min and t = 1 -> sigma_max (SiD's generator schedule)."""
@@ -76,7 +76,7 @@ def per_sample(x):
     return [x.shape[0]] + [1] * (x.dim() - 1)
 
 def draw_sigma_generator(x, tmax):
-    """G's loss levels: t ~ U(0, tmax/1000) per sample, through sigma_from_t (tmax 800: <= 24.41)."""
+    """G's loss levels: t ~ U(0, tmax/1000) per sample, through sigma_from_t (800: <= 24.41)."""
     return sigma_from_t(torch.rand(per_sample(x), device=x.device, dtype=x.dtype) * tmax / 1000)
 
 def draw_sigma_fake(x, P_mean=-1.2, P_std=1.2):
@@ -95,7 +95,7 @@ def draw_sigma_flow(x, tmax, dt=SIGN_DT):
     return flow_sigmas(dt + (tmax / 1000 - dt) * u, dt)
 
 def finite_rows(*ts):
-    """[B] bool: the samples without NaN in any of the tensors (they keep their loss, others get 0)."""
+    """[B] bool: the samples without NaN in any of the tensors (the others get a zero loss)."""
     return torch.stack([~t.flatten(1).isnan().any(1) for t in ts]).all(0)
 
 #----------------------------------------------------------------------------
@@ -106,13 +106,13 @@ def generate(G, z, labels, sigma_init, augment_labels=None):
     """x_g = G(z; sigma_init) with z = sigma_init * eps: one step, no clamp (SiD §4).
     augment_labels: zeros for nets built with augmentation labels (EDM's map_augment(0) = 0)."""
     sigma = z.new_full(per_sample(z), sigma_init)
-    # contiguous: a channels_last net returns NHWC memory, and randn_like(x_g) would draw other numbers
+    # contiguous: a channels_last net returns NHWC memory, and randn_like(x_g) would draw otherwise
     return G(z, sigma, labels, augment_labels).contiguous()
 
 @torch.no_grad()
 def multistep_sample(f, z, sigmas=(), noises=None):
     """x_1 = f(z), x_{k+1} = f(x_k + sigmas[k-1] * noises[k-1]): len(sigmas) + 1 calls of f, fresh
-    noise between them (as consistency models). noises=None draws torch.randn. -> [x_1, ..., x_K]."""
+    noise between them (as consistency models); noises=None draws torch.randn. -> [x_1 .. x_K]."""
     xs = [f(z)]
     for k, s in enumerate(sigmas):
         eps = torch.randn_like(xs[-1]) if noises is None else noises[k]
@@ -202,8 +202,8 @@ def sida_generator_gan_loss(logits, x_g, y_phi, y_psi):
     return torch.where(keep, gan, 0)
 
 def sida_phase(cur_nimg, warmup_kimg=100, mix_kimg=200):
-    """SiDA's schedule from the images seen before this step: 'frozen' (<= warmup: only f_psi trains),
-    'sid' (<= mix: G on SiD's loss alone), then 'mix' (0.5 SiD + 0.5 adversarial)."""
+    """SiDA's schedule from the images seen before this step: 'frozen' (<= warmup: only f_psi
+    trains), 'sid' (<= mix: G on SiD's loss alone), then 'mix' (0.5 SiD + 0.5 adversarial)."""
     if cur_nimg > mix_kimg * 1000:
         return 'mix'
     if cur_nimg > warmup_kimg * 1000:
@@ -217,7 +217,7 @@ def sida_phase(cur_nimg, warmup_kimg=100, mix_kimg=200):
 
 def frozen_copy(G):
     """IGN's f_theta': a deepcopy of G whose parameters need no grad; it stays differentiable in its
-    input. Build it once and refresh it (refresh_frozen_) before every step, so that theta' = theta."""
+    input. Build it once, refresh it (refresh_frozen_) before every step, so that theta' = theta."""
     G_bar = copy.deepcopy(G).requires_grad_(False)
     for p in G_bar.parameters():
         p.grad = None  # deepcopy also copies any .grad of G
@@ -225,8 +225,9 @@ def frozen_copy(G):
 
 @torch.no_grad()
 def refresh_frozen_(G_bar, G):
-    """theta' <- theta, and G's train/eval mode: the copy is the SAME function as f, dropout included
-    (an eval-mode copy would be another function, and idempotence would hold for it, not for f)."""
+    """theta' <- theta, and G's train/eval mode: the copy is the SAME function as f, dropout
+    included (an eval-mode copy would be another function, and idempotence would hold for it, not
+    for f)."""
     dst = list(G_bar.parameters()) + list(G_bar.buffers())
     torch._foreach_copy_(dst, list(G.parameters()) + list(G.buffers()))
     G_bar.train(G.training)
@@ -337,11 +338,12 @@ def G_sida(s, x_g, x_r, c):
     return total, logged(loss, gan)
 
 def G_sign(s, x_g, x_r, c):
-    """SIGN: SiD's loss plus IGN's idempotence, reconstruction (real x_r) and our flow term. Each IGN
-    term is a pixel MEAN times D = pixels per sample, i.e. a pixel sum like SiD's, so that lambdas
-    chosen on the toy (D = 2) carry over to images. A zero lambda skips its term. Data-free (x_r
-    None): no L_rec, since d(f(sg f(z)), sg f(z)) would train f's OUTER call, what IGN's tightness
-    term pushes against (every generated point a fixed point); L_flow then starts at sg x_g."""
+    """SIGN: SiD's loss plus IGN's idempotence, reconstruction (real x_r) and our flow term. Each
+    IGN term is a pixel MEAN times D = pixels per sample, i.e. a pixel sum like SiD's, so that
+    lambdas chosen on the toy (D = 2) carry over to images. A zero lambda skips its term. Data-free
+    (x_r None): no L_rec, since d(f(sg f(z)), sg f(z)) would train f's OUTER call, what IGN's
+    tightness term pushes against (every generated point a fixed point); L_flow then starts at
+    sg x_g."""
     cfg, aug0 = s.cfg, s.zero_aug
     refresh_frozen_(s.G_bar, s.G)  # theta' = theta (G does not change between the rounds of a step)
 
@@ -531,7 +533,7 @@ def make_config(overrides):
     return cfg
 
 def check_config(cfg):
-    """Each option against its range, then the combinations; a ValueError names the first bad one."""
+    """Each option against its range, then the combinations; a ValueError names the first bad."""
     for f in dataclasses.fields(cfg):
         v, name, m = getattr(cfg, f.name), '--' + f.name.replace('_', '-'), f.metadata
         if f.type is bool:
@@ -595,9 +597,10 @@ def init_processes(cfg):
                 batch_gpu=batch_gpu, n=n, rounds=n // batch_gpu)
 
 def build_networks(cfg, teacher, device, overrides=None, G_state=None):
-    """-> (f_phi frozen in eval mode, G, f_psi). teacher: an EDM network (loaded by the driver) whose
-    arguments, with `overrides`, rebuild all three; or a toy world (its exact teacher and a small
-    net fitted to it). G_state (SiD²A): G's weights from a SiD generator; f_psi stays the teacher."""
+    """-> (f_phi frozen in eval mode, G, f_psi). teacher: an EDM network (loaded by the driver)
+    whose arguments, with `overrides`, rebuild all three; or a toy world (its exact teacher and a
+    small net fitted to it). G_state (SiD²A): G's weights from a SiD generator; f_psi stays the
+    teacher."""
     if isinstance(teacher, toy.World):
         f_phi, G = teacher.teacher, teacher.student(cfg.dropout)
     else:
@@ -620,7 +623,7 @@ class State:
     device: torch.device   # where this process's networks live
     own_group: bool        # whether init_processes created the process group (the driver ends it)
     batch_gpu: int         # images per micro-batch
-    n: int                 # images per step on this process, batch / world_size: the losses' divisor
+    n: int                 # images per step on this process (batch / world_size): losses' divisor
     rounds: int            # micro-batches per step (gradient accumulation)
     f_phi: torch.nn.Module  # the teacher, frozen, in eval mode
     G: torch.nn.Module     # the generator
@@ -639,8 +642,9 @@ class State:
     data_batches: int = 0  # micro-batches drawn from `data` (its position, for resume)
 
 def setup(cfg, nets, procs=None):
-    """The loop's State from the run's options and networks (f_phi, G, f_psi); procs: init_processes'
-    fields (one process by default). Data and resume are the driver's: it sets `data`, `cur_nimg`."""
+    """The loop's State from the run's options and networks (f_phi, G, f_psi); procs:
+    init_processes' fields (one process by default). Data and resume are the driver's: it sets
+    `data` and `cur_nimg`."""
     procs = procs or init_processes(cfg)
     device = procs['device']
     torch.backends.cuda.matmul.allow_tf32 = cfg.precision == 'tf32'  # official: TF32 off
@@ -773,8 +777,8 @@ def sanitize_grads_(params, clip_value=None):
 
 @torch.no_grad()
 def update_ema(G_ema, G, cfg, cur_nimg):
-    """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5^(batch / h), half-life h = min(ema_mimg, 5 % of
-    the images seen before this step): a ramp-up from beta = 0 (official)."""
+    """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5^(batch / h), half-life h = min(ema_mimg,
+    5 % of the images seen before this step): a ramp-up from beta = 0 (official)."""
     beta = 0.5 ** (cfg.batch / max(min(cfg.ema_mimg * 1e6, 0.05 * cur_nimg), 1e-8))
     ema = list(G_ema.parameters())
     torch._foreach_copy_(ema, torch._foreach_lerp([p.detach() for p in G.parameters()], ema, beta))

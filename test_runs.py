@@ -46,20 +46,22 @@ OFFICIAL = {  # official run_sid.sh: alpha, batch, batch_gpu, lr, glr, g_beta1, 
 @pytest.mark.parametrize('dataset', list(OFFICIAL))
 def test_presets_match_official_sid(dataset):
     c = sid.make_config({'dataset': dataset, 'outdir': 'x'})
-    assert (c.alpha, c.batch, c.batch_gpu, c.lr, c.glr, c.g_beta1, c.precision, c.dropout, c.augment,
-            c.ema_mimg, c.duration_mimg, c.teacher) == OFFICIAL[dataset]
-    tick = 20 if dataset == 'imagenet64' else 10  # official: tick 10 kimg (ImageNet 20), snapshot 50
+    assert (c.alpha, c.batch, c.batch_gpu, c.lr, c.glr, c.g_beta1, c.precision, c.dropout,
+            c.augment, c.ema_mimg, c.duration_mimg, c.teacher) == OFFICIAL[dataset]
+    tick = 20 if dataset == 'imagenet64' else 10  # official: tick 10 kimg (ImageNet 20), snap 50
     assert (c.sigma_init, c.tmax, c.ls, c.lsg, c.method, c.tick_kimg, c.snap_kimg) == (
         2.5, 800, 1.0, 100.0, 'sid', tick, 50 * tick)
-    sida2 = sid.make_config({'dataset': dataset, 'method': 'sida', 'init_generator': 'g', 'outdir': 'x'})
+    sida2 = sid.make_config({'dataset': dataset, 'method': 'sida', 'init_generator': 'g',
+                             'outdir': 'x'})
     assert sida2.duration_mimg == 100  # SiD²A
 
 
 def test_cli_options_help_dry_run_and_run_folders(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(runs, 'train', lambda cfg: seen.setdefault('cfg', cfg))
-    cli('--dataset', 'cifar10-cond', '--alpha', '1.0', '--g-beta1', '0.5', '--lsg', '10', '--teacher',
-        'my.pkl', '--batch-gpu', '8', '--net-overrides', '{}', '--outdir', tmp_path / 'o')
+    cli('--dataset', 'cifar10-cond', '--alpha', '1.0', '--g-beta1', '0.5', '--lsg', '10',
+        '--teacher', 'my.pkl', '--batch-gpu', '8', '--net-overrides', '{}', '--outdir',
+        tmp_path / 'o')
     c = seen['cfg']
     assert (c.alpha, c.g_beta1, c.lsg, c.teacher, c.batch_gpu, c.duration_mimg) == (
         1.0, 0.5, 10.0, 'my.pkl', 8, 800)
@@ -73,7 +75,8 @@ def test_cli_options_help_dry_run_and_run_folders(tmp_path, monkeypatch):
 
     assert '(default: 1e-05)' in lr_help(r.stdout)
     assert '(default: 0.001)' in lr_help(cli('--dataset', 'toy', '--help').stdout)
-    r = cli('--dataset', 'toy', '--method', 'sign', '--lsg', '5', '--dry-run', '--outdir', tmp_path / 'd')
+    r = cli('--dataset', 'toy', '--method', 'sign', '--lsg', '5', '--dry-run', '--outdir',
+            tmp_path / 'd')
     want = sid.make_config(dict(dataset='toy', method='sign', lsg=5.0, outdir=str(tmp_path / 'd')))
     assert r.returncode == 0 and json.loads(r.stdout) == dataclasses.asdict(want)
     assert not os.path.exists(tmp_path / 'd')
@@ -119,7 +122,8 @@ def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
     monkeypatch.setattr(runs, 'check_outdir', stop)  # the message comes first
     with pytest.raises(KeyboardInterrupt):
         runs.start(sid.make_config(dict(batch=64, batch_gpu=64, outdir='x')))
-    assert '--batch-gpu 64 > --batch 64 / 2 GPUs: using micro-batches of 32' in capsys.readouterr().out
+    msg = '--batch-gpu 64 > --batch 64 / 2 GPUs: using micro-batches of 32'
+    assert msg in capsys.readouterr().out
 
 #----------------------------------------------------------------------------
 # Bad input: one line `error: ...`, exit code 2, nothing written (for training, generate, project).
@@ -162,15 +166,16 @@ BAD = [  # (name, args(t), message)
     ('gen-cuda', lambda t: GEN(t, '--device', 'cuda'), 'CUDA is not available'),
     ('gen-outdir-full', lambda t: ['generate', '--ckpt', t / 'g.pt', '--outdir', t / 'full'],
      'is not empty'),
-    ('ckpt-missing', lambda t: ['generate', '--ckpt', t / 'nope.pt', '--outdir', t / 'o'], 'nope.pt'),
+    ('ckpt-missing', lambda t: ['generate', '--ckpt', t / 'nope.pt', '--outdir', t / 'o'],
+     'nope.pt'),
     ('ckpt-no-snapshots', lambda t: ['generate', '--ckpt', t / 'nostate', '--outdir', t / 'o'],
      'no network-snapshot-*.pt'),
     ('project-sigma', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'png32', '--sigma',
                                  'nan', '--outdir', t / 'o'], 'need a finite --sigma'),
     ('project-input', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'none', '--outdir',
                                  t / 'o'], '--input not found'),
-    ('project-shape', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'png16', '--outdir',
-                                 t / 'o'], 'the generator makes [3, 32, 32]'),
+    ('project-shape', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'png16',
+                                 '--outdir', t / 'o'], 'the generator makes [3, 32, 32]'),
     ('dataset', lambda t: ['--dataset', 'mnist'], "unknown --dataset 'mnist'"),
     ('method', lambda t: ['--method', 'dmd'], "--method 'dmd'"),
     ('lsg-nan', lambda t: ['--lsg', 'nan'], '--lsg must be a finite float >= 0'),
@@ -186,7 +191,8 @@ BAD = [  # (name, args(t), message)
     ('toy-fid', lambda t: ['--fid-every-kimg', 10], 'do not apply to the toy'),
     ('batch-multiple', lambda t: ['--batch', 100, '--batch-gpu', 64, '--outdir', t / 'new'],
      'must be a multiple of --batch-gpu'),
-    ('outdir-holds-run', lambda t: ['--outdir', t / 'run'], 'holds a run: continue it with --resume'),
+    ('outdir-holds-run', lambda t: ['--outdir', t / 'run'],
+     'holds a run: continue it with --resume'),
     ('resume-alpha', lambda t: ['--resume', t / 'run', '--alpha', '1.0'],
      '--resume: the run used other values of --alpha'),
     ('resume-fast', lambda t: ['--resume', t / 'run', '--fast'],  # defect 2: --fast is maths
@@ -199,7 +205,8 @@ BAD = [  # (name, args(t), message)
      'dataset resolution 16x16 does not match the teacher resolution 32'),
     ('data-labels', lambda t: [*TINY(t, 'n2', '--data', t / 'png32'), '--dataset', 'cifar10-cond'],
      'dataset label_dim 0 does not match the teacher label_dim 10'),
-    ('sida-no-data', lambda t: TINY(t, 'n3', '--method', 'sida', '--data', ''), 'needs real images'),
+    ('sida-no-data', lambda t: TINY(t, 'n3', '--method', 'sida', '--data', ''),
+     'needs real images'),
     ('teacher-missing', lambda t: TINY(t, 'n4', '--teacher', t / 'missing.pkl'), 'missing.pkl'),
     ('fid-ref-missing', lambda t: TINY(t, 'n5', '--fid-every-kimg', 1, '--fid-ref', t / 'ref.npz'),
      'ref.npz'),
@@ -252,7 +259,8 @@ def test_end_to_end_image_run_files(tmp_path):
     ref = fid.to_uint8(runs.sample_images(s.G_ema, [9], cfg.sigma_init, s.device))[0]
     assert np.abs(grid[32:64, 32:64].astype(int) - ref.permute(1, 2, 0).numpy()).max() <= 1
     last = out.strip().splitlines()[-1]
-    assert last.startswith(f'wrote {tmp_path}: config.json, stats.jsonl, network-snapshot-000000008.pt')
+    written = 'config.json, stats.jsonl, network-snapshot-000000008.pt'
+    assert last.startswith(f'wrote {tmp_path}: {written}')
 
 
 def copy_of(net):
@@ -348,7 +356,8 @@ def test_resume_keeps_the_maths(tmp_path):
     with pytest.raises(ValueError, match='--fast'):
         runs.resolve_config(dict(resume=str(tmp_path / 'sid'), fast=True))
     fast = runs.resolve_config(dict(resume=str(tmp_path / 'fast'), fast=True))
-    assert (fast.fast, fast.precision, fast.channels_last, fast.batch_gpu) == (True, 'bf16', True, 64)
+    assert (fast.fast, fast.precision, fast.channels_last, fast.batch_gpu) == (
+        True, 'bf16', True, 64)
     with pytest.raises(ValueError, match='--fast'):
         runs.resolve_config(dict(resume=str(tmp_path / 'fast'), fast=False))
     with pytest.raises(ValueError, match='--batch-gpu must stay 32'):
@@ -368,8 +377,8 @@ def fid_setup(tmp_path, monkeypatch):
 
 def independent_fid(G, mu_ref, sig_ref, sigma_init=2.5, num=16):
     """FID of G on seeds 0..num-1 from numpy statistics of the stand-in detector's features."""
-    z = sigma_init * torch.stack([torch.randn([3, 32, 32], generator=torch.Generator().manual_seed(s))
-                                  for s in range(num)])
+    gens = [torch.Generator().manual_seed(s) for s in range(num)]
+    z = sigma_init * torch.stack([torch.randn([3, 32, 32], generator=g) for g in gens])
     with torch.no_grad():
         x = G(z, torch.full([num, 1, 1, 1], sigma_init))
     feats = FidStandIn(dim=8)((x * 127.5 + 128).clip(0, 255).to(torch.uint8), True).double().numpy()
@@ -383,14 +392,16 @@ def test_fid_in_loop_best_snapshot_and_plot(tmp_path, monkeypatch):
     nets = nets_for(cfg)
     _, s, out = run_quiet(cfg, (nets[0], perturb_copy(nets[1]), nets[2]))
     fids = load_state(tmp_path / 'run')['fid']
-    assert [m for m, _ in fids] == pytest.approx([4e-6, 8e-6, 12e-6]) and len({v for _, v in fids}) == 3
+    assert [m for m, _ in fids] == pytest.approx([4e-6, 8e-6, 12e-6])
+    assert len({v for _, v in fids}) == 3
     assert sum(line.startswith('FID ') for line in out.splitlines()) == 3
     assert [e['fid'] for e in read_stats(tmp_path / 'run') if 'fid' in e] == [v for _, v in fids]
     assert fids[-1][1] == pytest.approx(independent_fid(s.G_ema, mu_ref, sig_ref), rel=1e-6)
     G, info = edm_nets.load_checkpoint(str(tmp_path / 'run' / 'network-snapshot-best.pt'))
     m_best, v_best = min(fids, key=lambda p: p[1])
     assert info['kimg'] == pytest.approx(m_best * 1e3)
-    assert torch.load(tmp_path / 'run' / 'network-snapshot-best.pt', weights_only=True)['fid'] == v_best
+    best = torch.load(tmp_path / 'run' / 'network-snapshot-best.pt', weights_only=True)
+    assert best['fid'] == v_best
     assert os.path.getsize(tmp_path / 'run' / 'fid.png') > 1000
     assert v_best == pytest.approx(independent_fid(G, mu_ref, sig_ref), rel=1e-6)
     assert runs.snapshot_path(str(tmp_path / 'run')).endswith('network-snapshot-best.pt')
@@ -451,7 +462,8 @@ def tiny_snapshot(tmp_path, dataset, name, seed=1, **cfg_kw):
 
 
 def expected_png(G, seed, sigma_init=2.5, c=None, steps=()):
-    """A seed's image computed here: z = sigma_init eps from the seed, G(z; sigma_init), EDM's rule."""
+    """A seed's image computed here: z = sigma_init eps from the seed, G(z; sigma_init), uint8 by
+    EDM's rule."""
     g = torch.Generator().manual_seed(seed)
     z = sigma_init * torch.randn([1, 3, 32, 32], generator=g)
     labels = None if c is None else F.one_hot(torch.tensor([c]), 10).float()
@@ -480,7 +492,8 @@ def test_generate_per_seed_grid_classes_and_sigma_init(tmp_path):
     assert gen(snap, 'g', '--seeds', '0-3', '--grid').returncode == 0
     grid = read_png(tmp_path / 'g' / 'grid.png')
     assert os.listdir(tmp_path / 'g') == ['grid.png']
-    assert np.abs(grid[:32, 32:] - imgs[1]).max() <= 1 and np.abs(grid[32:, 32:] - imgs[3]).max() <= 1
+    assert np.abs(grid[:32, 32:] - imgs[1]).max() <= 1
+    assert np.abs(grid[32:, 32:] - imgs[3]).max() <= 1
     cond, Gc = tiny_snapshot(tmp_path, 'cifar10-cond', 'c.pt')
     for c in (0, 3, 7):  # the class asked for, class 0 included
         assert gen(cond, str(c), '--seeds', '0-1', '--class-idx', c).returncode == 0
@@ -495,7 +508,8 @@ def test_generate_per_seed_grid_classes_and_sigma_init(tmp_path):
         g = torch.Generator().manual_seed(s)
         torch.randn([3, 32, 32], generator=g)  # the seed's latent first, then its label (EDM's)
         k = int(torch.randint(10, (), generator=g))
-        assert np.abs(read_png(tmp_path / 'r' / f'{s:06d}.png') - expected_png(Gc, s, 2.5, k)).max() <= 1
+        png = read_png(tmp_path / 'r' / f'{s:06d}.png')
+        assert np.abs(png - expected_png(Gc, s, 2.5, k)).max() <= 1
 
 
 def test_generate_picks_the_best_snapshot_of_a_run(tmp_path):
@@ -506,7 +520,8 @@ def test_generate_picks_the_best_snapshot_of_a_run(tmp_path):
         tiny_snapshot(run, 'cifar10', name, seed)
     assert runs.snapshot_path(str(run)) == str(run / 'network-snapshot-000000008.pt')
     _, best = tiny_snapshot(run, 'cifar10', 'network-snapshot-best.pt', 3)
-    assert cli('generate', '--ckpt', run, '--seeds', '0', '--outdir', tmp_path / 'o').returncode == 0
+    r = cli('generate', '--ckpt', run, '--seeds', '0', '--outdir', tmp_path / 'o')
+    assert r.returncode == 0
     assert np.abs(read_png(tmp_path / 'o' / '000000.png') - expected_png(best, 0)).max() <= 1
 
 
@@ -514,11 +529,13 @@ def test_sign_noise_per_seed_fresh_per_step():
     """Identity generator: x_K = z + sum_k sigma_k eps_k, eps_k from the seed's own generator,
     fresh every step."""
     G, dev = Stub(lambda m, x, s: x, img_shape=(3, 2, 2)), torch.device('cpu')
-    x0, x1, x2 = (runs.sample_images(G, range(6), 2.5, dev, sigmas=s) for s in ((), (1.0,), (1.0, 1.0)))
+    x0, x1, x2 = (runs.sample_images(G, range(6), 2.5, dev, sigmas=s)
+                  for s in ((), (1.0,), (1.0, 1.0)))
     assert torch.equal(runs.sample_images(G, [3, 4, 5], 2.5, dev, sigmas=(1.0, 1.0)), x2[3:])
     assert torch.equal(runs.sample_images(G, [4], 2.5, dev, sigmas=(1.0,)), x1[4:5])
     eps1, eps2 = x1 - x0, x2 - x1
-    assert eps1.std().item() == pytest.approx(1, abs=0.3) and eps2.std().item() == pytest.approx(1, abs=0.3)
+    assert eps1.std().item() == pytest.approx(1, abs=0.3)
+    assert eps2.std().item() == pytest.approx(1, abs=0.3)
     assert not torch.allclose(eps1, eps2, atol=0.1)  # fresh noise every step
     assert not torch.allclose(eps1, x0 / 2.5, atol=0.1)  # not the latent
 

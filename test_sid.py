@@ -27,7 +27,7 @@ from conftest import (HERE, SLOW, slow, Stub, affine, gaussian, linear, perturb_
 
 @pytest.mark.parametrize('modes,s', [(1, 0.5), (8, 0.1)])
 def test_tweedie_exact_on_the_toy_mixture(modes, s):
-    """The toy's exact denoiser equals x + sigma^2 grad log p_sigma(x) (autograd of its log_prob)."""
+    """The toy's exact denoiser equals x + sigma^2 grad log p_sigma(x) (autograd of log_prob)."""
     T = toy.ToyMixture(modes=modes, s=s)
     T.mu.mul_(modes > 1)  # one mode: N(0, s^2 I)
     x = (torch.randn(64, 2, dtype=torch.float64) * 1.5).requires_grad_(True)
@@ -35,7 +35,8 @@ def test_tweedie_exact_on_the_toy_mixture(modes, s):
         sigma = torch.full((64, 1), sig, dtype=torch.float64)
         grad, = torch.autograd.grad(T.log_prob(x, sigma).sum(), x)
         tweedie = x.detach() + sig ** 2 * grad
-        assert torch.allclose(T(x.detach(), sigma), tweedie, atol=1e-9 * max(1, sig ** 2), rtol=1e-7)
+        atol = 1e-9 * max(1, sig ** 2)
+        assert torch.allclose(T(x.detach(), sigma), tweedie, atol=atol, rtol=1e-7)
     if modes == 1:  # the textbook form: D = s^2 x / (s^2 + sigma^2)
         D = T(x.detach(), torch.full((64, 1), 0.7, dtype=torch.float64))
         assert torch.allclose(D, s ** 2 * x.detach() / (s ** 2 + 0.49))
@@ -59,7 +60,8 @@ def test_sigma_schedules_and_draws():
     s1, s2 = sid.draw_sigma_flow(x, 800)
     torch.manual_seed(1)
     t = sid.SIGN_DT + (0.8 - sid.SIGN_DT) * torch.rand(200000, 1, 1, 1)
-    assert torch.equal(s1, sid.sigma_from_t(t)) and torch.equal(s2, sid.sigma_from_t(t - sid.SIGN_DT))
+    assert torch.equal(s1, sid.sigma_from_t(t))
+    assert torch.equal(s2, sid.sigma_from_t(t - sid.SIGN_DT))
     assert s1.min() >= sid.sigma_from_t(torch.tensor(sid.SIGN_DT)) and s1.max() <= 24.42
     t = torch.tensor([0.02, 0.3, 0.8])
     s1, s2 = sid.flow_sigmas(t)
@@ -188,8 +190,8 @@ def test_nan_samples_get_zero_loss(name):
 
 def test_fake_sida_routing_values_and_coupling():
     """One full f_psi forward with logits on augmented x_g, one encoder-only forward on x_r, SHARED
-    sigma and noise; loss = (sum_b dsm_b * ls + sum_b d_b * lsd) / n with the BCE means computed here;
-    each logit's gradient carries the micro-batch SUM of lambda."""
+    sigma and noise; loss = (sum_b dsm_b * ls + sum_b d_b * lsd) / n with the BCE means computed
+    here; each logit's gradient carries the micro-batch SUM of lambda."""
     x_g, _, _, off = draws(B=4, shape=(3, 8, 8))
     x_r = torch.randn_like(x_g) + 0.3
     off_f, off_r = off.clone().requires_grad_(), (-off).clone().requires_grad_()
@@ -206,7 +208,8 @@ def test_fake_sida_routing_values_and_coupling():
     assert fake['return_logits'] and not fake['encoder_only'] and real['encoder_only']
     assert fake['labels'] is c and real['labels'] is c and fake['aug'] is s.zero_aug
     assert torch.equal(fake['sigma'], sigma) and torch.equal(real['sigma'], sigma)
-    assert torch.allclose(fake['x'], x_g + sigma * noise) and torch.allclose(real['x'], x_r + sigma * noise)
+    assert torch.allclose(fake['x'], x_g + sigma * noise)
+    assert torch.allclose(real['x'], x_r + sigma * noise)
     lam = [(v * v + 0.25) / (v * 0.5) ** 2 for v in sigma.flatten().tolist()]
     x_t = x_g + sigma * noise
     lf, lr, D = x_t[:, :1] + off, (x_r + sigma * noise)[:, :1] - off, 0.7 * x_t + 0.1 * x_t ** 2
@@ -244,8 +247,8 @@ def test_sida_generator_gan_loss_values_clamp_and_coupling():
 @pytest.mark.parametrize('cur_nimg,mix', [(199_999, False), (200_000, False), (200_001, True),
                                           (10 ** 6, True)])
 def test_G_sida_one_forward_logs_and_mixes_after_sida_mix_kimg(cur_nimg, mix):
-    """f_psi's ONE forward gives its denoiser and logits; logged [lsg sum(sid)/n, lsg_gan sum(gan)/n];
-    pure SiD up to 200 kimg (the default), then the gradient of their 0.5/0.5 mix."""
+    """f_psi's ONE forward gives its denoiser and logits; logged [lsg sum(sid)/n, lsg_gan
+    sum(gan)/n]; pure SiD up to 200 kimg (the default), then the gradient of their 0.5/0.5 mix."""
     x_g, _, _, off = draws(B=4, shape=(3, 8, 8))
     f_phi, f_psi = affine(0.8), affine(0.6, 0.05, off=off)
     s = objective_state(sid.Config(method='sida', lsg=100.0, lsg_gan=0.01), cur_nimg=cur_nimg,
@@ -430,8 +433,9 @@ def test_G_sign_terms_routing_and_reductions():
 
 
 def train_data_free(x_rec_flawed, steps=300):
-    """G_sign's idempotence and reconstruction terms on f(x) = A x, data-free; -> (A0, A), A0 = 0.8 I
-    + noise. x_rec_flawed: pass x = sg f(z) as if it were data, what the data-free L_rec used to do."""
+    """G_sign's idempotence and reconstruction terms on f(x) = A x, data-free; -> (A0, A),
+    A0 = 0.8 I + noise. x_rec_flawed: pass x = sg f(z) as if it were data, what the data-free L_rec
+    used to do."""
     g = torch.Generator().manual_seed(1)
     A0 = 0.8 * torch.eye(4, dtype=torch.float64) + 0.05 * torch.randn(4, 4, generator=g)
     G = linear(A0)

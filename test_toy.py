@@ -1,7 +1,7 @@
-"""Tests of the toy worlds (toy.py): the quality figures, the exact image teacher and its references,
-the student's fit, the latents the figures are taken on, and whole toy runs that must get most of
-the way from their start to the exact samples (measured against the world's own exact samples and
-sampling noise, not against one seed's numbers).
+"""Tests of the toy worlds (toy.py): the quality figures, the exact image teacher and its
+references, the student's fit, the latents the figures are taken on, and whole toy runs that must
+get most of the way from their start to the exact samples (measured against the world's own exact
+samples and sampling noise, not against one seed's numbers).
 """
 import contextlib
 import copy
@@ -98,7 +98,8 @@ def test_toy_latents_follow_sigma_init_through_a_run(tmp_path):
     assert torch.equal(frames[-1][1], x)  # the last observation is the saved G_ema's
     q = toy.toy_figures(x, toy.ToyMixture())
     line = next(line for line in r.stdout.splitlines() if line.startswith('sign: 1 step(s)'))
-    assert f"energy distance {q['energy']:.4f}" in line and f"within 2 std {q['within']:.3f}" in line
+    assert f"energy distance {q['energy']:.4f}" in line
+    assert f"within 2 std {q['within']:.3f}" in line
 
 #----------------------------------------------------------------------------
 # The image toy: the exact empirical denoiser, its references and figures, the student's fit.
@@ -130,7 +131,8 @@ def test_denoiser_matches_brute_force(image_world):
     for sigma in (0.3, 1.0, 4.0, torch.tensor([0.2, 0.5, 1, 2, 5, 30.0]).reshape(-1, 1, 1, 1)):
         s = np.broadcast_to(np.asarray(sigma).reshape(-1), 6)
         for net in (image_world.teacher, chunked):
-            np.testing.assert_allclose(net(x, sigma).double().numpy(), brute_force(X, x, s), atol=2e-6)
+            np.testing.assert_allclose(net(x, sigma).double().numpy(), brute_force(X, x, s),
+                                       atol=2e-6)
         np.testing.assert_allclose(image_world.teacher(x, sigma, c).double().numpy(),
                                    brute_force(X, x, s, allowed), atol=2e-6)
 
@@ -304,7 +306,8 @@ def test_sign_toy_idempotence_modes_multistep_projection(tmp_path):
         evs.append(sid.sign_evaluation(f, *w.sign_inputs(2.5)))
     ev0, ev = evs
     assert ev['idem'] < 0.5 * ev0['idem'] and ev['fix'] < 0.1 * ev0['fix']
-    (ed, covered, within), (ed0, _, within0) = (toy.toy_quality(e['steps'][0], T) for e in (ev, ev0))
+    ed, covered, within = toy.toy_quality(ev['steps'][0], T)
+    ed0, _, within0 = toy.toy_quality(ev0['steps'][0], T)
     assert covered == 8 and within > within0 + 0.4 and ed < 0.1 * ed0
     d_noisy, d_proj = w.nearest_mode(ev['noisy']), w.nearest_mode(ev['projected'])
     assert d_proj < d_noisy and d_proj < 0.5 * w.nearest_mode(ev0['projected'])

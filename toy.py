@@ -32,7 +32,7 @@ class ToyMixture(torch.nn.Module):
         self.img_channels = 2
 
     def log_prob(self, x, sigma):
-        """log p_sigma(x) of the noised mixture (x: (B, 2), sigma: (B, 1)); Tweedie is tested on it."""
+        """log p_sigma(x) of the noised mixture (x: (B, 2), sigma: (B, 1)); tests check Tweedie."""
         v = self.s ** 2 + sigma.double() ** 2                                  # (B, 1)
         d2 = ((x.double()[:, None] - self.mu[None]) ** 2).sum(-1)              # (B, K)
         lp = -0.5 * d2 / v - torch.log(2 * math.pi * v) - math.log(len(self.mu))
@@ -68,10 +68,10 @@ def energy_distance(x, teacher):
 # subtracts that chance level.
 
 def ring_chance(x, teacher):
-    """E[fraction within 2 s of a mode] after giving every sample a uniformly random angle on its own
-    radius r: the arc of the circle |x| = r inside the disc of radius 2 s around a mode at radius R
-    has half-angle theta = arccos((r^2 + R^2 - 4 s^2) / (2 r R)) (law of cosines); the K discs do not
-    overlap (2 s < R sin(pi/K))."""
+    """E[fraction within 2 s of a mode] after giving every sample a uniformly random angle on its
+    own radius r: the arc of the circle |x| = r inside the disc of radius 2 s around a mode at
+    radius R has half-angle theta = arccos((r^2 + R^2 - 4 s^2) / (2 r R)) (law of cosines); the K
+    discs do not overlap (2 s < R sin(pi/K))."""
     r = x.double().norm(dim=1).clamp_min(1e-12)
     R, c = float(teacher.mu[0].norm()), 2 * teacher.s
     cos = ((r ** 2 + R ** 2 - c ** 2) / (2 * r * R)).clamp(-1, 1)
@@ -160,8 +160,9 @@ class Toy2D(World):
         self.eps = torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))  # fixed
 
     def student(self, dropout=0.0):
-        """G's and f_psi's common start: the toy MLP in EDM preconditioning, fitted to the teacher."""
-        torch.manual_seed(0)  # the same start for every seed: the run's seed varies the training only
+        """G's and f_psi's common start: the toy MLP in EDM preconditioning, fitted to the
+        teacher; the same for every --seed (the seed varies the training only)."""
+        torch.manual_seed(0)
         net = edm_nets.EDMPrecond(img_resolution=0, img_channels=2, model_type='ToyMLP',
                                   dropout=dropout)
         return toy_pretrain(net, self.teacher)
@@ -193,7 +194,7 @@ class Toy2D(World):
         return self.eps * sigma_init, x_data, TOY_SIGN_SIGMAS, noises, noise_proj
 
     def report_lines(self, frames, sign=None):
-        """The end-of-run lines (sign: sid.sign_evaluation's results, and 'start' before training)."""
+        """The end-of-run lines (sign: sid.sign_evaluation's results, 'start' before training)."""
         lines = [f'toy end:   {self.quality_line(frames[-1][1])}']
         if sign is not None:
             lines.append(sign_errors_line(sign))
@@ -210,7 +211,7 @@ class Toy2D(World):
         return lines
 
     def nearest_mode(self, x):
-        """The mean distance of points to their nearest mode centre (exact samples: s*sqrt(pi/2))."""
+        """Mean distance of points to their nearest mode centre (exact samples: s*sqrt(pi/2))."""
         return float(torch.cdist(x.double(), self.teacher.mu).min(1).values.mean())
 
 #----------------------------------------------------------------------------
@@ -224,8 +225,8 @@ class Toy2D(World):
 SHAPES = ('disc', 'square', 'triangle', 'cross')  # class k = SHAPES[k]
 
 def draw_shape(shape, hue, res=16, ss=4):
-    """One RGB uint8 image [res, res, 3]: `shape` in the saturated colour of `hue` on black, drawn at
-    ss x the resolution and box-filtered down (anti-aliased edges)."""
+    """One RGB uint8 image [res, res, 3]: `shape` in the saturated colour of `hue` on black, drawn
+    at ss x the resolution and box-filtered down (anti-aliased edges)."""
     from PIL import Image, ImageDraw
     R, c, r = res * ss, res * ss / 2, 0.36 * res * ss  # size, centre, half-size
     fg = tuple(int(255 * np.clip(abs((hue * 6 + k) % 6 - 3) - 1, 0, 1)) for k in (0, 4, 2))
@@ -336,17 +337,18 @@ def rms_distances(a, b):
     return d2.clamp_min(0).div(a.shape[1]).sqrt()
 
 def image_quality(X, set_labels, x, labels=None):
-    """coverage = fraction of set images that are some sample's nearest; fidelity = mean RMS distance
-    to it; class_acc = its class is the sample's label; energy = energy distance to the set in RMS
-    units (0 for p_g = p_data; blur and collapse both raise it); sharpness = mean squared difference
-    of neighbouring pixels."""
+    """coverage = fraction of set images that are some sample's nearest; fidelity = mean RMS
+    distance to it; class_acc = its class is the sample's label; energy = energy distance to the set
+    in RMS units (0 for p_g = p_data; blur and collapse both raise it), the self-terms over distinct
+    pairs; sharpness = mean squared difference of neighbouring pixels."""
     xd, X = x.detach().cpu().double().flatten(1), X.cpu()
     d = rms_distances(xd, X)
     dmin, nn_i = d.min(1)
     n, im = len(xd), x.detach().cpu().double()
     e_xx = rms_distances(xd, xd).sum() / max(n * (n - 1), 1)  # the zero diagonals left out
     e_yy = rms_distances(X, X).sum() / (len(X) * (len(X) - 1))
-    sharp = ((im[..., 1:, :] - im[..., :-1, :]) ** 2).mean() + ((im[..., 1:] - im[..., :-1]) ** 2).mean()
+    sharp = ((im[..., 1:, :] - im[..., :-1, :]) ** 2).mean()
+    sharp = sharp + ((im[..., 1:] - im[..., :-1]) ** 2).mean()
     out = dict(coverage=len(nn_i.unique()) / len(X), fidelity=float(dmin.mean()),
                energy=float(2 * d.mean() - e_xx - e_yy), sharpness=float(sharp / 2))
     if labels is not None and labels.shape[-1]:
@@ -359,7 +361,7 @@ def quality_text(q):
             f"{q.get('class_acc', float('nan')):.2f}, fidelity {q['fidelity']:.3f}, sharpness "
             f"{q['sharpness']:.3f}")
 
-# SIGN's re-noising levels on the image toy (multi-step sampling) and its corruptions for projection.
+# SIGN's re-noising levels on the image toy (multi-step sampling), its corruptions for projection.
 IMAGE_SIGN_SIGMAS = (0.8, 0.4, 0.2)
 IMAGE_PROJ_SIGMA = 0.3  # additive noise; masking blanks a random 8x8 square to 0 (mid grey)
 
@@ -379,7 +381,7 @@ class ImageToy(World):
         self.net_kwargs = dict(STUDENT_KWARGS, **(net_kwargs or {}))
         self.fit_steps = fit_steps
         self.seed = seed
-        g = torch.Generator().manual_seed(7)  # fixed latents (unit noise) and labels for the figures
+        g = torch.Generator().manual_seed(7)  # fixed latents (unit noise) and labels: the figures'
         self.eps = torch.randn([n_eval, *self.images.shape[1:]], generator=g)
         self.eval_labels = torch.eye(len(SHAPES))[torch.arange(n_eval) % len(SHAPES)]
         self._exact = None
@@ -472,9 +474,9 @@ class ImageToy(World):
                 lines.append(f'sign: {k} step(s) (sigmas {list(IMAGE_SIGN_SIGMAS[:k - 1])}): '
                              f'{quality_text(q)}')
             for name, y, p, rms, hit in self.projection_figures(sign):
-                lines.append(f'sign: projection of {name} data: RMS to the clean image {rms[0]:.3f} '
-                             f'-> {rms[1]:.3f}, nearest set image is the clean one {hit[0]:.2f} -> '
-                             f'{hit[1]:.2f}')
+                lines.append(f'sign: projection of {name} data: RMS to the clean image '
+                             f'{rms[0]:.3f} -> {rms[1]:.3f}, nearest set image is the clean one '
+                             f'{hit[0]:.2f} -> {hit[1]:.2f}')
         return lines
 
     def step_figures(self, sign):
@@ -483,7 +485,7 @@ class ImageToy(World):
 
     def projection_figures(self, sign):
         """[(name, corrupted y, projection f(y), RMS to the clean image (y, f(y)), how often the
-        nearest set image is the clean one's (y, f(y)))] for noisy data and the other corruptions."""
+        nearest set image is the clean one's (y, f(y)))], noisy data and other corruptions."""
         x = sign['data']
 
         def nearest(a):
