@@ -193,6 +193,21 @@ def test_labels_and_real_images_come_from_the_data_in_order(tmp_path):
     assert len(G_calls) == 4
     assert all(torch.equal(c['labels'], seen_c) for c, (_, seen_c) in zip(G_calls, seen))
 
+def test_init_generator_starts_G_alone_from_the_sid_generator(tmp_path):
+    """SiD²A (--init-generator): G, and so G_ema, start from the SiD generator's weights (a run
+    folder: its best or latest snapshot); the teacher and f_psi stay the teacher."""
+    cfg = cfg_for(tmp_path / 'a')
+    teacher, G0, _ = nets_for(cfg, perturb=False)
+    sid_G = perturb_copy(G0, 4, 0.1).eval()
+    os.makedirs(tmp_path / 'sid_run')
+    runs.save_snapshot(str(tmp_path / 'sid_run' / 'network-snapshot-000000004.pt'), sid_G, 4, cfg)
+    cfg2 = dataclasses.replace(cfg, method='sida', init_generator=str(tmp_path / 'sid_run'))
+    f_phi, G, f_psi = runs.load_networks(cfg2, None, torch.device('cpu'))
+    assert states_equal(G, sid_G) and states_equal(f_psi, teacher) and states_equal(f_phi, teacher)
+    s = loop_state(cfg2, (f_phi, G, f_psi))
+    assert states_equal(s.G_ema, sid_G) and not states_equal(s.f_psi, sid_G)
+
+
 #----------------------------------------------------------------------------
 # Optimisers, NaN gradients, the EMA, SiDA's schedule and clip, precision switches.
 
@@ -341,7 +356,7 @@ def first_losses(cfg, nets):
 
 
 def test_logged_losses_are_the_quantities_they_name(tmp_path):
-    cfg = cfg_for(tmp_path, 'cifar10-cond', 1, augment=0.0, dropout=0.0)
+    cfg = cfg_for(tmp_path, 'cifar10-cond', 1, augment=0.0, dropout=0.0, sigma_init=1.5)
     loss_fake, loss_G, it = first_losses(cfg, nets_for(cfg))
     assert it.loss_fake.item() == pytest.approx(loss_fake, rel=1e-5)
     assert it.loss_G.item() == pytest.approx(loss_G, rel=1e-4) and it.loss_extra == 0
@@ -371,7 +386,7 @@ def test_resume_is_bitwise_identical(tmp_path, kind):
 
     nets = nets_for(make(tmp_path / 'x', 1))
     torch.manual_seed(11)  # the global RNG state before a run must not matter
-    _, A, _ = run_quiet(make(tmp_path / 'a', 4), copy.deepcopy(nets))
+    run_a, A, _ = run_quiet(make(tmp_path / 'a', 4), copy.deepcopy(nets))
     torch.manual_seed(12)
     run_quiet(make(tmp_path / 'b', 2), copy.deepcopy(nets))
     runs.append_stats(str(tmp_path / 'b'), dict(kimg=1e6, loss_fake=0.0))  # after the last state
@@ -379,10 +394,13 @@ def test_resume_is_bitwise_identical(tmp_path, kind):
     cfg_b = runs.resolve_config(dict(resume=str(tmp_path / 'b'),
                                      duration_mimg=make('', 4).duration_mimg))
     assert cfg_b == dataclasses.replace(make(tmp_path / 'b', 4), resume=str(tmp_path / 'b'))
-    _, B, out = run_quiet(cfg_b, copy.deepcopy(nets))
+    run_b, B, out = run_quiet(cfg_b, copy.deepcopy(nets))
     assert 'resumed from' in out
     assert all(states_equal(getattr(A, k), getattr(B, k)) for k in ('G', 'G_ema', 'f_psi'))
     assert not states_equal(A.G, nets[1])
+    if kind == 'toy':  # the toy's observations (its pictures) come back with the training state
+        assert [t for t, _ in run_b.frames] == [t for t, _ in run_a.frames]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(run_a.frames, run_b.frames))
 
     def same(e):  # ticks restart, as EDM's
         return {k: v for k, v in e.items() if k not in ('tick', 'time', 'sec_per_kimg')}
@@ -540,7 +558,8 @@ def test_ddp_equals_single_process_and_resumes_across_world_sizes(ddp):
 
 def test_ddp_each_rank_reads_its_own_shard(ddp):
     """2 ranks, 8 labelled images, 2 iterations of 2 steps: each rank draws 4 micro-batches of 2;
-    in each epoch (a new permutation) the ranks' rows are disjoint and together the dataset."""
+    in each epoch (a new permutation) the ranks' rows are disjoint and together the dataset. A toy's
+    exact samples: each rank its own stream."""
     sums = torch.tensor([(torch.from_numpy(a).float() / 127.5 - 1).sum().item()
                          for a in ddp['chw']])
     idx = []
@@ -553,6 +572,9 @@ def test_ddp_each_rank_reads_its_own_shard(ddp):
         a, b = set(idx[0][epoch]), set(idx[1][epoch])
         assert len(a) == len(b) == 4 and not a & b and a | b == set(range(8))
     assert idx[0][:4] != idx[0][4:]  # a new permutation every epoch
+    toy_rows = [json.load(open(ddp['dirs']['sida2'] / f'rows{r}.json'))['rows'] for r in (0, 1)]
+    assert len(toy_rows[0]) == 64  # 2 iterations x 2 rounds of 16 (f_psi steps only: frozen G)
+    assert not set(toy_rows[0]) & set(toy_rows[1])  # a toy stream per rank
 
 
 #----------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 folders and a failed start, status lines and stats, FID in the loop and across resume, snapshots,
 crash safety, resume's rules, and the `generate` and `project` commands.
 """
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import os
 import re
@@ -229,6 +231,28 @@ def test_bad_input_is_one_line_exit_2(bad_env, name, args, msg, sub, monkeypatch
     assert sorted(os.listdir(bad_env)) == before  # nothing half-written, no new (empty) folder
     assert not os.path.exists(bad_env / 'run' / 'stats.jsonl')
 
+def test_real_data_streams(tmp_path):
+    """SiDA and SIGN on a toy draw the world's exact samples (a stream per rank and seed); SiD on a
+    toy and data-free image runs draw none; --data gives the dataset's images."""
+    for method in ('sida', 'sign', 'sid'):
+        cfg = cfg_for(tmp_path / method, 'toy', 1, method=method, seed=3)
+        with contextlib.redirect_stdout(io.StringIO()):
+            run, s = runs.start(cfg, nets_for(cfg))
+        if method == 'sid':
+            assert s.data is None
+            continue
+        want = run.world.batches(s.batch_gpu, 3 * s.world_size + s.rank)
+        assert all(torch.equal(next(s.data)[0], next(want)[0]) for _ in range(2))
+    cfg = cfg_for(tmp_path / 'img', 'cifar10', 1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert runs.start(cfg, nets_for(cfg))[1].data is None
+    data = write_pngs(tmp_path / 'png', 4, size=32)
+    cfg = cfg_for(tmp_path / 'data', 'cifar10', 1, data=data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        x, _ = next(runs.start(cfg, nets_for(cfg))[1].data)
+    assert x.shape == (2, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
 #----------------------------------------------------------------------------
 # A run's files: folder, status lines, stats, snapshots named by images seen, sample grids.
 
@@ -265,6 +289,24 @@ def test_end_to_end_image_run_files(tmp_path):
 
 def copy_of(net):
     return copy.deepcopy(net)
+
+
+def test_status_lines_are_the_means_of_their_iterations(tmp_path):
+    """A tick of 2 iterations logs the mean of their losses, the extra term under its name."""
+    cfg = cfg_for(tmp_path, 'toy', 4, method='sida', sida_warmup_kimg=0, tick_kimg=0.128)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run, s = runs.start(cfg, nets_for(cfg))
+        seen = []
+        for it in sid.iterate(s):
+            seen.append([float(it.loss_fake), float(it.loss_G), float(it.loss_extra)])
+            runs.maintain(run, s, it)
+        runs.finish(run, s)
+    stats = read_stats(tmp_path)
+    assert len(stats) == 2 and [round(e['kimg'] * 1e3) for e in stats] == [128, 256]
+    for e, pair in zip(stats, (seen[:2], seen[2:])):
+        mean = np.mean(pair, axis=0)
+        assert [e['loss_fake'], e['loss_G'], e['loss_gan']] == pytest.approx(mean, rel=1e-12)
+    assert seen[1][1] != 0 and seen[0] != seen[1]
 
 
 @pytest.mark.parametrize('fail_on', ['snapshot', 'state'])
@@ -554,6 +596,18 @@ def test_project_images_and_points_use_the_run_and_the_images_range(tmp_path):
             x = G(y, torch.full([1, 1, 1, 1], 1.5))
         ref = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
         assert np.abs(read_png(tmp_path / 'p' / name) - ref).max() <= 1
+    cond, Gc = tiny_snapshot(tmp_path, 'cifar10-cond', 'c.pt')  # conditional: the class asked for
+    for c in (0, 6):
+        out = tmp_path / f'pc{c}'
+        r = cli('project', '--ckpt', cond, '--input', files, '--class-idx', c, '--outdir', out)
+        assert r.returncode == 0
+        name = sorted(os.listdir(files))[0]
+        y = torch.from_numpy(read_png(os.path.join(files, name))).permute(2, 0, 1).float()
+        with torch.no_grad():
+            x = Gc(y[None] / 127.5 - 1, torch.full([1, 1, 1, 1], 2.5),
+                   F.one_hot(torch.tensor([c]), 10).float())
+        ref = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+        assert np.abs(read_png(out / name) - ref).max() <= 1
     toy = sid.make_config(dict(outdir=str(tmp_path / 't')))
     Gt = nets_for(toy)[1].eval()
     runs.save_snapshot(str(tmp_path / 't.pt'), Gt, 0, dataclasses.replace(toy, sigma_init=0.7))
