@@ -459,7 +459,7 @@ def _driver(jobs_path):
     def recorded(s):
         x_r, c = next_batch(s)
         if x_r is not None:
-            rows.extend(round(v, 3) for v in x_r.flatten(1).sum(1).tolist())
+            rows.extend(round(v, 6) for v in x_r.flatten(1).sum(1).tolist())
         return x_r, c
 
     sid.next_batch = recorded
