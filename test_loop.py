@@ -441,7 +441,7 @@ def mean_diff(a, b):
 def _driver(jobs_path):
     """`torchrun --nproc_per_node=2 test_loop.py JOBS.json`: check_ranks_agree must catch differing
     replicas; then each job trains (the driver checks the replicas every tick), each rank saves its
-    weights as rank{r}.pt and the real images it drew as rows{r}.json."""
+    weights as rank{r}.pt, and the real images it drew and the files it wrote as rows{r}.json."""
     import torch.distributed as dist
     dist.init_process_group('gloo')  # the driver leaves a caller's group alone
     rank, net = dist.get_rank(), nn.Linear(3, 2)
@@ -463,13 +463,22 @@ def _driver(jobs_path):
         return x_r, c
 
     sid.next_batch = recorded
+    writes, atomic_write = [], edm_nets.atomic_write
+
+    def recorded_write(path):  # every file the driver writes goes through atomic_write
+        writes.append(os.path.basename(path))
+        return atomic_write(path)
+
+    edm_nets.atomic_write = recorded_write
     for job in json.load(open(jobs_path)):
         cfg = sid.make_config(job['cfg'])
         rows.clear()
+        writes.clear()
         _, s = runs.train(cfg, nets_for(cfg, job['perturb']))
         states = dict(G=s.G.state_dict(), G_ema=s.G_ema.state_dict(), f_psi=s.f_psi.state_dict())
         torch.save(states, os.path.join(cfg.outdir, f'rank{rank}.pt'))
-        runs.write_json(os.path.join(cfg.outdir, f'rows{rank}.json'), dict(rows=rows))
+        with open(os.path.join(cfg.outdir, f'rows{rank}.json'), 'w') as f:
+            json.dump(dict(rows=rows, writes=writes), f)
     dist.destroy_process_group()
 
 
@@ -525,6 +534,9 @@ def test_ddp_replicas_identical_only_rank0_writes(ddp):
         assert all(torch.equal(a[k][n], b[k][n]) for k in ('G', 'G_ema', 'f_psi') for n in a[k]), \
             job
     assert [round(e['kimg'] * 1e3) for e in read_stats(ddp['dirs']['img2_half'])] == [8, 16]
+    for job in ('toy2', 'img2_half', 'img2_back', 'sida2', 'sign2', 'data2', 'noaug2'):
+        writes = [json.load(open(ddp['dirs'][job] / f'rows{r}.json'))['writes'] for r in (0, 1)]
+        assert writes[1] == [] and 'training-state.pt' in writes[0], job  # rank 0 writes alone
     assert ddp['stdout'].count(' 2 process(es) on cpu, 1 round(s) of 4 per step') == 3
 
 
@@ -607,6 +619,10 @@ def test_fused_adam_and_checkpointing_same_losses(tmp_path, monkeypatch):
     assert seen == [True, True] and close(faithful, out, 1e-5) and mean_diff(faithful, out) < 1e-6
     out = fast_run('c', checkpointing=1)
     assert close(faithful, out, 1e-6) and mean_diff(faithful, out) < 1e-7
+    s = loop_state(cfg_for(tmp_path / 'k', checkpointing=1))  # the switch does take effect
+    blocks = [m for net in (s.f_phi, s.G, s.f_psi) for m in net.modules()
+              if type(m).__name__ == 'UNetBlock']
+    assert blocks and all('forward' in vars(m) for m in blocks)  # patched to recompute
 
 
 # The fast path on a CPU: bf16 autocast, channels_last and compiled U-Net blocks against the
@@ -630,6 +646,8 @@ def losses_and_grads(tmp_path, block_scale=1.0, **opt):
                 if type(m).__name__ == 'UNetBlock':
                     m.register_forward_hook(lambda m, a, out: out * block_scale)
     s = loop_state(cfg, nets)
+    conv = s.G.model.enc['8x8_block0'].conv0.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == bool(opt.get('channels_last'))
     out = []
     for phase, net, objective in ((1, s.f_psi, sid.fake_sid), (2, s.G, sid.G_sid)):
         s.G.train(phase == 2)
