@@ -13,7 +13,7 @@ Reading order: identities and noise draws -> the generator -> SiD -> SiDA -> SIG
 method minimises -> Config and presets -> set-up -> the loop (Algorithm 1).
 
 Notation (paper -> code):
-    f_phi, the teacher's denoiser D(x; sigma)       f_phi          (frozen, eval mode)
+    f_phi, the teacher's denoiser D(x; sigma)        f_phi          (frozen, eval mode)
     f_psi, the fake score (SiDA: also D's encoder)   f_psi
     G_theta, the one-step generator                  G, and G_ema (its EMA: sampled and saved)
     x_g = G(sigma_init eps; sigma_init)              x_g, generate(), cfg.sigma_init (2.5)
