@@ -356,7 +356,7 @@ def first_losses(cfg, nets):
 
 
 def test_logged_losses_are_the_quantities_they_name(tmp_path):
-    cfg = cfg_for(tmp_path, 'cifar10-cond', 1, augment=0.0, dropout=0.0, sigma_init=1.5)
+    cfg = cfg_for(tmp_path, 'cifar10-cond', 1, augment=0.0, dropout=0.0, sigma_init=1.5, tmax=600)
     loss_fake, loss_G, it = first_losses(cfg, nets_for(cfg))
     assert it.loss_fake.item() == pytest.approx(loss_fake, rel=1e-5)
     assert it.loss_G.item() == pytest.approx(loss_G, rel=1e-4) and it.loss_extra == 0

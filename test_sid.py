@@ -51,6 +51,9 @@ def test_sigma_schedules_and_draws():
     s = sid.draw_sigma_generator(x, 800)
     assert s.shape == (200000, 1, 1, 1) and s.min() >= 0.002 and s.max() <= 24.42
     assert s.median().item() == pytest.approx(sid.sigma_from_t(torch.tensor(0.4)).item(), rel=0.02)
+    s = sid.draw_sigma_generator(x, 400)  # tmax bounds t: sigma <= sigma_from_t(0.4) = 0.97
+    assert s.max() <= sid.sigma_from_t(torch.tensor(0.4)) * (1 + 1e-6)
+    assert s.median().item() == pytest.approx(sid.sigma_from_t(torch.tensor(0.2)).item(), rel=0.02)
     s = sid.draw_sigma_fake(x).log()
     assert s.mean().item() == pytest.approx(-1.2, abs=0.01)
     assert s.std().item() == pytest.approx(1.2, abs=0.01)
