@@ -1,6 +1,6 @@
 # Pictures of sid's runs, drawn with pillow: the toys' panels, animations and quality curves, and
 # grids of image samples. Every function returns image bytes (PNG or GIF); the run driver (runs.py)
-# writes them. (The FID curve is drawn by fid.py.)
+# writes them; and the FID curve of a run.
 
 import io
 import math
@@ -221,3 +221,49 @@ def image_toy_pictures(world, frames, sign=None):
         proj.append(('clean data', '', sign['data']))
         out['toy-images-sign-projection.png'] = image_panels(proj)
     return out
+
+#----------------------------------------------------------------------------
+# The FID of a run against the images seen.
+
+def curve(points, xlabel='Mimg', ylabel='FID', width=560, height=360):
+    """A line plot of (x, y) points with round ticks -> PNG bytes."""
+    from PIL import Image, ImageDraw
+    points = sorted((float(x), float(y)) for x, y in points)
+    if not points:
+        raise ValueError('curve needs at least one point')
+    xs = [x for x, _ in points]
+    ys = [y for _, y in points]
+    xt = ticks(*widened(min(xs), max(xs)))
+    yt = ticks(*widened(min(ys), max(ys)))
+    left, right, top, bottom = 60, width - 20, 20, height - 45  # the plot area in pixels
+
+    def px(x):
+        return left + (x - xt[0]) / (xt[-1] - xt[0]) * (right - left)
+
+    def py(y):
+        return bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (bottom - top)
+
+    img = Image.new('RGB', (width, height), 'white')
+    pen = ImageDraw.Draw(img)
+    small = font(11)
+    for x in xt:
+        pen.line([(px(x), top), (px(x), bottom)], fill=(225, 225, 225))
+        pen.text((px(x), bottom + 6), f'{x:g}', fill='black', font=small, anchor='mt')
+    for y in yt:
+        pen.line([(left, py(y)), (right, py(y))], fill=(225, 225, 225))
+        pen.text((left - 6, py(y)), f'{y:g}', fill='black', font=small, anchor='rm')
+    pen.rectangle([left, top, right, bottom], outline='black')
+    pen.text(((left + right) / 2, height - 6), xlabel, fill='black', font=small, anchor='mb')
+    pen.text((6, top - 14), ylabel, fill='black', font=small)
+    xy = [(px(x), py(y)) for x, y in points]
+    if len(xy) > 1:
+        pen.line(xy, fill=(31, 119, 180), width=2)
+    for x, y in xy:
+        pen.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+    return png_bytes(img)
+
+def widened(lo, hi):
+    """A range of one value widened around it, so that the ticks span something."""
+    if hi > lo:
+        return lo, hi
+    return lo - 0.5 - abs(lo) * 0.05, hi + 0.5 + abs(hi) * 0.05

@@ -443,7 +443,7 @@ def fid_step(run, s):
     run.log(f'FID {value:.3f} at {s.cur_nimg / 1e3:.1f} kimg')
     if s.rank == 0:
         append_stats(cfg.outdir, dict(kimg=s.cur_nimg / 1e3, fid=value))
-        fid.plot_curve(run.fid, os.path.join(cfg.outdir, 'fid.png'))
+        save(run, 'fid.png', write_file, draw.curve(run.fid))
         if value <= min(v for _, v in run.fid):
             save(run, 'network-snapshot-best.pt', save_snapshot, s.G_ema, s.cur_nimg, cfg, value)
 
