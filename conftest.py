@@ -1,9 +1,20 @@
-"""Shared helpers of the tests: one family of stand-in networks, one tiny-config builder, one command-line runner.
+"""Shared helpers of the tests: one family of stand-in networks, one tiny-config builder, one run
+and one command-line helper, and small file builders (datasets, a detector stand-in).
 
-Test files import what they need from here (`from conftest import Stub, cli`); pytest also loads it first.
+Test files import what they need from here (`from conftest import Stub, cli`); pytest loads it
+first.
 """
-import contextlib, copy, json, math, os, subprocess, sys, types, io
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import types
 import zipfile
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -11,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import edm_nets, sid, toy
+import edm_nets
+import runs
+import sid
+import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SLOW = bool(os.environ.get('SID_SLOW'))
@@ -24,96 +38,173 @@ def pytest_configure(config):
     config.addinivalue_line('filterwarnings', 'ignore:.*torch.jit.*:DeprecationWarning')
 
 #----------------------------------------------------------------------------
-# Shared helpers: ONE family of stand-in networks, ONE tiny-config builder, ONE command-line runner.
+# ONE family of stand-in networks: EDMPrecond's call convention with a closed-form denoiser.
 
 class Stub(nn.Module):
-    """EDMPrecond's call convention with D(x; sigma) = fn(self, x, sigma) in closed form (keyword tensors become its
-    parameters), SiDA logits x[:, :1] + off (off_enc: encoder_only; leaves, for d loss / d logit), calls recorded."""
+    """D(x; sigma) = fn(self, x, sigma) in closed form (keyword tensors become its parameters);
+    SiDA logits x[:, :1] + off (off_enc: encoder_only; leaves, for d loss / d logit); every call
+    recorded."""
     def __init__(self, fn, off=None, off_enc=None, img_shape=(2,), **params):
         super().__init__()
-        for k, v in params.items(): setattr(self, k, nn.Parameter(torch.as_tensor(v, dtype=torch.float64).clone()))
+        for k, v in params.items():
+            setattr(self, k, nn.Parameter(torch.as_tensor(v, dtype=torch.float64).clone()))
         self.fn, self.off, self.off_enc, self.calls = fn, off, off_enc, []
         self.img_shape, self.label_dim, self.sigma_data = list(img_shape), 0, 0.5
 
-    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, encoder_only=False):
-        self.calls.append(dict(x=x.detach().clone(), sigma=sigma, labels=class_labels, aug=augment_labels,
-                               return_logits=return_logits, encoder_only=encoder_only))
-        if encoder_only: return x[:, :1] + self.off_enc
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False,
+                encoder_only=False):
+        self.calls.append(dict(x=x.detach().clone(), sigma=sigma, labels=class_labels,
+                               aug=augment_labels, return_logits=return_logits,
+                               encoder_only=encoder_only, x_graph=x.requires_grad))
+        if encoder_only:
+            return x[:, :1] + self.off_enc
         D = self.fn(self, x, sigma)
-        return (D, x[:, :1] + self.off) if return_logits else D
+        if return_logits:
+            return D, x[:, :1] + self.off
+        return D
 
-affine = lambda a, b=0.0, c=0.0, **kw: Stub(lambda m, x, s: m.a * x + m.b * x ** 2 + m.c * s, a=a, b=b, c=c, **kw)
-gaussian = lambda mu, s, **kw: Stub(lambda m, x, sig: mu + s ** 2 / (s ** 2 + sig ** 2) * (x - mu), **kw)  # exact for N(mu, s^2)
-linear = lambda A, **kw: Stub(lambda m, x, s: x @ m.A.T, A=A, **kw)  # whatever sigma: the IGN closed forms' student
 
-NET = json.dumps(dict(model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[]))  # ~80k-param SongUNet
+def affine(a, b=0.0, c=0.0, **kw):
+    """D = a x + b x^2 + c sigma."""
+    return Stub(lambda m, x, s: m.a * x + m.b * x ** 2 + m.c * s, a=a, b=b, c=c, **kw)
+
+
+def gaussian(mu, s, **kw):
+    """The exact denoiser of N(mu, s^2)."""
+    return Stub(lambda m, x, sig: mu + s ** 2 / (s ** 2 + sig ** 2) * (x - mu), **kw)
+
+
+def linear(A, **kw):
+    """f(x) = x A^T whatever sigma: the IGN closed forms' student."""
+    return Stub(lambda m, x, s: x @ m.A.T, A=A, **kw)
+
+
+def objective_state(cfg=None, **kw):
+    """What an objective reads of sid.State (the tests' stand-in for a set-up run): cfg, n, the
+    networks, no augmentation."""
+    base = dict(cfg=cfg or sid.Config(), n=4, device=torch.device('cpu'), zero_aug=None, pipe=None,
+                cur_nimg=0)
+    return types.SimpleNamespace(**{**base, **kw})
+
+#----------------------------------------------------------------------------
+# Tiny runs: a config, networks, a whole run with its console captured, the command line.
+
+NET = json.dumps(dict(model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[]))
+
 
 def cfg_for(outdir, kind='cifar10', iters=2, **kw):
-    """toy: batch 64 in 2 rounds of 32; images: a random ~80k-parameter teacher, batch 4 in 2 rounds of 2; 1 tick/iter."""
-    base = (dict(dataset='toy', batch=64, batch_gpu=32) if kind == 'toy' else
-            dict(dataset=kind, teacher='random', net_overrides=NET, batch=4, batch_gpu=2, device='cpu', lr=1e-3, glr=1e-3))
+    """toy: batch 64 in 2 rounds of 32; images: a random ~80k-parameter teacher, batch 4 in 2 rounds
+    of 2; one tick per iteration, a snapshot at the end."""
+    if kind == 'toy':
+        base = dict(dataset='toy', batch=64, batch_gpu=32)
+    else:
+        base = dict(dataset=kind, teacher='random', net_overrides=NET, batch=4, batch_gpu=2,
+                    device='cpu', lr=1e-3, glr=1e-3)
     b = {**base, **kw}['batch']
-    return sid.make_config({**dict(duration_mimg=iters * b / 1e6, tick_kimg=b / 1e3, snap_kimg=iters * b / 1e3, outdir=str(outdir)), **base, **kw})
+    run = dict(duration_mimg=iters * b / 1e6, tick_kimg=b / 1e3, snap_kimg=iters * b / 1e3,
+               outdir=str(outdir))
+    return sid.make_config({**run, **base, **kw})
+
 
 def perturb_copy(net, seed=1, scale=0.2):
-    """A copy with every parameter moved randomly: EDM zero-inits output layers, which would hide the weights."""
+    """A copy with every parameter moved randomly: EDM zero-inits output layers, which would hide
+    the weights."""
     net, g = copy.deepcopy(net), torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in net.parameters(): p.add_(scale * torch.randn(p.shape, generator=g))
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
     return net
 
+
 def nets_for(cfg, perturb=True):
-    """(f_phi, G, f_psi); the toy without its 5 s pretraining; perturb: shake the teacher, copy it into G and f_psi."""
+    """(f_phi, G, f_psi); the toy without its 5 s pretraining; perturb: shake the teacher and copy
+    it into G and f_psi."""
     if cfg.dataset == 'toy':
         torch.manual_seed(0)
-        G = edm_nets.EDMPrecond(img_resolution=0, img_channels=2, model_type='ToyMLP', dropout=cfg.dropout)
+        G = edm_nets.EDMPrecond(img_resolution=0, img_channels=2, model_type='ToyMLP',
+                                dropout=cfg.dropout)
         return toy.ToyMixture().eval().requires_grad_(False), G, copy.deepcopy(G)
-    f_phi, G, f_psi = sid.build_networks(cfg, torch.device('cpu'))
+    f_phi, G, f_psi = runs.load_networks(cfg, None, torch.device('cpu'))
     if perturb:
         f_phi = perturb_copy(f_phi, 1, 0.05)
-        G.load_state_dict(f_phi.state_dict()), f_psi.load_state_dict(f_phi.state_dict())
+        G.load_state_dict(f_phi.state_dict())
+        f_psi.load_state_dict(f_phi.state_dict())
     return f_phi, G, f_psi
 
+
+def loop_state(cfg, nets=None):
+    """sid.setup on the config's networks: the loop alone, no driver, no files."""
+    return sid.setup(cfg, nets if nets is not None else nets_for(cfg))
+
+
 def run_quiet(cfg, nets=None):
-    """sid.train with its console captured -> ((G, G_ema, f_psi), stdout)."""
+    """runs.train with its console captured -> (run, s, stdout)."""
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        return sid.train(cfg, nets if nets is not None else nets_for(cfg)), out.getvalue()
+        run, s = runs.train(cfg, nets if nets is not None else nets_for(cfg))
+    return run, s, out.getvalue()
+
 
 def cli(*args, sub=False):
-    """`python sid.py ARGS` -> (returncode, stdout, stderr): sid.main in this process (the default), or a subprocess."""
+    """`python sid.py ARGS` -> (returncode, stdout, stderr): runs.main in this process (the
+    default), or a subprocess."""
     args = [str(a) for a in args]
     if sub:
-        return subprocess.run([sys.executable, os.path.join(HERE, 'sid.py'), *args], cwd=HERE, capture_output=True,
-                              text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+        return subprocess.run([sys.executable, os.path.join(HERE, 'sid.py'), *args], cwd=HERE,
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS='1'))
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            sid.main(args)
+            runs.main(args)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
+
 def assert_one_line_error(r, msg):
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and msg in lines[0], (r.returncode, r.stderr[-2000:])
+    ok = r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ')
+    assert ok and msg in lines[0], (r.returncode, r.stderr[-2000:])
 
-states_equal = lambda a, b: a.state_dict().keys() == b.state_dict().keys() and all(
-    torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
-read_stats = lambda outdir: [json.loads(line) for line in open(os.path.join(outdir, 'stats.jsonl'))]
-load_state = lambda outdir: torch.load(os.path.join(outdir, 'training-state.pt'), weights_only=True)
+
+def states_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(v, sb[k]) for k, v in sa.items())
+
+
+def read_stats(outdir):
+    with open(os.path.join(outdir, 'stats.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def load_state(outdir):
+    return torch.load(os.path.join(outdir, 'training-state.pt'), weights_only=True)
+
 
 def write_bytes(path, data):
-    with open(path, 'wb') as f: f.write(data)
+    with open(path, 'wb') as f:
+        f.write(data)
     return str(path)
+
 
 def draws(B=6, shape=(3, 4, 4), seed=0):
     """(x_g, sigma, noise, logit offsets) in float64."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    return r(B, *shape), (r(B, *[1] * len(shape)) * 1.2 - 1.2).exp(), r(B, *shape), 3 * r(B, 1, *shape[1:])
 
-softplus = lambda v: math.log1p(math.exp(v)) if v < 30 else v  # BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l)
-sigmoid = lambda v: 1 / (1 + math.exp(-v))
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    return r(B, *shape), (r(B, *[1] * len(shape)) * 1.2 - 1.2).exp(), r(B, *shape), \
+        3 * r(B, 1, *shape[1:])
+
+
+def softplus(v):
+    """BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l)."""
+    return math.log1p(math.exp(v)) if v < 30 else v
+
+
+def sigmoid(v):
+    return 1 / (1 + math.exp(-v))
 
 #----------------------------------------------------------------------------
 # Shared by the tests of the networks, checkpoints, data and fid: tiny official configs, files in
@@ -168,18 +259,17 @@ def edm_files(n=5, size=8, rgb=True):
     shape = (size, size, 3) if rgb else (size, size)
     arrs = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
     files = {f'00000/img{i:08d}.png': png_bytes(a) for i, a in enumerate(arrs)}
-    chw = np.stack([a.transpose(2, 0, 1) if rgb else a[None] for a in arrs])
-    return files, chw, [i % 3 for i in range(n)]
+    return files, np.stack([a.transpose(2, 0, 1) if rgb else a[None] for a in arrs]), \
+        [i % 3 for i in range(n)]
 
 
 def write_dataset(path, files, meta=None, kind='folder'):
-    """A zip (members stored out of order: the loader must sort) or a folder; meta ->
-    dataset.json."""
+    files = dict(files)
     if meta is not None:
-        files = {**files, 'dataset.json': json.dumps(meta).encode()}
+        files['dataset.json'] = json.dumps(meta).encode()
     if kind == 'zip':
         with zipfile.ZipFile(path, 'w') as zf:
-            for name in reversed(list(files)):
+            for name in reversed(list(files)):  # stored out of order: the loader must sort
                 zf.writestr(name, files[name])
         return str(path)
     for name, blob in files.items():
@@ -189,7 +279,7 @@ def write_dataset(path, files, meta=None, kind='folder'):
 
 
 def write_pngs(folder, n, size=8):
-    """A flat folder of n PNGs."""
+    """A flat folder of n random PNGs."""
     files = {k.split('/')[1]: v for k, v in edm_files(n, size)[0].items()}
     return write_dataset(folder, files)
 

@@ -16,7 +16,6 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import data  # dataset archives (the training data loader)
 import fileio  # downloads, atomic writes, the image reader
@@ -221,47 +220,6 @@ def dataset_batches(path, batch):
         raise FileNotFoundError(f'no such file or folder: {path}')
     images, _ = data.load_dataset(path)  # uint8 [N, C, H, W]
     return len(images), (images[i:i + batch] for i in range(0, len(images), batch))
-
-#----------------------------------------------------------------------------
-# FID-vs-images plot with pillow only (no matplotlib dependency).
-
-def _nice_ticks(lo, hi, count=5):
-    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    if hi <= lo:  # a single value: widen the range around it
-        lo, hi = lo - 0.5 - abs(lo) * 0.05, hi + 0.5 + abs(hi) * 0.05
-    power = 10.0 ** np.floor(np.log10((hi - lo) / count))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power * count >= hi - lo)
-    first, last = np.floor(lo / step) * step, np.ceil(hi / step) * step
-    return [first + k * step for k in range(int(round((last - first) / step)) + 1)]
-
-def plot_curve(points, path, xlabel='Mimg', ylabel='FID', width=560, height=360):
-    """Line plot of (x, y) points as a PNG, written atomically."""
-    points = sorted((float(x), float(y)) for x, y in points)
-    if not points:
-        raise ValueError('plot_curve needs at least one point')
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    xt, yt = _nice_ticks(min(xs), max(xs)), _nice_ticks(min(ys), max(ys))
-    left, right, top, bottom = 60, width - 20, 20, height - 45  # plot area in pixels
-    px = lambda x: left + (x - xt[0]) / (xt[-1] - xt[0]) * (right - left)
-    py = lambda y: bottom - (y - yt[0]) / (yt[-1] - yt[0]) * (bottom - top)
-    img = Image.new('RGB', (width, height), 'white')
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    for x in xt:
-        draw.line([(px(x), top), (px(x), bottom)], fill=(225, 225, 225))
-        draw.text((px(x), bottom + 6), f'{x:g}', fill='black', font=font, anchor='mt')
-    for y in yt:
-        draw.line([(left, py(y)), (right, py(y))], fill=(225, 225, 225))
-        draw.text((left - 6, py(y)), f'{y:g}', fill='black', font=font, anchor='rm')
-    draw.rectangle([left, top, right, bottom], outline='black')
-    draw.text(((left + right) / 2, height - 6), xlabel, fill='black', font=font, anchor='mb')
-    draw.text((6, top - 14), ylabel, fill='black', font=font)
-    xy = [(px(x), py(y)) for x, y in points]
-    if len(xy) > 1:
-        draw.line(xy, fill=(31, 119, 180), width=2)
-    for x, y in xy:
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-    with fileio.atomic_write(path) as f:
-        img.save(f, format='PNG')
 
 #----------------------------------------------------------------------------
 # Command line: `ref` writes reference statistics for a dataset, `calc` prints the FID of an image

@@ -1,123 +1,224 @@
-"""sid: Score identity Distillation (SiD), SiDA/SiD²A and SIGN in one readable file (examples: python sid.py --help).
+"""sid: Score identity Distillation (SiD), SiDA / SiD²A and SIGN, the papers and SiD's Algorithm 1.
 
-Reading order: identities -> SiD losses -> SiDA -> SIGN -> the three methods as objectives -> configuration ->
-the training loop (SiD Algorithm 1) -> command line. Papers: SiD, Zhou et al., ICML 2024 (arXiv 2404.04057);
-SiDA, Zhou et al., ICLR 2025 (arXiv 2410.14919); SIGN, Zaman et al. 2025 (arXiv 2509.21470; no public code,
-our reconstruction is documented in README). Official code: github.com/mingyuanzhou/SiD.
+Papers: SiD, Zhou et al., ICML 2024 (arXiv 2404.04057); SiDA, Zhou et al., ICLR 2025 (arXiv
+2410.14919); SIGN, Zaman et al. 2025 (arXiv 2509.21470; no public code: our reconstruction, see the
+README). Official code: github.com/mingyuanzhou/SiD (branches main and sida). This file holds the
+maths and the training loop and knows nothing of files: the run driver (runs.py: command line, run
+folders, snapshots, FID, resume) sits above it and calls `setup` and `iterate`.
+
+    python sid.py --dataset toy                  # 2-D toy with an exact teacher, seconds on a CPU
+    python sid.py --help                         # every option (the driver in runs.py parses them)
+
+Reading order: identities and noise draws -> the generator -> SiD -> SiDA -> SIGN -> what each
+method minimises -> Config and presets -> set-up -> the loop (Algorithm 1).
+
+Notation (paper -> code):
+    f_phi, the teacher's denoiser D(x; sigma)        f_phi          (frozen, eval mode)
+    f_psi, the fake score (SiDA: also D's encoder)   f_psi
+    G_theta, the one-step generator                  G, and G_ema (its EMA: sampled and saved)
+    x_g = G(sigma_init eps; sigma_init)              x_g, generate(), cfg.sigma_init (2.5)
+    x_t = x_g + sigma n                              x_t, sigma, noise
+    alpha, the SiD loss's weight                     alpha
+    w, the per-sample normaliser of SiD's loss       w, sid_normaliser()
+    lambda(sigma), EDM's loss weight                 edm_weight()
+    t ~ U(0, t_max / 1000) on EDM's rho=7 levels     tmax, sigma_from_t()
+    SiDA's discriminator logits (f_psi's encoder)    logits
+    SIGN / IGN: f_theta, its frozen copy f_theta'    f, f_bar (G at sigma_init, G_bar)
+    lambda_idem, lambda_rec, lambda_flow             cfg.lambda_idem, lambda_rec, lambda_flow
+The official option names are kept: ls, lsg (f_psi's and G's loss scales), lsd, lsg_gan (SiDA's
+discriminator and adversarial scales); lr is f_psi's Adam learning rate, glr G's.
+
+Where we differ from the official code, and why (the README lists them with more detail):
+  - NaN samples get a zero loss instead of being dropped: the same sums, no host synchronisation.
+  - Every micro-batch draws from its own seed (seed, iteration, phase, global micro-batch index):
+    a resumed run is bitwise the uninterrupted one, and any split into GPUs x rounds draws the same
+    numbers. Officially each rank has one stream (SiDA's is shifted on resume).
+  - Data-free runs of conditional teachers draw uniform labels (officially: the dataset's labels).
+  - SiDA's first 100 kimg skip G's backward, which the official loop computes and discards.
+  - FID and sample grids use per-seed generators (EDM's generate.py), not the training stream.
+  - bf16 autocast, channels_last, fused Adam, compiled or checkpointed U-Net blocks are ours
+    (off by default); fp32 with TF32 off and EDM's fp16 casting are the official settings.
+  - SIGN is our reconstruction; L_flow in particular is a stand-in (README, SIGN).
 """
-import argparse, collections, copy, dataclasses, json, math, os, re, sys, types
+import copy
+import dataclasses
+import math
+import os
+import re
+import types
 from contextlib import nullcontext
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import augment, checkpoints, data, edm_nets, fid, runs, toy
-from runs import generate
+import augment
+import edm_nets
+import toy
 
 #----------------------------------------------------------------------------
-# Identities and noise levels (SiD §3-4). Tweedie: a denoiser D(x; sigma) ~ E[x_0 | x_t = x] gives the score
-# s(x; sigma) = grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2, so the paper's score differences are denoiser
-# differences, s_phi - s_psi = (f_phi - f_psi) / sigma^2, and every loss below is written with denoisers.
+# Identities and noise draws (SiD §3-4; EDM, Karras et al. 2022). Tweedie: a denoiser
+# D(x; sigma) ~ E[x_0 | x_t = x] gives the score grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2,
+# so the paper's score differences are denoiser differences,
+# s_phi - s_psi = (f_phi - f_psi) / sigma^2, and every loss below is written on denoiser outputs.
 
 def sigma_from_t(t, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM's rho=7 noise levels with t=0 -> sigma_min and t=1 -> sigma_max (SiD's generator schedule)."""
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    """EDM's rho=7 levels, t = 0 -> sigma_min and t = 1 -> sigma_max (SiD's generator schedule)."""
+    a = sigma_max ** (1 / rho)
+    b = sigma_min ** (1 / rho)
     return (a + (1 - t) * (b - a)) ** rho
 
 def edm_weight(sigma, sigma_data=0.5):
-    """EDM's loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 (Karras et al. 2022)."""
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
+def per_sample(x):
+    """The shape [B, 1, ...] of one value per sample of x (the draws below take x's dtype too)."""
+    return [x.shape[0]] + [1] * (x.dim() - 1)
+
 def draw_sigma_generator(x, tmax):
-    """Generator-loss levels: t ~ U(0, tmax/1000) per sample through sigma_from_t (tmax=800: sigma <= 24.41)."""
-    return sigma_from_t(torch.rand([x.shape[0]] + [1] * (x.dim() - 1), device=x.device) * tmax / 1000)
+    """G's loss levels: t ~ U(0, tmax/1000) per sample, through sigma_from_t (800: <= 24.41)."""
+    return sigma_from_t(torch.rand(per_sample(x), device=x.device, dtype=x.dtype) * tmax / 1000)
 
 def draw_sigma_fake(x, P_mean=-1.2, P_std=1.2):
-    """Fake-score levels: EDM's lognormal ln(sigma) ~ N(P_mean, P_std^2), one per sample."""
-    return (torch.randn([x.shape[0]] + [1] * (x.dim() - 1), device=x.device) * P_std + P_mean).exp()
+    """f_psi's loss levels: EDM's lognormal ln(sigma) ~ N(P_mean, P_std^2), one per sample."""
+    return (torch.randn(per_sample(x), device=x.device, dtype=x.dtype) * P_std + P_mean).exp()
+
+SIGN_DT = 0.02  # L_flow's step in EDM's rho=7 time: sigma'/sigma = 0.84 at sigma = 2.5, 0.79 at 0.1
+
+def flow_sigmas(t, dt=SIGN_DT):
+    """L_flow's pair of levels: sigma = sigma_from_t(t), sigma' = sigma_from_t(t - dt)."""
+    return sigma_from_t(t), sigma_from_t((t - dt).clamp(min=0))
+
+def draw_sigma_flow(x, tmax, dt=SIGN_DT):
+    """SIGN's L_flow levels (ours): t ~ U(dt, tmax/1000) per sample -> (sigma, sigma')."""
+    u = torch.rand(per_sample(x), device=x.device, dtype=x.dtype)
+    return flow_sigmas(dt + (tmax / 1000 - dt) * u, dt)
 
 def finite_rows(*ts):
-    """Samples without NaN in any tensor. The official code drops the others; we give them a zero loss instead:
-    the same sums, without the host synchronisation that boolean indexing costs on a GPU."""
+    """[B] bool: the samples without NaN in any of the tensors (the others get a zero loss)."""
     return torch.stack([~t.flatten(1).isnan().any(1) for t in ts]).all(0)
 
 #----------------------------------------------------------------------------
-# SiD losses (SiD Eq. 22/23 in the official code's form; EDM denoising score matching for f_psi). Pure functions:
-# sigma and noise are arguments. Each returns per-sample pixel sums [B]; the objectives below reduce them.
+# The generator (SiD §4): EDM's denoiser at sigma_init applied to z = sigma_init * eps. SIGN's
+# multi-step sampling and projection re-apply it (IGN, Shocher et al., ICLR 2024).
 
-def sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha, with_logits=False):
-    """SiD generator loss per sample, with x_t = x_g + sigma*noise and w = mean|x_g - f_phi| (no grad):
-        sum_pixels (f_phi - f_psi) * ((f_phi - x_g) - alpha*(f_phi - f_psi)) / w
-      = sum_pixels [(f_phi - f_psi)(f_psi - x_g) + (1 - alpha)(f_phi - f_psi)^2] / w   (the paper's form).
-    Only w is detached: the gradient reaches x_g directly AND through x_t via both frozen networks (a DMD-style
-    detached target is another gradient). with_logits (SiDA): f_psi's one forward also returns its encoder
-    logits; then returns (loss, logits, w, kept rows)."""
-    x_t = x_g + sigma * noise
-    y_phi = f_phi(x_t, sigma, labels)
-    y_psi, logits = f_psi(x_t, sigma, labels, return_logits=True) if with_logits else (f_psi(x_t, sigma, labels), None)
-    keep = finite_rows(x_g, y_phi, y_psi)
-    with torch.no_grad():  # the normaliser uses the teacher, in float32, floored at 1e-5
-        w = (x_g - y_phi).abs().float().flatten(1).mean(1).clamp_min(1e-5)
-    diff = y_phi - y_psi
-    loss = torch.where(keep, (diff * ((y_phi - x_g) - alpha * diff)).flatten(1).sum(1) / w, 0)
-    return (loss, logits, w, keep) if with_logits else loss
+def generate(G, z, labels, sigma_init, augment_labels=None):
+    """x_g = G(z; sigma_init) with z = sigma_init * eps: one step, no clamp (SiD §4).
+    augment_labels: zeros for nets built with augmentation labels (EDM's map_augment(0) = 0)."""
+    sigma = z.new_full(per_sample(z), sigma_init)
+    # contiguous: a channels_last net returns NHWC memory, and randn_like(x_g) would draw otherwise
+    return G(z, sigma, labels, augment_labels).contiguous()
 
-def fake_score_loss(f_psi, x_g, sigma, noise, labels, augment_labels=None, sigma_data=0.5):
-    """EDM denoising score matching on generated images: lambda(sigma) sum_pixels (f_psi(x_g + sigma*noise) - x_g)^2."""
-    x_g = x_g.detach()
-    return dsm_loss(f_psi(x_g + sigma * noise, sigma, labels, augment_labels), x_g, sigma, sigma_data)
+@torch.no_grad()
+def multistep_sample(f, z, sigmas=(), noises=None):
+    """x_1 = f(z), x_{k+1} = f(x_k + sigmas[k-1] * noises[k-1]): len(sigmas) + 1 calls of f, fresh
+    noise between them (as consistency models); noises=None draws torch.randn. -> [x_1 .. x_K]."""
+    xs = [f(z)]
+    for k, s in enumerate(sigmas):
+        eps = torch.randn_like(xs[-1]) if noises is None else noises[k]
+        xs.append(f(xs[-1] + s * eps))
+    return xs
 
-def dsm_loss(D_x, x_g, sigma, sigma_data=0.5):
-    """lambda(sigma) * sum_pixels (D_x - x_g)^2 per sample, zero for NaN samples (SiD's and SiDA's f_psi)."""
-    loss = (edm_weight(sigma, sigma_data) * (D_x - x_g) ** 2).flatten(1).sum(1)
-    return torch.where(finite_rows(x_g, D_x), loss, 0)
+@torch.no_grad()
+def project(f, y, sigma=0.0, noise=None, repeat=1):
+    """Projection / zero-shot editing: y <- f(y + sigma * eps_k), `repeat` times (sigma 0: f(y)).
+    noise: a list of `repeat` tensors, a torch.Generator on y's device, or None."""
+    for k in range(repeat):
+        if sigma > 0:
+            if isinstance(noise, (list, tuple)):
+                eps = noise[k]
+            else:
+                eps = torch.randn(y.shape, generator=noise, device=y.device)
+            y = y + sigma * eps
+        y = f(y)
+    return y
+
+@torch.no_grad()
+def sign_evaluation(f, z, x_data, sigmas, noises, noise_proj, sigma_proj=0.2, corrupted=None):
+    """IGN's two properties and SIGN's uses: idempotence error E|f(f(z)) - f(z)|, fixed-point error
+    E|f(x) - x| on data, multi-step samples, the projection of x_data + sigma_proj * noise_proj, and
+    of other corruptions (corrupted: name -> inputs; returned as name -> (inputs, projections))."""
+    def err(a, b):
+        return float((a - b).flatten(1).norm(dim=1).mean())
+    xs = multistep_sample(f, z, sigmas, noises)
+    y = x_data + sigma_proj * noise_proj
+    return dict(idem=err(f(xs[0]), xs[0]), fix=err(f(x_data), x_data), steps=xs, data=x_data,
+                noisy=y, projected=project(f, y),
+                corrupted={k: (v, project(f, v)) for k, v in (corrupted or {}).items()})
 
 #----------------------------------------------------------------------------
-# SiDA (Zhou et al., ICLR 2025, §3; official sida branch, sida_loss.py). The discriminator is f_psi's own encoder:
-# logits = channel mean of its last encoder feature map, [B,1,8,8] on the EDM U-Nets. Both BCE terms are means
-# over the whole per-GPU micro-batch, so samples are coupled and results depend on batch_gpu, as officially.
+# SiD (SiD §4, Eq. 22/23 in the official code's form) and f_psi's denoising score matching (EDM).
+# Pure functions of denoiser outputs; each returns per-sample pixel sums [B], zero for NaN samples.
 
-def sida_fake_score_loss(f_psi, x_g, x_r, sigma, noise, labels, aug_labels_g=None, aug_labels_r=None, sigma_data=0.5):
-    """Per-sample (dsm [B], d_loss [B]) on generated x_g (detached) and real x_r, each already augmented. sigma
-    (lognormal) and noise are SHARED by both branches; labels are the real batch's (x_g was made with them).
-        dsm_b    = lambda(sigma_b) * sum_pixels (f_psi(x_g + sigma*noise) - x_g)^2
-        d_loss_b = lambda(sigma_b) * (BCE(logits_real, 1) + BCE(logits_fake, 0)) / 2, logits unclamped.
-    The loop's (dsm.sum() + lsd * d_loss.sum()) / n scales every sample's BCE gradient by the micro-batch sum of
-    lambda, and clips f_psi's gradients element-wise to +-1 after backward."""
-    x_g = x_g.detach()
-    D_x, logits_fake = f_psi(x_g + sigma * noise, sigma, labels, aug_labels_g, return_logits=True)  # one forward
-    logits_real = f_psi(x_r + sigma * noise, sigma, labels, aug_labels_r, encoder_only=True)       # encoder only
-    lam = edm_weight(sigma, sigma_data).flatten().expand(len(x_g))
-    bce = F.binary_cross_entropy_with_logits
-    d_loss = lam * (bce(logits_real, torch.ones_like(logits_real)) + bce(logits_fake, torch.zeros_like(logits_fake))) / 2
-    return dsm_loss(D_x, x_g, sigma, sigma_data), d_loss
+@torch.no_grad()
+def sid_normaliser(x_g, y_phi):
+    """w = mean over pixels of |x_g - f_phi(x_t)| per sample, in float32, floored at 1e-5 (no grad).
+    The TEACHER's error normalises (not f_psi's)."""
+    return (x_g - y_phi).abs().float().flatten(1).mean(1).clamp_min(1e-5)
 
-def sida_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha):
-    """Per-sample (sid [B], gan [B]) on x_t = x_g + sigma*noise (sigma from the SiD tmax schedule):
-        sid_b = sid_generator_loss (same x_t, same single f_psi forward, which also gives the logits)
-        gan_b = C*H*W * BCE(clamp(logits, -10, 10), 1) / w_b,
-    the BCE one scalar: the mean over the micro-batch's kept samples (B x 1 x 8 x 8). The clamp zeroes the gradient
-    beyond +-10. Each logit's gradient thus scales with the micro-batch sum of 1/w_b."""
-    sid, logits, w, keep = sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha, with_logits=True)
+def sid_generator_loss(y_phi, y_psi, x_g, alpha):
+    """SiD's generator loss per sample, y_phi = f_phi(x_t), y_psi = f_psi(x_t), x_t = x_g + sigma n:
+        sum_pixels (y_phi - y_psi) * ((y_phi - x_g) - alpha (y_phi - y_psi)) / w
+      = sum_pixels [(y_phi - y_psi)(y_psi - x_g) + (1 - alpha)(y_phi - y_psi)^2] / w  (the paper's).
+    Only w is detached: the gradient reaches x_g directly AND through x_t via both frozen networks,
+    so the caller must keep x_t's graph (a DMD-style detached target is another gradient)."""
+    keep = finite_rows(x_g, y_phi, y_psi)
+    w = sid_normaliser(x_g, y_phi)
+    diff = y_phi - y_psi
+    loss = (diff * ((y_phi - x_g) - alpha * diff)).flatten(1).sum(1) / w
+    return torch.where(keep, loss, 0)
+
+def dsm_loss(D_x, x, sigma, sigma_data=0.5):
+    """EDM's denoising score matching, lambda(sigma) * sum_pixels (D_x - x)^2 per sample, with
+    D_x = f_psi(x + sigma n): f_psi learns the score of the images x (SiD: G's samples)."""
+    loss = (edm_weight(sigma, sigma_data) * (D_x - x) ** 2).flatten(1).sum(1)
+    return torch.where(finite_rows(x, D_x), loss, 0)
+
+#----------------------------------------------------------------------------
+# SiDA (Zhou et al., ICLR 2025, §3; official sida branch, sida_loss.py). The discriminator is
+# f_psi's own encoder: logits = channel mean of its last encoder feature map ([B,1,8,8] on EDM's
+# U-Nets). Both BCE terms are means over the whole per-GPU micro-batch, so samples are coupled and
+# the results depend on batch_gpu, as officially.
+
+def sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data=0.5):
+    """d_b = lambda(sigma_b) * (BCE(logits_real, 1) + BCE(logits_fake, 0)) / 2, each BCE one scalar
+    (the micro-batch mean), logits unclamped. Real and fake share sigma and the noise. Summed over
+    the micro-batch, every sample's BCE gradient is scaled by the SUM of lambda over it."""
+    lam = edm_weight(sigma, sigma_data).flatten().expand(len(logits_fake))
+    real = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real))
+    fake = F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+    return lam * (real + fake) / 2
+
+def sida_generator_gan_loss(logits, x_g, y_phi, y_psi):
+    """gan_b = C*H*W * BCE(clamp(logits, -10, 10), 1) / w_b, the non-saturating adversarial term on
+    f_psi's logits at G's x_t. The BCE is one scalar, the mean over the kept samples' logits; w_b
+    and the kept samples are SiD's. The clamp zeroes the gradient beyond +-10."""
+    keep = finite_rows(x_g, y_phi, y_psi)
+    w = sid_normaliser(x_g, y_phi)
     logits = logits.clamp(-10, 10)
     bce = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction='none')
     mask = keep.view(-1, *[1] * (bce.dim() - 1)).expand_as(bce)
     gan = torch.where(mask, bce, 0).sum() / mask.sum() / w * math.prod(x_g.shape[1:])
-    return sid, torch.where(keep, gan, 0)
+    return torch.where(keep, gan, 0)
 
 def sida_phase(cur_nimg, warmup_kimg=100, mix_kimg=200):
-    """SiDA's generator schedule, from the images seen before this step: 'frozen' (<= 100 kimg: only f_psi/D train),
-    'sid' (<= 200 kimg: G on SiD's loss alone), then 'mix' (0.5 SiD + 0.5 adversarial). The EMA updates always."""
-    return 'mix' if cur_nimg > mix_kimg * 1000 else 'sid' if cur_nimg > warmup_kimg * 1000 else 'frozen'
+    """SiDA's schedule from the images seen before this step: 'frozen' (<= warmup: only f_psi
+    trains), 'sid' (<= mix: G on SiD's loss alone), then 'mix' (0.5 SiD + 0.5 adversarial)."""
+    if cur_nimg > mix_kimg * 1000:
+        return 'mix'
+    if cur_nimg > warmup_kimg * 1000:
+        return 'sid'
+    return 'frozen'
 
 #----------------------------------------------------------------------------
-# SIGN (Zaman et al. 2025; our reconstruction, see README) on the frame of IGN (Shocher et al., ICLR 2024).
-# The student is time-free, f_theta(x) = G_theta(x; sigma_c): SiD's generator applied to any input.
-# IGN's frozen copy f_theta' (same weights, no parameter gradient) gives idempotence its target.
+# SIGN (Zaman et al. 2025; our reconstruction, see README) on the frame of IGN. The student is
+# time-free, f(x) = G(x; sigma_init): SiD's generator applied to any input. IGN's frozen copy
+# f_bar (same weights, no parameter gradient) gives idempotence its target.
 
 def frozen_copy(G):
-    """IGN's f_theta': a deepcopy of G whose parameters need no grad; it stays differentiable w.r.t. its input.
-    Build it once, refresh it (refresh_frozen_) before every student step so that theta' = theta."""
+    """IGN's f_theta': a deepcopy of G whose parameters need no grad; it stays differentiable in its
+    input. Build it once, refresh it (refresh_frozen_) before every step, so that theta' = theta."""
     G_bar = copy.deepcopy(G).requires_grad_(False)
     for p in G_bar.parameters():
         p.grad = None  # deepcopy also copies any .grad of G
@@ -125,449 +226,548 @@ def frozen_copy(G):
 
 @torch.no_grad()
 def refresh_frozen_(G_bar, G):
-    """theta' <- theta, and G's train/eval mode: IGN's copy is the SAME function as f, so it applies dropout when G
-    does (an eval-mode copy would be another function, and idempotence would hold for it, not for f)."""
-    torch._foreach_copy_(list(G_bar.parameters()) + list(G_bar.buffers()), list(G.parameters()) + list(G.buffers()))
+    """theta' <- theta, and G's train/eval mode: the copy is the SAME function as f, dropout
+    included (an eval-mode copy would be another function, and idempotence would hold for it, not
+    for f)."""
+    dst = list(G_bar.parameters()) + list(G_bar.buffers())
+    torch._foreach_copy_(dst, list(G.parameters()) + list(G.buffers()))
     G_bar.train(G.training)
 
 def d_mse(a, b):
-    """IGN's distance d(a, b): per-sample mean squared error."""
+    """IGN's distance d(a, b): the per-sample mean squared error."""
     return (a - b).square().flatten(1).mean(1)
 
 def idem_loss(f_bar, x_g):
-    """L_idem = d(f_theta'(x_g), x_g) with x_g = f_theta(z) (IGN Eq. 4): the gradient reaches theta only through the
-    inner call. Through the outer call too, f would learn the identity (every point a fixed point)."""
+    """L_idem = d(f_bar(x_g), x_g), x_g = f(z) (IGN Eq. 4): the gradient reaches theta only through
+    the inner call. Through the outer call too, f would learn the identity (all points fixed)."""
     return d_mse(f_bar(x_g), x_g)
 
 def rec_loss(f, x):
-    """L_rec = d(f_theta(x), x): real images are fixed points (IGN Eq. 3)."""
+    """L_rec = d(f(x), x) on real images x: data are fixed points (IGN Eq. 3)."""
     return d_mse(f(x), x)
 
 @torch.no_grad()
-def euler_step(f_phi, x, sigma, sigma_next, labels=None):
-    """One Euler step of the teacher's probability-flow ODE dx/dsigma = (x - f_phi(x; sigma))/sigma (EDM Eq. 3)."""
-    return x + (sigma_next - sigma) * (x - f_phi(x, sigma, labels)) / sigma
+def euler_step(D, x, sigma, sigma_next):
+    """One Euler step of the teacher's probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
+    (EDM Eq. 3), D a function of (x, sigma)."""
+    return x + (sigma_next - sigma) * (x - D(x, sigma)) / sigma
 
-SIGN_DT = 0.02  # L_flow's step in EDM's rho=7 time: sigma'/sigma = 0.84 at sigma = 2.5, 0.79 at 0.1
-
-def flow_sigmas(t, dt=SIGN_DT):
-    """L_flow's levels sigma = sigma_from_t(t), sigma' = sigma_from_t(t - dt); draw t ~ U(dt, tmax/1000)."""
-    return sigma_from_t(t), sigma_from_t((t - dt).clamp(min=0))
-
-def flow_loss(f, f_bar, f_phi, x, sigma, sigma_next, noise, labels=None):
-    """L_flow = d(f_theta(x_sigma), sg f_theta'(x_sigma')), x_sigma = x + sigma*noise, x_sigma' one teacher Euler step
-    down: f is constant along teacher PF-ODE paths and, with L_rec as boundary condition, maps noisy inputs to their
-    clean endpoint (consistency models, Song et al. 2023, in IGN form). Our stand-in for SIGN's L_flow."""
+def flow_loss(f, f_bar, D_phi, x, sigma, sigma_next, noise):
+    """L_flow = d(f(x_sigma), sg f_bar(x_sigma')), x_sigma = x + sigma n and x_sigma' one teacher
+    Euler step down: f is constant along the teacher's PF-ODE paths and, with L_rec as boundary
+    condition, maps noisy inputs to their clean end (consistency models, Song et al. 2023, in IGN's
+    form). Ours: a stand-in for SIGN's L_flow, which we know only by name."""
     x_sigma = x.detach() + sigma * noise
     with torch.no_grad():
-        target = f_bar(euler_step(f_phi, x_sigma, sigma, sigma_next, labels))
+        target = f_bar(euler_step(D_phi, x_sigma, sigma, sigma_next))
     return d_mse(f(x_sigma), target)
 
-def sign_student_loss(G, G_bar, f_phi, f_psi, x_g, labels, sigma, noise, alpha=1.0, x=None,
-                      sigma_f=None, sigma_f_next=None, noise_f=None, lam_idem=10.0, lam_rec=10.0, lam_flow=10.0,
-                      sigma_c=2.5):
-    """Per-sample SIGN terms dict(dm, idem, rec, flow) for x_g = f_theta(z) with its graph; the loop forms
-    (lsg * sum dm + sum_k lam_k * sum term_k) / n. dm is SiD's loss (for SIGN's distribution-matching term); the
-    IGN terms are pixel MEANS times D = pixels per sample, i.e. pixel sums like SiD's, so that a lambda tuned on
-    the toy (D = 2) carries over to images. A zero lambda skips. x: real images; None (data-free): no L_rec, since
-    d(f(sg f(z)), sg f(z)) would train f's OUTER call, what IGN's tightness term pushes against: every generated
-    point would become a fixed point, growing the fixed-point set towards the identity. L_flow then starts at sg x_g."""
-    if lam_flow and (sigma_f is None or sigma_f_next is None or noise_f is None):
-        raise ValueError('sign_student_loss: lam_flow > 0 needs sigma_f, sigma_f_next and noise_f')
-    B, D = x_g.shape[0], x_g[0].numel()
-    f = lambda v: generate(G, v, labels, sigma_c)
-    f_bar = lambda v: generate(G_bar, v, labels, sigma_c)
-    zero = x_g.new_zeros(B)
-    return dict(dm=sid_generator_loss(f_phi, f_psi, x_g, sigma, noise, labels, alpha),
-                idem=D * idem_loss(f_bar, x_g) if lam_idem else zero,
-                rec=D * rec_loss(f, x) if lam_rec and x is not None else zero,
-                flow=D * flow_loss(f, f_bar, f_phi, x_g.detach() if x is None else x, sigma_f, sigma_f_next, noise_f, labels)
-                if lam_flow else zero)
-
 #----------------------------------------------------------------------------
-# The three methods as objectives: what one micro-batch of generator samples x_g (with real images x_r and labels
-# c where the method uses them) contributes to the f_psi step and to the G step. Each draws its own noise (the
-# official order) and returns (loss to backpropagate, [logged loss, extra term]), reduced as the official loop:
-# per-sample pixel sums, summed, divided by n = images per GPU per iteration, times the method's scale.
+# What each method minimises, per micro-batch of G's samples x_g (with real images x_r and labels c
+# where the method uses them). Each objective draws its noise (the official order), does one forward
+# of each network on it, and returns (loss to backpropagate, [logged loss, logged extra term]),
+# reduced as the official loop: per-sample pixel sums, summed, divided by n = images per GPU per
+# iteration, times the method's scale. f_psi's objective sees augmented images with their labels;
+# G's step feeds every network zero augmentation labels (official; see `setup`).
 
-def fake_draws(run, x_g):
-    sigma = draw_sigma_fake(x_g)
-    y, aug = run.augment(x_g)  # EDM's non-leaky augmentation with its 9-dim labels (SiD: fake-score step only)
-    return sigma, y, aug, torch.randn_like(x_g)
+def autocast(s):
+    """bf16 autocast when the run asks for it (--precision bf16), else nothing."""
+    if s.cfg.precision == 'bf16':
+        return torch.autocast(s.device.type, torch.bfloat16)
+    return nullcontext()
+
+def augment_images(s, x):
+    """EDM's non-leaky augmentation with its 9 labels (f_psi's step only); off: zero labels."""
+    if s.pipe is None:
+        return x, s.zero_aug
+    return s.pipe(x)
 
 def logged(a, b=None):
     return torch.stack([a.detach(), torch.zeros_like(a) if b is None else b.detach()])
 
-def fake_sid(run, x_g, x_r, c):
+def fake_sid(s, x_g, x_r, c):
     """SiD, SIGN: f_psi learns the score of G's samples by denoising score matching."""
-    sigma, y, aug, noise = fake_draws(run, x_g)
-    with run.autocast():
-        loss = fake_score_loss(run.psi_ddp, y, sigma, noise, c, aug).sum() * run.cfg.ls / run.n
+    sigma = draw_sigma_fake(x_g)
+    y, aug = augment_images(s, x_g)
+    noise = torch.randn_like(x_g)
+    with autocast(s):
+        D_x = s.psi_ddp(y + sigma * noise, sigma, c, aug)
+        loss = dsm_loss(D_x, y, sigma).sum() * s.cfg.ls / s.n
     return loss, logged(loss)
 
-def fake_sida(run, x_g, x_r, c):
-    """SiDA: the same plus the discriminator term, real x_r against fake x_g, on f_psi's encoder."""
-    sigma, y, aug, noise = fake_draws(run, x_g)
-    y_r, aug_r = run.augment(x_r)
-    with run.autocast():
-        dsm, d_loss = sida_fake_score_loss(run.psi_ddp, y, y_r, sigma, noise, c, aug, aug_r)
-        loss = (dsm.sum() * run.cfg.ls + d_loss.sum() * run.cfg.lsd) / run.n
+def fake_sida(s, x_g, x_r, c):
+    """SiDA: the same, plus the discriminator on f_psi's encoder, real x_r against fake x_g (both
+    augmented, each with its own labels; the same sigma and noise; c: the real batch's labels)."""
+    sigma = draw_sigma_fake(x_g)
+    y, aug = augment_images(s, x_g)
+    noise = torch.randn_like(x_g)
+    y_r, aug_r = augment_images(s, x_r)
+    with autocast(s):
+        D_x, logits_fake = s.psi_ddp(y + sigma * noise, sigma, c, aug, return_logits=True)
+        logits_real = s.psi_ddp(y_r + sigma * noise, sigma, c, aug_r, encoder_only=True)
+        dsm = dsm_loss(D_x, y, sigma)
+        d = sida_discriminator_loss(logits_real, logits_fake, sigma)
+        loss = (dsm.sum() * s.cfg.ls + d.sum() * s.cfg.lsd) / s.n
     return loss, logged(loss)
 
-def G_sid(run, x_g, x_r, c):
+def G_sid(s, x_g, x_r, c):
     """SiD: the generator loss against the just-updated f_psi."""
-    cfg = run.cfg
-    with run.autocast():
-        sigma, noise = draw_sigma_generator(x_g, cfg.tmax), torch.randn_like(x_g)
-        loss = sid_generator_loss(run.f_phi, run.f_psi, x_g, sigma, noise, c, cfg.alpha).sum() * cfg.lsg / run.n
+    cfg, aug0 = s.cfg, s.zero_aug
+    with autocast(s):
+        sigma = draw_sigma_generator(x_g, cfg.tmax)
+        noise = torch.randn_like(x_g)
+        x_t = x_g + sigma * noise
+        y_phi = s.f_phi(x_t, sigma, c, aug0)
+        y_psi = s.f_psi(x_t, sigma, c, aug0)
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha).sum() * cfg.lsg / s.n
     return loss, logged(loss)
 
-def G_sida(run, x_g, x_r, c):
-    """SiDA: SiD's loss, mixed 0.5/0.5 with the non-saturating adversarial term after sida_mix_kimg."""
-    cfg = run.cfg
-    with run.autocast():
-        sigma, noise = draw_sigma_generator(x_g, cfg.tmax), torch.randn_like(x_g)
-        sid, gan = sida_generator_loss(run.f_phi, run.f_psi, x_g, sigma, noise, c, cfg.alpha)
-        loss, loss_gan = sid.sum() * cfg.lsg / run.n, gan.sum() * cfg.lsg_gan / run.n
-    mix = sida_phase(run.cur_nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) == 'mix'
-    return (0.5 * loss + 0.5 * loss_gan if mix else loss), logged(loss, loss_gan)
+def G_sida(s, x_g, x_r, c):
+    """SiDA: SiD's loss and the adversarial term from f_psi's one forward (its denoiser and its
+    logits), mixed 0.5/0.5 after sida_mix_kimg."""
+    cfg, aug0 = s.cfg, s.zero_aug
+    with autocast(s):
+        sigma = draw_sigma_generator(x_g, cfg.tmax)
+        noise = torch.randn_like(x_g)
+        x_t = x_g + sigma * noise
+        y_phi = s.f_phi(x_t, sigma, c, aug0)
+        y_psi, logits = s.f_psi(x_t, sigma, c, aug0, return_logits=True)
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha).sum() * cfg.lsg / s.n
+        gan = sida_generator_gan_loss(logits, x_g, y_phi, y_psi).sum() * cfg.lsg_gan / s.n
+    mix = sida_phase(s.cur_nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) == 'mix'
+    total = 0.5 * loss + 0.5 * gan if mix else loss
+    return total, logged(loss, gan)
 
-def G_sign(run, x_g, x_r, c):
-    """SIGN: SiD's loss plus IGN's idempotence, reconstruction (on real x_r) and our flow term."""
-    cfg = run.cfg
-    refresh_frozen_(run.G_bar, run.G)  # theta' = theta (G does not change between the rounds of a step)
-    with run.autocast():
-        sigma, noise = draw_sigma_generator(x_g, cfg.tmax), torch.randn_like(x_g)
-        sf, sf_next = flow_sigmas(SIGN_DT + (cfg.tmax / 1000 - SIGN_DT) * torch.rand_like(sigma))
-        terms = sign_student_loss(run.G_ddp, run.G_bar, run.f_phi, run.f_psi, x_g, c, sigma, noise, cfg.alpha, x_r,
-                                  sf, sf_next, torch.randn_like(x_g), cfg.lambda_idem, cfg.lambda_rec, cfg.lambda_flow,
-                                  cfg.sigma_init)
-        loss = terms['dm'].sum() * cfg.lsg / run.n
-        extra = sum(getattr(cfg, 'lambda_' + k) * terms[k].sum() for k in ('idem', 'rec', 'flow')) / run.n
-    return loss + extra, logged(loss, extra)
+def G_sign(s, x_g, x_r, c):
+    """SIGN: SiD's loss plus IGN's idempotence, reconstruction (real x_r) and our flow term. Each
+    IGN term is a pixel MEAN times D = pixels per sample, i.e. a pixel sum like SiD's, so that
+    lambdas chosen on the toy (D = 2) carry over to images. A zero lambda skips its term. Data-free
+    (x_r None): no L_rec, since d(f(sg f(z)), sg f(z)) would train f's OUTER call, what IGN's
+    tightness term pushes against (every generated point a fixed point); L_flow then starts at
+    sg x_g."""
+    cfg, aug0 = s.cfg, s.zero_aug
+    refresh_frozen_(s.G_bar, s.G)  # theta' = theta (G does not change between the rounds of a step)
 
-Method = collections.namedtuple('Method', 'fake G G_trains psi_clip extra')
-METHODS = {  # f_psi objective, G objective, does G step at this point, f_psi's gradient clip, name of the extra term
-    'sid':  Method(fake_sid, G_sid, lambda cfg, nimg: nimg >= cfg.psi_warmup_kimg * 1e3, None, None),
-    'sida': Method(fake_sida, G_sida, lambda cfg, nimg: sida_phase(nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) != 'frozen',
-                   1.0, 'loss_gan'),
-    'sign': Method(fake_sid, G_sign, lambda cfg, nimg: nimg >= cfg.psi_warmup_kimg * 1e3, None, 'loss_ign'),
+    def f(v):
+        return generate(s.G_ddp, v, c, cfg.sigma_init, aug0)
+
+    def f_bar(v):
+        return generate(s.G_bar, v, c, cfg.sigma_init, aug0)
+
+    def D_phi(v, sigma):
+        return s.f_phi(v, sigma, c, aug0)
+
+    with autocast(s):
+        sigma = draw_sigma_generator(x_g, cfg.tmax)
+        noise = torch.randn_like(x_g)
+        sigma_f, sigma_f_next = draw_sigma_flow(x_g, cfg.tmax)
+        noise_f = torch.randn_like(x_g)
+        x_t = x_g + sigma * noise
+        y_phi = s.f_phi(x_t, sigma, c, aug0)
+        y_psi = s.f_psi(x_t, sigma, c, aug0)
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha).sum() * cfg.lsg / s.n
+        D = x_g[0].numel()
+        ign = x_g.new_zeros([])
+        if cfg.lambda_idem:
+            ign = ign + cfg.lambda_idem * (D * idem_loss(f_bar, x_g)).sum()
+        if cfg.lambda_rec and x_r is not None:
+            ign = ign + cfg.lambda_rec * (D * rec_loss(f, x_r)).sum()
+        if cfg.lambda_flow:
+            x_start = x_g.detach() if x_r is None else x_r
+            flow = flow_loss(f, f_bar, D_phi, x_start, sigma_f, sigma_f_next, noise_f)
+            ign = ign + cfg.lambda_flow * (D * flow).sum()
+        ign = ign / s.n
+    return loss + ign, logged(loss, ign)
+
+def after_psi_warmup(cfg, cur_nimg):
+    """SiD, SIGN: G steps once f_psi has had psi_warmup_kimg alone (0: from the start)."""
+    return cur_nimg >= cfg.psi_warmup_kimg * 1e3
+
+def after_sida_warmup(cfg, cur_nimg):
+    """SiDA: G steps after sida_warmup_kimg (SiD²A's f_psi must first learn G's samples)."""
+    return sida_phase(cur_nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) != 'frozen'
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    fake_loss: object        # f_psi's objective (s, x_g, x_r, c) -> (loss, logged [2])
+    G_loss: object           # G's objective, the same signature
+    G_trains: object         # (cfg, images seen) -> whether G steps in this iteration
+    psi_clip: float = None   # element-wise clip of f_psi's gradients after backward (SiDA: +-1)
+    extra: str = None        # the name of G's second logged term
+
+METHODS = {
+    'sid': Method(fake_loss=fake_sid, G_loss=G_sid, G_trains=after_psi_warmup),
+    'sida': Method(fake_loss=fake_sida, G_loss=G_sida, G_trains=after_sida_warmup, psi_clip=1.0,
+                   extra='loss_gan'),
+    'sign': Method(fake_loss=fake_sid, G_loss=G_sign, G_trains=after_psi_warmup, extra='loss_ign'),
 }
 
 #----------------------------------------------------------------------------
-# Configuration: one flat dataclass, units in the names. A dataset preset holds the official SiD hyper-parameters
-# (main:run_sid.sh of the official repository, without its known script bugs), a method preset SiDA's
-# (sida:run_sida.sh); the command line overrides any field as --field-name.
+# Configuration: one flat dataclass, units in the names, each option's range on the option. A
+# dataset preset holds the official SiD hyper-parameters (main:run_sid.sh, without its known script
+# bugs), a method preset SiDA's (sida:run_sida.sh); the command line overrides any field.
 
-def opt(default, help, group='training'):
-    return dataclasses.field(default=default, metadata=dict(help=help, group=group))
+def opt(default, help, group='training', ge=None, gt=None, le=None, choices=None):
+    """A Config field: its default, help, --help group, and its range (>= ge or > gt, <= le)."""
+    meta = dict(help=help, group=group, ge=ge, gt=gt, le=le, choices=choices)
+    return dataclasses.field(default=default, metadata=meta)
 
 @dataclasses.dataclass
 class Config:
-    dataset: str = opt('toy', 'toy | toy-images | cifar10 | cifar10-cond | imagenet64 | ffhq64 | afhqv2-64', 'method')
+    dataset: str = opt('toy', 'toy | toy-images | cifar10 | cifar10-cond | imagenet64 | ffhq64 | '
+                       'afhqv2-64', 'method')
     method: str = opt('sid', 'sid | sida (SiD²A with --init-generator) | sign', 'method')
-    alpha: float = opt(1.2, "SiD's alpha in the generator loss", 'method')
-    sigma_init: float = opt(2.5, "the generator's input noise level: x_g = G(sigma_init*eps; sigma_init)", 'method')
-    tmax: float = opt(800, 'generator-loss levels t ~ U(0, tmax/1000) on the EDM schedule (800: sigma <= 24.41)', 'method')
-    ls: float = opt(1.0, 'fake-score loss scale', 'method')
-    lsg: float = opt(100.0, 'SiD generator loss scale', 'method')
-    lsd: float = opt(1.0, 'SiDA: discriminator loss scale', 'method')
-    lsg_gan: float = opt(0.01, 'SiDA: adversarial generator loss scale', 'method')
-    psi_warmup_kimg: float = opt(0, 'SiD, SIGN: only f_psi trains until then (G waits for f_psi to track it)', 'method')
-    sida_warmup_kimg: float = opt(100, 'SiDA: only f_psi/D train until then', 'method')
-    sida_mix_kimg: float = opt(200, 'SiDA: pure SiD until then, then 0.5 SiD + 0.5 adversarial', 'method')
-    lambda_idem: float = opt(100.0, 'SIGN: idempotence weight (pixel sums, like SiD with lsg 100)', 'method')
-    lambda_rec: float = opt(100.0, 'SIGN: reconstruction weight (real images are fixed points)', 'method')
-    lambda_flow: float = opt(30.0, 'SIGN: teacher-flow consistency weight', 'method')
-    teacher: str = opt('', "EDM .pkl path, URL or preset name ('random': untrained, for tests)", 'data')
-    data: str = opt('', 'real images: cifar10 | EDM .zip | folder (SiDA, SIGN; labels of conditional runs)', 'data')
-    init_generator: str = opt('', 'SiD²A: G starts from this SiD run or checkpoint (ours or official .pkl)', 'data')
-    net_overrides: str = opt('', 'JSON object of network arguments, e.g. a tiny net with --teacher random', 'data')
-    seed: int = opt(0, 'seed of every random draw')
-    batch: int = opt(256, 'images per iteration over all GPUs (the unit of kimg)')
-    batch_gpu: int = opt(16, 'images per GPU per micro-batch (accumulation fills the rest)')
-    lr: float = opt(1e-5, 'Adam lr of the fake score f_psi')
-    glr: float = opt(1e-5, 'Adam lr of the generator G')
-    g_beta1: float = opt(0.0, "G's Adam beta1 (f_psi's is 0)")
-    dropout: float = opt(0.13, 'dropout of G and f_psi (never the teacher)')
-    augment: float = opt(0.12, "EDM augmentation probability in f_psi's step (0: none)")
-    ema_mimg: float = opt(0.5, 'half-life of G_ema (5 %% ramp-up)')
-    duration_mimg: float = opt(500, 'training length in generator images')
-    fast: bool = opt(False, 'GPU fast path: bf16 autocast, channels_last, fused Adam, micro-batch >= 64 (not SiDA)', 'speed')
-    precision: str = opt('fp32', 'fp32 (TF32 off, official) | tf32 | bf16 (autocast) | fp16 (EDM per-layer casting)', 'speed')
+    alpha: float = opt(1.2, "SiD's alpha in the generator loss", 'method', gt=0, le=2)
+    sigma_init: float = opt(2.5, "the generator's input level: x_g = G(sigma_init*eps; sigma_init)",
+                            'method', ge=0.002, le=80)
+    tmax: float = opt(800, "G's loss levels t ~ U(0, tmax/1000) on the EDM schedule (800: sigma <= "
+                      '24.41)', 'method', gt=0, le=1000)
+    ls: float = opt(1.0, 'fake-score loss scale', 'method', ge=0)
+    lsg: float = opt(100.0, 'SiD generator loss scale', 'method', ge=0)
+    lsd: float = opt(1.0, 'SiDA: discriminator loss scale', 'method', ge=0)
+    lsg_gan: float = opt(0.01, 'SiDA: adversarial generator loss scale', 'method', ge=0)
+    psi_warmup_kimg: float = opt(0, 'SiD, SIGN: only f_psi trains until then (G waits for f_psi to '
+                                 'track it)', 'method', ge=0)
+    sida_warmup_kimg: float = opt(100, 'SiDA: only f_psi/D train until then', 'method', ge=0)
+    sida_mix_kimg: float = opt(200, 'SiDA: pure SiD until then, then 0.5 SiD + 0.5 adversarial',
+                               'method', ge=0)
+    lambda_idem: float = opt(100.0, 'SIGN: idempotence weight (pixel sums, like SiD with lsg 100)',
+                             'method', ge=0)
+    lambda_rec: float = opt(100.0, 'SIGN: reconstruction weight (real images are fixed points)',
+                            'method', ge=0)
+    lambda_flow: float = opt(30.0, 'SIGN: teacher-flow consistency weight', 'method', ge=0)
+    teacher: str = opt('', "EDM .pkl path, URL or preset name ('random': untrained, for tests)",
+                       'data')
+    data: str = opt('', 'real images: cifar10 | EDM .zip | folder (SiDA, SIGN; labels of '
+                    'conditional runs)', 'data')
+    init_generator: str = opt('', 'SiD²A: G starts from this SiD run or checkpoint (ours or '
+                              'official .pkl)', 'data')
+    net_overrides: str = opt('', 'JSON object of network arguments, e.g. a tiny net with --teacher '
+                             'random', 'data')
+    seed: int = opt(0, 'seed of every random draw', ge=0, le=2 ** 32 - 1)
+    batch: int = opt(256, 'images per iteration over all GPUs (the unit of kimg)', ge=1)
+    batch_gpu: int = opt(16, 'images per GPU per micro-batch (accumulation fills the rest)', ge=1)
+    lr: float = opt(1e-5, 'Adam lr of the fake score f_psi', gt=0)
+    glr: float = opt(1e-5, 'Adam lr of the generator G', gt=0)
+    g_beta1: float = opt(0.0, "G's Adam beta1 (f_psi's is 0)", ge=0, le=0.99)
+    dropout: float = opt(0.13, 'dropout of G and f_psi (never the teacher)', ge=0, le=0.99)
+    augment: float = opt(0.12, "EDM augmentation probability in f_psi's step (0: none)", ge=0, le=1)
+    ema_mimg: float = opt(0.5, 'half-life of G_ema (5 %% ramp-up)', gt=0)
+    duration_mimg: float = opt(500, 'training length in generator images', gt=0)
+    fast: bool = opt(False, 'GPU fast path: bf16 autocast, channels_last, fused Adam, micro-batch '
+                     '>= 64 (not SiDA)', 'speed')
+    precision: str = opt('fp32', 'fp32 (TF32 off, official) | tf32 | bf16 (autocast) | fp16 (EDM '
+                         'per-layer casting)', 'speed', choices=('fp32', 'tf32', 'bf16', 'fp16'))
     channels_last: bool = opt(False, 'NHWC memory layout for the U-Nets (same maths)', 'speed')
     fused_adam: bool = opt(False, "Adam's fused kernel (same update up to rounding)", 'speed')
-    compile: bool = opt(False, 'torch.compile the U-Net blocks (minutes of warm-up; README, Speed)', 'speed')
-    checkpointing: bool = opt(False, 'recompute U-Net blocks in backward: less memory, ~30 %% more compute', 'speed')
+    compile: bool = opt(False, 'torch.compile the U-Net blocks (minutes of warm-up; README, Speed)',
+                        'speed')
+    checkpointing: bool = opt(False, 'recompute U-Net blocks in backward: less memory, ~30 %% more '
+                              'compute', 'speed')
     device: str = opt('', "cuda | cpu ('': cuda if available)", 'speed')
     outdir: str = opt('', "run folder ('': a new runs/NNNNN-DATASET-METHOD)", 'output')
     resume: str = opt('', 'continue the run in this folder with its saved options', 'output')
-    tick_kimg: float = opt(10, 'status line and stats.jsonl every this many kimg', 'output')
-    snap_kimg: float = opt(500, 'snapshot, training state and sample grid every this many kimg', 'output')
-    fid_every_kimg: float = opt(0, 'FID of G_ema every this many kimg (0: off)', 'output')
-    fid_num: int = opt(50000, 'images per FID', 'output')
-    fid_ref: str = opt('', "FID reference .npz or preset ('': the dataset's EDM reference)", 'output')
+    tick_kimg: float = opt(10, 'status line and stats.jsonl every this many kimg', 'output', gt=0)
+    snap_kimg: float = opt(500, 'snapshot, training state and sample grid every this many kimg',
+                           'output', gt=0)
+    fid_every_kimg: float = opt(0, 'FID of G_ema every this many kimg (0: off)', 'output', ge=0)
+    fid_num: int = opt(50000, 'images per FID', 'output', ge=2)
+    fid_ref: str = opt('', "FID reference .npz or preset ('': the dataset's EDM reference)",
+                       'output')
 
-FAST = dict(precision='bf16', channels_last=True, fused_adam=True)  # eager: compiling takes minutes (README, Speed)
-C10 = dict(teacher='cifar10-32x32-uncond-vp', fid_ref='cifar10-32x32', batch=256, batch_gpu=16, lr=1e-5, glr=1e-5,
-           dropout=0.13, augment=0.12, ema_mimg=0.5, tick_kimg=10, snap_kimg=500)
-P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.15, precision='fp16', tick_kimg=10, snap_kimg=500)
-PRESETS = {  # SiD, official run_sid.sh
-    'toy':          dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=512, batch_gpu=512, dropout=0.0, augment=0.0,
-                         ema_mimg=0.03, duration_mimg=0.3, tick_kimg=30, snap_kimg=300, device='cpu'),  # toy.py: why
-    'toy-images':   dict(alpha=1.0, lr=3e-3, glr=3e-5, batch=8, batch_gpu=8, dropout=0.0, augment=0.0, psi_warmup_kimg=0.5,
-                         ema_mimg=0.001, duration_mimg=0.01, tick_kimg=1, snap_kimg=10, device='cpu'),  # toy.py: the image toy
-    'cifar10':      dict(C10, duration_mimg=500),
+FAST = dict(precision='bf16', channels_last=True, fused_adam=True)  # eager (README, Speed)
+C10 = dict(teacher='cifar10-32x32-uncond-vp', fid_ref='cifar10-32x32', batch=256, batch_gpu=16,
+           lr=1e-5, glr=1e-5, dropout=0.13, augment=0.12, ema_mimg=0.5, tick_kimg=10, snap_kimg=500)
+P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.15, precision='fp16',
+           tick_kimg=10, snap_kimg=500)
+PRESETS = {  # SiD, official run_sid.sh; the toys' (toy.py says why)
+    'toy': dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=512, batch_gpu=512, dropout=0.0, augment=0.0,
+                ema_mimg=0.03, duration_mimg=0.3, tick_kimg=30, snap_kimg=300, device='cpu'),
+    'toy-images': dict(alpha=1.0, lr=3e-3, glr=3e-5, batch=8, batch_gpu=8, dropout=0.0, augment=0.0,
+                       psi_warmup_kimg=0.5, ema_mimg=0.001, duration_mimg=0.01, tick_kimg=1,
+                       snap_kimg=10, device='cpu'),
+    'cifar10': dict(C10, duration_mimg=500),
     'cifar10-cond': dict(C10, teacher='cifar10-32x32-cond-vp', duration_mimg=800),
-    'imagenet64':   dict(teacher='imagenet-64x64-cond-adm', fid_ref='imagenet-64x64', batch=8192, batch_gpu=16,
-                         lr=4e-6, glr=4e-6, dropout=0.10, augment=0.0, ema_mimg=2, precision='fp16',
-                         duration_mimg=1000, tick_kimg=20, snap_kimg=1000),
-    'ffhq64':       dict(P64, teacher='ffhq-64x64-uncond-vp', fid_ref='ffhq-64x64', g_beta1=0.9, duration_mimg=500),
-    'afhqv2-64':    dict(P64, teacher='afhqv2-64x64-uncond-vp', fid_ref='afhqv2-64x64', alpha=1.0, lr=5e-6, glr=5e-6,
-                         duration_mimg=500),
+    'imagenet64': dict(teacher='imagenet-64x64-cond-adm', fid_ref='imagenet-64x64', batch=8192,
+                       batch_gpu=16, lr=4e-6, glr=4e-6, dropout=0.10, augment=0.0, ema_mimg=2,
+                       precision='fp16', duration_mimg=1000, tick_kimg=20, snap_kimg=1000),
+    'ffhq64': dict(P64, teacher='ffhq-64x64-uncond-vp', fid_ref='ffhq-64x64', g_beta1=0.9,
+                   duration_mimg=500),
+    'afhqv2-64': dict(P64, teacher='afhqv2-64x64-uncond-vp', fid_ref='afhqv2-64x64', alpha=1.0,
+                      lr=5e-6, glr=5e-6, duration_mimg=500),
 }
-METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches; SiD²A (--init-generator) 100 Mimg
+SIDA_64 = dict(alpha=1.0, batch_gpu=64, duration_mimg=200)
+METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches; SiD²A 100 Mimg
     'sida': {'cifar10': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'cifar10-cond': dict(alpha=1.0, batch_gpu=32, data='cifar10', duration_mimg=300),
              'imagenet64': dict(alpha=1.0, batch_gpu=32, duration_mimg=300),
-             'ffhq64': dict(alpha=1.0, batch_gpu=64, g_beta1=0.0, duration_mimg=200),
-             'afhqv2-64': dict(alpha=1.0, batch_gpu=64, duration_mimg=200),
-             'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0),  # scaled to the toy (README)
-             'toy-images': dict(alpha=1.0, sida_warmup_kimg=1, sida_mix_kimg=2, lsg_gan=2.0, duration_mimg=0.006)},
-    'sign': {'toy-images': dict(duration_mimg=0.005)},  # SIGN's student step costs ~2 SiD steps: the same minutes
+             'ffhq64': dict(SIDA_64, g_beta1=0.0),
+             'afhqv2-64': dict(SIDA_64),
+             'toy': dict(alpha=1.0, sida_warmup_kimg=5, sida_mix_kimg=10, lsg_gan=2.0),  # README
+             'toy-images': dict(alpha=1.0, sida_warmup_kimg=1, sida_mix_kimg=2, lsg_gan=2.0,
+                                duration_mimg=0.006)},
+    'sign': {'toy-images': dict(duration_mimg=0.005)},  # a SIGN step costs ~2 SiD steps
 }
-# What a resumed run may change; anything else would change its maths.
-RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg', 'fid_num',
-             'fid_ref', 'device', 'batch_gpu', 'fast', 'compile', 'checkpointing', 'channels_last', 'fused_adam'}
-RANGES = dict(batch=(1, None), batch_gpu=(1, None), fid_num=(2, None), seed=(0, 2 ** 32 - 1), alpha=(0, 2),
-              sigma_init=(0.002, 80), tmax=(0, 1000), dropout=(0, 0.99), augment=(0, 1), g_beta1=(0, 0.99))
-POSITIVE = {'alpha', 'tmax', 'lr', 'glr', 'duration_mimg', 'tick_kimg', 'snap_kimg', 'ema_mimg'}
-RANGES.update(dict.fromkeys(['ls', 'lsg', 'lsd', 'lsg_gan', 'lambda_idem', 'lambda_rec', 'lambda_flow', 'fid_every_kimg',
-                              'sida_warmup_kimg', 'sida_mix_kimg', 'psi_warmup_kimg'], (0, None)))
 
 def preset(dataset='toy', method='sid', init_generator='', fast=False):
-    """The resolved defaults of a dataset and method."""
+    """The resolved defaults of a dataset and a method (SiD²A: --init-generator; --fast)."""
     if dataset not in PRESETS or method not in METHODS:
-        raise ValueError(f"unknown --dataset '{dataset}' or --method '{method}' (datasets: {', '.join(PRESETS)}; "
-                         f"methods: {', '.join(METHODS)})")
-    p = dict(PRESETS[dataset], dataset=dataset, method=method, **METHOD_PRESETS.get(method, {}).get(dataset, {}))
-    p.update(dict(duration_mimg=100) if method == 'sida' and init_generator and dataset not in toy.WORLDS else {})  # SiD²A
-    if fast and method != 'sida':  # SiD's and SIGN's maths do not depend on the micro-batch (SiDA's batch statistics do)
-        p['batch_gpu'] = max(p['batch_gpu'], 64)  # the GPU launch-bound below 64 (README, Speed); at most batch / GPUs
-    return dict(p, **FAST, fast=True) if fast else p
+        raise ValueError(f"unknown --dataset '{dataset}' or --method '{method}' (datasets: "
+                         f"{', '.join(PRESETS)}; methods: {', '.join(METHODS)})")
+    p = dict(PRESETS[dataset], dataset=dataset, method=method)
+    p.update(METHOD_PRESETS.get(method, {}).get(dataset, {}))
+    if method == 'sida' and init_generator and dataset not in toy.WORLDS:
+        p['duration_mimg'] = 100  # SiD²A
+    if fast:
+        p.update(FAST, fast=True)
+        if method != 'sida':  # SiD's and SIGN's maths do not depend on the micro-batch; SiDA's does
+            p['batch_gpu'] = max(p['batch_gpu'], 64)  # launch-bound below 64 (README, Speed)
+    return p
 
 def make_config(overrides):
-    """Defaults <- presets <- --fast <- overrides (a resumed run: its saved options <- what may change); checked."""
+    """Defaults <- presets (dataset, method, --fast) <- overrides (None: not given); checked."""
     over = {k: v for k, v in overrides.items() if v is not None}
-    over = resumed_options(over) if over.get('resume') else over
-    cfg = Config(**{**preset(*(over.get(k, d) for k, d in (('dataset', 'toy'), ('method', 'sid'), ('init_generator', ''),
-                                                              ('fast', False)))), **over})
-    cfg.outdir = cfg.outdir or runs.new_run_dir('runs', f'{cfg.dataset}-{cfg.method}')
-    for f in dataclasses.fields(cfg):
-        v, name, (lo, hi) = getattr(cfg, f.name), '--' + f.name.replace('_', '-'), RANGES.get(f.name, (None, None))
-        if f.type is bool and v not in (0, 1):
-            raise ValueError(f'{name} is a switch (0 or 1), got {v!r}')
-        if f.type in (int, float) and (type(v) not in (int, f.type) or not math.isfinite(v) or (lo is not None and v < lo)
-                                       or (hi is not None and v > hi) or (f.name in POSITIVE and v <= 0)):
-            rng = [f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'] if lo is not None else []
-            rng += ['> 0'] if f.name in POSITIVE else []
-            raise ValueError(f"{name} must be a finite {f.type.__name__} {' and '.join(rng)}, got {v!r}".replace('  ', ' '))
-        setattr(cfg, f.name, bool(v) if f.type is bool else v)
-    for ok, msg in [(cfg.precision in ('fp32', 'tf32', 'bf16', 'fp16'), f"unknown --precision '{cfg.precision}'"),
-                    (re.fullmatch(r'(cpu|cuda(:\d+)?)?', cfg.device), f"--device must be cpu or cuda, got '{cfg.device}'"),
-                    (not cfg.device.startswith('cuda') or torch.cuda.is_available(), f'--device {cfg.device}: no CUDA here'),
-                    (cfg.dataset not in toy.WORLDS or not (cfg.data or cfg.fid_every_kimg or cfg.teacher or cfg.net_overrides),
-                     '--data, --teacher, --net-overrides and --fid-every-kimg do not apply to the toy (its teacher is exact)')]:
-        if not ok:
-            raise ValueError(msg)
-    net_overrides(cfg)
+    keys = ('dataset', 'method', 'init_generator', 'fast')
+    defaults = preset(**{k: over[k] for k in keys if k in over})
+    cfg = Config(**{**defaults, **over})
+    check_config(cfg)
     return cfg
 
-def resumed_options(over):
-    """The saved options of the run being resumed, with the command line's changes of RESUMABLE fields."""
-    folder = over['resume'] if os.path.isdir(over['resume']) else os.path.dirname(over['resume'])
-    saved = {k: v for k, v in runs.read_json(os.path.join(folder, 'config.json'), '--resume').items() if k in Config.__dataclass_fields__}
-    changed = sorted('--' + k.replace('_', '-') for k, v in over.items() if k not in RESUMABLE and k in saved and v != saved[k])
-    if changed:
-        raise ValueError(f'--resume: the run used other values of {", ".join(changed)}; a resumed run keeps its maths (start a new run)')
-    return {**saved, **over, 'outdir': over.get('outdir') or folder}
+def check_config(cfg):
+    """Each option against its range, then the combinations; a ValueError names the first bad."""
+    for f in dataclasses.fields(cfg):
+        v, name, m = getattr(cfg, f.name), '--' + f.name.replace('_', '-'), f.metadata
+        if f.type is bool:
+            if v not in (0, 1):
+                raise ValueError(f'{name} is a switch (0 or 1), got {v!r}')
+            setattr(cfg, f.name, bool(v))
+        elif f.type in (int, float):
+            low = (m['ge'] is None or v >= m['ge']) and (m['gt'] is None or v > m['gt'])
+            ok = type(v) in (int, f.type) and math.isfinite(v) and low
+            if not (ok and (m['le'] is None or v <= m['le'])):
+                raise ValueError(f'{name} must be a finite {f.type.__name__} {range_text(m)}, '
+                                 f'got {v!r}')
+        elif m['choices'] and v not in m['choices']:
+            raise ValueError(f"unknown {name} '{v}' (one of {', '.join(m['choices'])})")
+    if not re.fullmatch(r'(cpu|cuda(:\d+)?)?', cfg.device):
+        raise ValueError(f"--device must be cpu or cuda, got '{cfg.device}'")
+    if cfg.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'--device {cfg.device}: no CUDA here')
+    if cfg.dataset in toy.WORLDS and (cfg.data or cfg.fid_every_kimg or cfg.teacher
+                                      or cfg.net_overrides):
+        raise ValueError('--data, --teacher, --net-overrides and --fid-every-kimg do not apply to '
+                         'the toy (its teacher is exact)')
 
-def net_overrides(cfg):
-    return checkpoints.parse_net_overrides(cfg.net_overrides, PRESETS[cfg.dataset].get('teacher'))
+def range_text(m):
+    """'in (0, 2]', '>= 1', '> 0' from an option's metadata."""
+    lo = f"[{m['ge']}" if m['ge'] is not None else f"({m['gt']}" if m['gt'] is not None else None
+    if lo is not None and m['le'] is not None:
+        return f"in {lo}, {m['le']}]"
+    if lo is not None:
+        return ('>= ' if lo[0] == '[' else '> ') + lo[1:]
+    return f"<= {m['le']}" if m['le'] is not None else ''
 
 #----------------------------------------------------------------------------
-# Set-up. Teacher f_phi, fake score f_psi and generator G all start from the teacher's weights (SiD §4); G and f_psi
-# are rebuilt with the run's dropout and precision. Everything the loop needs lives in one namespace, `run`.
-
-def setup(cfg, nets=None):
-    run = init_processes(cfg)
-    run.toy = toy.WORLDS[cfg.dataset]() if cfg.dataset in toy.WORLDS else None
-    runs.prepare_outdir(cfg.outdir, cfg.resume, run.rank)  # before anything heavy: never into another run's folder
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'  # official: off
-    torch.backends.cudnn.benchmark = True  # official default: cuDNN times its algorithms once per shape
-    run.autocast = lambda: torch.autocast(run.device.type, torch.bfloat16) if cfg.precision == 'bf16' else nullcontext()
-    run.f_phi, run.G, run.f_psi = nets if nets is not None else build_networks(cfg, run.device, run.toy)
-    if cfg.channels_last and run.G.img_resolution:  # before DDP, whose gradient buckets copy the parameters' layout
-        for net in (run.f_phi, run.G, run.f_psi):
-            net.to(memory_format=torch.channels_last)
-    run.G_ema = copy.deepcopy(run.G).eval().requires_grad_(False)
-    run.G_bar = frozen_copy(run.G) if cfg.method == 'sign' else None  # SIGN's f_theta', refreshed every step
-    pipe = augment.edm_pipe(cfg.augment)
-    run.augment = pipe if cfg.augment > 0 and run.G.img_resolution else (lambda x: (x, None))
-    eps, fused = (1e-6 if cfg.precision == 'fp16' else 1e-8), (True if cfg.fused_adam else None)  # official eps
-    run.opt_psi = torch.optim.Adam(run.f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
-    run.opt_G = torch.optim.Adam(run.G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
-    run.cur_nimg, run.data_batches, run.stats_fid, run.end_nimg = 0, 0, [], int(cfg.duration_mimg * 1e6)
-    if cfg.resume:
-        runs.resume(run)
-    open_data(run)
-    if cfg.fid_every_kimg > 0:  # reference and detector now: a bad --fid-ref fails before training
-        run.fid_tools = (*fid.load_ref(cfg.fid_ref or PRESETS[cfg.dataset]['fid_ref']), fid.load_detector(run.device))
-    for net in (run.f_phi, run.G, run.f_psi):  # after every deepcopy of G: a copy would share the patched call
-        edm_nets.checkpoint_blocks(net) if cfg.checkpointing else None
-        if cfg.compile:  # regional: each U-Net block (minutes less warm-up than the whole net); same state_dict names;
-            edm_nets.compile_blocks(net) if net.img_resolution else net.compile()  # compiled dropout: other masks, same law
-    run.G_ddp, run.psi_ddp = ddp(run, run.G, ['map_augment']), ddp(run, run.f_psi, [] if cfg.augment else ['map_augment'])
-    if run.rank == 0:
-        runs.write_json(os.path.join(cfg.outdir, 'config.json'), dataclasses.asdict(cfg))
-    run.written = ['config.json']
-    return run
+# Set-up (SiD §4): teacher f_phi, fake score f_psi and generator G all start from the teacher's
+# weights; G and f_psi are rebuilt with the run's dropout and precision. The loop's state is
+# declared once, in `State`; the driver (runs.py) loads files and passes networks and data in.
 
 def init_processes(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPUs. A caller's group is left alone."""
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPUs; a caller's process
+    group is left alone. -> the processes' fields of State (the micro-batch: at most batch / GPUs,
+    as the official code)."""
     import torch.distributed as dist
-    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = torch.device('cpu' if cfg.dataset in toy.WORLDS else cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    rank = int(os.environ.get('RANK', 0))
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if cfg.dataset in toy.WORLDS:
+        device = torch.device('cpu')
+    else:
+        device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
     own_group = world_size > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    log = print if rank == 0 else (lambda *a, **k: None)
-    batch_gpu = min(cfg.batch_gpu, cfg.batch // world_size)  # as the official code: at most batch / GPUs
-    if batch_gpu < cfg.batch_gpu:
-        log(f'--batch-gpu {cfg.batch_gpu} > --batch {cfg.batch} / {world_size} GPUs: using micro-batches of {batch_gpu}')
+    batch_gpu = min(cfg.batch_gpu, cfg.batch // world_size)
     if batch_gpu < 1 or cfg.batch % (batch_gpu * world_size):
-        raise ValueError(f'--batch {cfg.batch} must be a multiple of --batch-gpu {batch_gpu} x {world_size} GPU(s)')
-    return types.SimpleNamespace(cfg=cfg, rank=rank, world_size=world_size, device=device, own_group=own_group, log=log,
-                                 batch_gpu=batch_gpu, n=cfg.batch // world_size, rounds=cfg.batch // world_size // batch_gpu)
+        raise ValueError(f'--batch {cfg.batch} must be a multiple of --batch-gpu {batch_gpu} x '
+                         f'{world_size} GPU(s)')
+    n = cfg.batch // world_size
+    return dict(rank=rank, world_size=world_size, device=device, own_group=own_group,
+                batch_gpu=batch_gpu, n=n, rounds=n // batch_gpu)
 
-def build_networks(cfg, device, world=None):
-    """-> (f_phi frozen in eval mode, G, f_psi); a toy world gives its exact teacher and a small net fitted to it."""
-    if world is not None:
-        f_phi, G = world.teacher, world.student(cfg.dropout)
+def build_networks(cfg, teacher, device, overrides=None, G_state=None):
+    """-> (f_phi frozen in eval mode, G, f_psi). teacher: an EDM network (loaded by the driver)
+    whose arguments, with `overrides`, rebuild all three; or a toy world (its exact teacher and a
+    small net fitted to it). G_state (SiD²A): G's weights from a SiD generator; f_psi stays the
+    teacher."""
+    if isinstance(teacher, toy.World):
+        f_phi, G = teacher.teacher, teacher.student(cfg.dropout)
     else:
-        name, over = cfg.teacher or PRESETS[cfg.dataset]['teacher'], net_overrides(cfg)
-        if name == 'random':  # an untrained net of the preset's architecture (tests, benchmarks)
-            torch.manual_seed(0)
-            f_phi = edm_nets.build_preset(PRESETS[cfg.dataset]['teacher'], **over)
-        else:
-            f_phi = checkpoints.load_checkpoint(name)[0]
-        kw, state = dict(f_phi.init_kwargs, **over, use_fp16=cfg.precision == 'fp16'), f_phi.state_dict()
-        f_phi, G = edm_nets.EDMPrecond(**dict(kw, dropout=0.0)), edm_nets.EDMPrecond(**dict(kw, dropout=cfg.dropout))
+        kw = dict(teacher.init_kwargs, **(overrides or {}), use_fp16=cfg.precision == 'fp16')
+        f_phi = edm_nets.EDMPrecond(**dict(kw, dropout=0.0))
+        G = edm_nets.EDMPrecond(**dict(kw, dropout=cfg.dropout))
         for net in (f_phi, G):
-            net.load_state_dict(state)
+            net.load_state_dict(teacher.state_dict())
     f_psi = copy.deepcopy(G)
-    if cfg.init_generator:  # SiD²A: G (and so G_ema) from a SiD generator; f_psi stays the teacher
-        G.load_state_dict(checkpoints.load_checkpoint(runs.snapshot_path(cfg.init_generator))[0].state_dict())
+    if G_state is not None:
+        G.load_state_dict(G_state)
     return f_phi.to(device).eval().requires_grad_(False), G.to(device), f_psi.to(device)
 
-def ddp(run, net, unused):
-    """DistributedDataParallel of G or f_psi (not the frozen teacher), as officially without buffer broadcast. Parameters
-    that never get a gradient (G never sees augmentation labels) are excluded, else DDP waits for them forever.
-    Only gradients are averaged: batch statistics (SiDA's micro-batch BCE means) stay per rank, as officially."""
-    if run.world_size == 1:
+@dataclasses.dataclass
+class State:
+    """Everything SiD's Algorithm 1 reads and changes, in one place (setup builds it)."""
+    cfg: Config            # the run's options
+    rank: int              # this process's index among world_size (torchrun's RANK; 0 alone)
+    world_size: int        # processes, one per GPU
+    device: torch.device   # where this process's networks live
+    own_group: bool        # whether init_processes created the process group (the driver ends it)
+    batch_gpu: int         # images per micro-batch
+    n: int                 # images per step on this process (batch / world_size): losses' divisor
+    rounds: int            # micro-batches per step (gradient accumulation)
+    f_phi: torch.nn.Module  # the teacher, frozen, in eval mode
+    G: torch.nn.Module     # the generator
+    f_psi: torch.nn.Module  # the fake score; SiDA: also the discriminator (its encoder)
+    G_ema: torch.nn.Module  # EMA of G: what is sampled, scored and saved
+    G_bar: object          # SIGN: IGN's frozen copy of G, refreshed every step; else None
+    G_ddp: torch.nn.Module  # G in DistributedDataParallel (G itself in one process)
+    psi_ddp: torch.nn.Module  # f_psi in DistributedDataParallel (f_psi itself in one process)
+    opt_G: torch.optim.Optimizer    # G's Adam
+    opt_psi: torch.optim.Optimizer  # f_psi's Adam
+    pipe: object           # EDM's AugmentPipe for f_psi's inputs; None: no augmentation
+    zero_aug: object       # [batch_gpu, augment_dim] zeros: "not augmented"; None: nets without
+    end_nimg: int          # the run ends when cur_nimg reaches it
+    cur_nimg: int = 0      # generator images seen: batch per iteration (kimg counts these)
+    data: object = None    # endless (real images, labels) micro-batches; None: data-free
+    data_batches: int = 0  # micro-batches drawn from `data` (its position, for resume)
+
+def setup(cfg, nets, procs=None):
+    """The loop's State from the run's options and networks (f_phi, G, f_psi); procs:
+    init_processes' fields (one process by default). Data and resume are the driver's: it sets
+    `data` and `cur_nimg`."""
+    procs = procs or init_processes(cfg)
+    device = procs['device']
+    torch.backends.cuda.matmul.allow_tf32 = cfg.precision == 'tf32'  # official: TF32 off
+    torch.backends.cudnn.allow_tf32 = cfg.precision == 'tf32'
+    torch.backends.cudnn.benchmark = True  # official default: cuDNN times its algorithms per shape
+    f_phi, G, f_psi = nets
+    if cfg.channels_last and G.img_resolution:  # before DDP, whose buckets copy the layout
+        for net in (f_phi, G, f_psi):
+            net.to(memory_format=torch.channels_last)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    G_bar = frozen_copy(G) if cfg.method == 'sign' else None
+    pipe = None
+    if cfg.augment > 0 and G.img_resolution:
+        pipe = augment.edm_pipe(cfg.augment)
+    # G (and the teacher and f_psi in G's step) always get zero augmentation labels, as officially:
+    # map_augment(0) = 0 leaves their outputs as they are, and under DDP every parameter then gets
+    # a gradient (a zero one), so no parameter has to be excluded from DDP's all-reduce.
+    aug_dim = getattr(G, 'init_kwargs', {}).get('augment_dim', 0)
+    zero_aug = torch.zeros(procs['batch_gpu'], aug_dim, device=device) if aug_dim else None
+    eps = 1e-6 if cfg.precision == 'fp16' else 1e-8  # official
+    fused = True if cfg.fused_adam else None
+    opt_psi = torch.optim.Adam(f_psi.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps,
+                               fused=fused)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps,
+                             fused=fused)
+    for net in (f_phi, G, f_psi):  # after every deepcopy of G: a copy would share the patched call
+        if cfg.checkpointing:
+            edm_nets.checkpoint_blocks(net)
+        if cfg.compile and net.img_resolution:  # regional: each U-Net block; same state_dict names
+            edm_nets.compile_blocks(net)
+        elif cfg.compile:  # compiled dropout draws other masks, from the same law
+            net.compile()
+    G_ddp = ddp(G, device, procs['world_size'])
+    psi_ddp = ddp(f_psi, device, procs['world_size'])
+    return State(cfg=cfg, **procs, f_phi=f_phi, G=G, f_psi=f_psi, G_ema=G_ema, G_bar=G_bar,
+                 G_ddp=G_ddp, psi_ddp=psi_ddp, opt_G=opt_G, opt_psi=opt_psi, pipe=pipe,
+                 zero_aug=zero_aug, end_nimg=int(cfg.duration_mimg * 1e6))
+
+def ddp(net, device, world_size):
+    """G or f_psi (not the frozen teacher) in DistributedDataParallel, as officially without buffer
+    broadcast. Only gradients are averaged: batch statistics (SiDA's micro-batch BCE means) stay
+    per rank, as officially."""
+    if world_size == 1:
         return net
     from torch.nn.parallel import DistributedDataParallel as DDP
-    DDP._set_params_and_buffers_to_ignore_for_model(net, [n for n, _ in net.named_parameters() if any(u in n for u in unused)])
-    return DDP(net, device_ids=[run.device] if run.device.type == 'cuda' else None, broadcast_buffers=False)
-
-def open_data(run):
-    """Real images for SiDA / SIGN and labels for conditional nets: a toy's exact samples, else --data (official:
-    labels from the dataset; without --data, uniform labels). Streams resume at the saved position."""
-    cfg, run.data = run.cfg, None
-    if cfg.method == 'sign' and not cfg.data and run.toy is None:
-        run.log('SIGN without --data: no reconstruction term L_rec (only real images are made fixed points)')
-    if run.toy is not None and cfg.method in ('sida', 'sign'):
-        run.data = run.toy.batches(run.batch_gpu, cfg.seed * run.world_size + run.rank, start=run.data_batches)
-    elif cfg.method == 'sida' or cfg.data:
-        if not cfg.data:
-            raise ValueError(f'--method {cfg.method} needs real images: pass --data PATH')
-        images, labels = data.load_dataset(cfg.data)
-        labels = data.check_dataset_matches(images, labels, run.f_phi)
-        run.data = data.infinite_batches(images, labels, run.batch_gpu, cfg.seed, run.rank, run.world_size,
-                                             start=run.data_batches, pin=run.device.type == 'cuda')
+    ids = [device] if device.type == 'cuda' else None
+    return DDP(net, device_ids=ids, broadcast_buffers=False)
 
 #----------------------------------------------------------------------------
-# The training loop (SiD Algorithm 1, official update order): per iteration a fake-score step on fresh generator
-# samples, a generator step against the just-updated f_psi, the EMA of G; then maintenance once per tick. Progress
-# is counted in generator images (kimg). A generator: one namespace per iteration (bench.py and the tests drive it).
+# The training loop (SiD Algorithm 1, the official update order). Progress is counted in generator
+# images (kimg). A generator: after each iteration it yields the images seen and the logged losses,
+# and the caller (the driver, a test, a notebook) logs and saves.
 
-def iterate(cfg, nets=None):
-    run, method = setup(cfg, nets), METHODS[cfg.method]
-    if run.toy is not None and not cfg.resume:
-        run.log(f'toy start: {run.toy.quality_line(run.toy.observe(run.G_ema, cfg.sigma_init, "0 kimg"))}')
-    runs.start(run, Config(**preset(cfg.dataset, cfg.method, cfg.init_generator, cfg.fast)))  # status line, tick clock
-    while run.cur_nimg < run.end_nimg:
-        # 1. f_psi learns the score of G's current samples: G makes them without a graph and with dropout off,
-        #    f_psi trains with dropout on, on augmented images (SiDA: plus its discriminator term on real images).
-        run.G.eval(); run.f_psi.train().requires_grad_(True)
-        fake = accumulate(run, 1, run.psi_ddp, run.opt_psi, method.fake, method.psi_clip)
-        # 2. G learns against the updated f_psi, with dropout on; f_psi and the teacher are frozen in eval mode but
-        #    differentiated w.r.t. their input x_t (only w is detached in SiD's loss).
+def iterate(s):
+    """Algorithm 1 until s.cur_nimg reaches s.end_nimg; yields after every iteration."""
+    method = METHODS[s.cfg.method]
+    while s.cur_nimg < s.end_nimg:
+        # 1. f_psi learns the score of G's current samples: G makes them without a graph and with
+        #    dropout off; f_psi trains with dropout on, on augmented images (SiDA: plus its
+        #    discriminator term on real images).
+        s.G.eval()
+        s.f_psi.train().requires_grad_(True)
+        fake = accumulate(s, 1, s.psi_ddp, s.opt_psi, method.fake_loss, method.psi_clip)
+        # 2. G learns against the updated f_psi, with dropout on; f_psi and the teacher are frozen
+        #    in eval mode but differentiated in their input x_t (only w is detached in SiD's loss).
         gen = torch.zeros_like(fake)
-        if method.G_trains(cfg, run.cur_nimg):
-            run.G.train(); run.f_psi.eval().requires_grad_(False)
-            gen = accumulate(run, 2, run.G_ddp, run.opt_G, method.G)
-        # 3. EMA of G; the iteration counts `batch` generator images.
-        update_ema(run.G_ema, run.G, cfg, run.cur_nimg)
-        run.cur_nimg += cfg.batch
-        run.tick.sums += torch.cat([fake[:1], gen])
-        run.tick.iters += 1
-        yield types.SimpleNamespace(cur_nimg=run.cur_nimg, loss_fake=fake[0], loss_G=gen[0], loss_extra=gen[1],
-                                    G=run.G, G_ema=run.G_ema, f_psi=run.f_psi)
-        maintain(run, method)
-    yield runs.finish(run)
+        if method.G_trains(s.cfg, s.cur_nimg):
+            s.G.train()
+            s.f_psi.eval().requires_grad_(False)
+            gen = accumulate(s, 2, s.G_ddp, s.opt_G, method.G_loss)
+        # 3. The EMA of G; the iteration counts `batch` generator images.
+        update_ema(s.G_ema, s.G, s.cfg, s.cur_nimg)
+        s.cur_nimg += s.cfg.batch
+        yield types.SimpleNamespace(cur_nimg=s.cur_nimg, loss_fake=fake[0], loss_G=gen[0],
+                                    loss_extra=gen[1])
 
-def accumulate(run, phase, net, opt, objective, clip=None):
-    """One Adam step of `net` on the whole batch: rounds of batch_gpu images per GPU with summed gradients, DDP's
-    all-reduce on the last round only. -> this step's two logged losses, summed over the rounds."""
-    cfg = run.cfg
+def accumulate(s, phase, net, opt, objective, clip=None):
+    """One Adam step of `net` on the whole batch: rounds of batch_gpu images per process, gradients
+    summed, DDP's all-reduce on the last round only. -> the step's two logged losses, summed."""
+    cfg = s.cfg
     opt.zero_grad(set_to_none=True)
-    logs = torch.zeros(2, dtype=torch.float64, device=run.device)
-    for r in range(run.rounds):
-        reseed(run, phase, r)
-        last = r == run.rounds - 1  # forward AND backward of a round sit in one sync context (official Feb 2025 fix)
-        with net.no_sync() if run.world_size > 1 and not last else nullcontext():
-            x_r, c = next_batch(run)
-            z = cfg.sigma_init * torch.randn([run.batch_gpu, *run.G.img_shape], device=run.device)
-            with torch.set_grad_enabled(phase == 2), run.autocast():  # G's samples carry a graph in its own step only
-                x_g = generate(run.G_ddp if phase == 2 else run.G, z, c, cfg.sigma_init).float()
-            loss, log = objective(run, x_g, x_r, c)
+    logs = torch.zeros(2, dtype=torch.float64, device=s.device)
+    for r in range(s.rounds):
+        reseed(s, phase, r)
+        last = r == s.rounds - 1
+        # a round's forward AND backward sit in one sync context (the official Feb 2025 fix)
+        with net.no_sync() if s.world_size > 1 and not last else nullcontext():
+            x_r, c = next_batch(s)
+            z = cfg.sigma_init * torch.randn([s.batch_gpu, *s.G.img_shape], device=s.device)
+            # G's samples carry a graph in G's own step only
+            with torch.set_grad_enabled(phase == 2), autocast(s):
+                G = s.G_ddp if phase == 2 else s.G
+                x_g = generate(G, z, c, cfg.sigma_init, s.zero_aug).float()
+            loss, log = objective(s, x_g, x_r, c)
             loss.backward()
             logs += log
     sanitize_grads_(net.parameters(), clip)
     opt.step()
     return logs
 
-def reseed(run, phase, r):
-    """The RNG of a micro-batch is a function of (seed, iteration, phase, global micro-batch index rank*rounds + r):
-    per-rank streams, exact replay on resume, and the same numbers for any split of the batch into GPUs x rounds."""
-    key = [run.cfg.seed, run.cur_nimg // run.cfg.batch, phase, run.rank * run.rounds + r]
+def reseed(s, phase, r):
+    """A micro-batch's random numbers are a function of (seed, iteration, phase, global micro-batch
+    index rank * rounds + r): per-rank streams, exact replay on resume, and the same numbers for any
+    split of the batch into GPUs x rounds."""
+    key = [s.cfg.seed, s.cur_nimg // s.cfg.batch, phase, s.rank * s.rounds + r]
     torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
-def next_batch(run):
-    """(real images or None, labels or None) for one micro-batch."""
-    if run.data is not None:
-        run.data_batches += 1
-        x_r, c = next(run.data)
-        return x_r.to(run.device, non_blocking=True), (c.to(run.device) if run.G.label_dim else None)
-    L = run.G.label_dim
-    return None, F.one_hot(torch.randint(L, (run.batch_gpu,), device=run.device), L).float() if L else None
+def next_batch(s):
+    """(real images or None, labels or None) for one micro-batch; data-free conditional runs draw
+    uniform one-hot labels."""
+    if s.data is not None:
+        s.data_batches += 1
+        x_r, c = next(s.data)
+        return x_r.to(s.device, non_blocking=True), (c.to(s.device) if s.G.label_dim else None)
+    L = s.G.label_dim
+    if not L:
+        return None, None
+    return None, F.one_hot(torch.randint(L, (s.batch_gpu,), device=s.device), L).float()
 
 def sanitize_grads_(params, clip_value=None):
-    """As the official loops: NaN -> 0, +-inf -> +-1e5; SiDA also clips f_psi's gradients element-wise to +-1."""
+    """As the official loops: NaN -> 0, +-inf -> +-1e5; SiDA also clips f_psi's gradients
+    element-wise to +-1 (clip_grad_value_, not a norm clip)."""
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         g.nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
@@ -577,73 +777,12 @@ def sanitize_grads_(params, clip_value=None):
 
 @torch.no_grad()
 def update_ema(G_ema, G, cfg, cur_nimg):
-    """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5^(batch / h), half-life h = min(ema_mimg, 5 % of the images seen
-    before this step): a ramp-up from beta = 0 (official)."""
+    """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5^(batch / h), half-life h = min(ema_mimg,
+    5 % of the images seen before this step): a ramp-up from beta = 0 (official)."""
     beta = 0.5 ** (cfg.batch / max(min(cfg.ema_mimg * 1e6, 0.05 * cur_nimg), 1e-8))
     ema = list(G_ema.parameters())
     torch._foreach_copy_(ema, torch._foreach_lerp([p.detach() for p in G.parameters()], ema, beta))
 
-#----------------------------------------------------------------------------
-# Maintenance: once per tick a status line and a stats.jsonl entry; FID and snapshots at their intervals; the end.
-
-def maintain(run, method):
-    """Once per tick a status line and a stats.jsonl entry, FID and snapshots at their intervals (runs.py), the toy's
-    frames: each when this iteration crossed a multiple of its interval, or ended the run."""
-    cfg, done = run.cfg, run.cur_nimg >= run.end_nimg
-    every = lambda kimg: max(round(kimg * 1e3), 1)
-    crossed = lambda kimg: kimg > 0 and (done or run.cur_nimg // every(kimg) > (run.cur_nimg - cfg.batch) // every(kimg))
-    if run.toy is not None and crossed(cfg.duration_mimg * 1e3 / 40):  # 40 frames for the toy's GIF
-        run.toy.observe(run.G_ema, cfg.sigma_init, f'{run.cur_nimg / 1e3:.4g} kimg')
-    if crossed(cfg.tick_kimg):
-        runs.report_tick(run, method.extra)
-    if crossed(cfg.fid_every_kimg):
-        runs.fid_step(run)
-    if crossed(cfg.snap_kimg) and run.rank == 0:
-        runs.save_checkpoint(run)
-
-def train(cfg, nets=None):
-    """Run (or resume) a distillation to its end; -> the final (G, G_ema, f_psi)."""
-    for it in iterate(cfg, nets):
-        pass
-    return it.G, it.G_ema, it.f_psi
-
-#----------------------------------------------------------------------------
-# Command line: `python sid.py [options]` trains; `python sid.py generate|project` use a trained generator (runs.py).
-# Options come from Config, grouped, with the defaults of the chosen --dataset and --method.
-
-EXAMPLES = """examples:
-  python sid.py --dataset toy                                  # 2-D toy, exact teacher, ~15 s on a CPU
-  python sid.py --dataset toy --method sign --dry-run          # print the resolved options and stop
-  torchrun --nproc_per_node=4 sid.py --dataset cifar10 --fast  # SiD on EDM's CIFAR-10 teacher, GPU fast path
-  python sid.py --dataset cifar10 --method sida --init-generator runs/00001-cifar10-sid   # SiD²A
-  python sid.py --resume runs/00001-cifar10-sid --duration-mimg 600                     # continue, for longer
-  python sid.py generate --help ; python sid.py project --help                          # use a trained generator"""
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if argv[:1] in (['generate'], ['project']):
-        return runs.main(argv)
-
-    def run():
-        pre = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults that --help shows
-        for k in ('dataset', 'method', 'init_generator'):
-            pre.add_argument('--' + k.replace('_', '-'), default=getattr(Config, k))
-        pre.add_argument('--fast', action='store_true')
-        try:
-            defaults = Config(**preset(**vars(pre.parse_known_args(argv)[0])))
-        except ValueError:
-            defaults = Config()
-        args = vars(runs.options_parser(defaults, 'sid.py', EXAMPLES, 'SiD / SiDA / SIGN distillation of an EDM teacher '
-                                        f'into a one-step generator (defaults for --dataset {defaults.dataset} '
-                                        f'--method {defaults.method}).').parse_args(argv))
-        dry = args.pop('dry_run')
-        cfg = make_config(args)
-        if dry:
-            return print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        if cfg.dataset in toy.WORLDS and 'OMP_NUM_THREADS' not in os.environ:
-            torch.set_num_threads(1)  # tiny networks: a second thread only spins (and other jobs share the cores)
-        train(cfg)
-    runs.one_line_errors(run)
-
-if __name__ == '__main__':
-    main()
+if __name__ == '__main__':  # `python sid.py ...`: the run driver parses the command line
+    import runs
+    runs.main()
