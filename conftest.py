@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import types
@@ -310,3 +311,59 @@ class FidStandIn(nn.Module):
 def detector_file(path, dim=16):
     torch.jit.save(torch.jit.script(FidStandIn(dim)), str(path))
     return str(path)
+
+#----------------------------------------------------------------------------
+# Checkpoints in EDM's persistence format (EDM's and the official SiD/SiDA .pkl), written without
+# EDM's code: a fake torch_utils.persistence exists only while pickling; our modules reduce to
+# (_reconstruct_persistent_obj, (meta,)) as EDM's persistent classes do.
+
+@contextlib.contextmanager
+def fake_edm_modules():
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('only used as a pickle reference')
+
+    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    EasyDict = type('EasyDict', (dict,), dict(__module__='dnnlib.util'))
+    names = ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')
+    fakes = {k: types.ModuleType(k) for k in names}
+    fakes['torch_utils.persistence']._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    fakes['dnnlib.util'].EasyDict = EasyDict
+    saved = {k: sys.modules.get(k) for k in fakes}
+    sys.modules.update(fakes)
+    try:
+        yield _reconstruct_persistent_obj, EasyDict
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n', protocol=4,
+                     extra=None):
+    """EDM's .pkl layout: our modules reduce to (_reconstruct_persistent_obj, (meta,)) with the
+    class name and state."""
+    with fake_edm_modules() as (reconstruct, EasyDict):
+        def reduce(obj):
+            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
+                return NotImplemented
+            state = {**obj.__dict__, '_init_args': (),
+                     '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
+            state.pop('init_kwargs', None)
+            if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
+                state['skip_scale'] = np.float64(state['skip_scale'])
+            meta = dict(type='class', version=6, module_src=module_src,
+                        class_name=type(obj).__name__, state=state)
+            return reconstruct, (meta,)
+
+        dataset_kwargs = EasyDict(path='x.zip', arr=np.arange(3.0))
+        snapshot = {**dict(ema=ema, augment_pipe=None, dataset_kwargs=dataset_kwargs),
+                    **(extra or {})}  # extra may replace the ema record
+        buf = io.BytesIO()
+        pickler = type('P', (pickle.Pickler,),
+                       dict(reducer_override=lambda self, obj: reduce(obj)))
+        pickler(buf, protocol=protocol).dump(snapshot)
+    write_bytes(path, buf.getvalue())
+    return buf.getvalue()

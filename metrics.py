@@ -214,7 +214,8 @@ def check_reference(ref, resolution, expected=None):
                              f'({expected})')
 
 
-def _check_options(metrics, num, trials, batch, splits, k, image_shape):
+def check_options(metrics, num, trials, batch, splits=10, k=3, image_shape=(3, 1, 1)):
+    """One line on the first option `evaluate` cannot run with."""
     unknown = [m for m in metrics if m not in METRICS]
     if not metrics or unknown:
         raise ValueError(f'unknown metric(s) {unknown or "(none)"}: '
@@ -284,13 +285,15 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
     images per trial, as the official 10 trials, but reproducible); sample(seeds) must return
     float images in [-1, 1] [B, *image_shape] (the seeds-to-latents rule of `generate`).
     ref: FID statistics (preset, path, URL; default expected_ref); pr_ref: real images for
-    precision/recall (default: PR_REF_PRESETS of the reference); detector: NVIDIA's Inception
-    (default: downloaded); pr_detector: the precision/recall features (default: the Inception,
-    as SiD; VGG16_URL as StyleGAN2-ADA). Every reference is loaded and checked before the first
-    image is generated. progress(text) after each batch. Returns dict(trials=[{score: value}],
-    mean={...}, std={...}) with scores fid, is, is_std (over the splits), precision, recall."""
+    precision/recall (default: PR_REF_PRESETS of the reference); detector: NVIDIA's Inception, a
+    loaded module or a path/URL (default: $SID_DETECTOR or NVIDIA's URL); pr_detector: the
+    precision/recall features, likewise (default: the Inception, as SiD; VGG16_URL as
+    StyleGAN2-ADA). Every reference is loaded and checked before the first image is generated.
+    progress(trial, images) after each batch (trial from 1). Returns dict(trials=[{score:
+    value}], mean={...}, std={...}) with scores fid, is, is_std (over the splits), precision,
+    recall."""
     metrics, image_shape = list(dict.fromkeys(metrics)), list(image_shape)
-    _check_options(metrics, num, trials, batch, splits, k, image_shape)
+    check_options(metrics, num, trials, batch, splits, k, image_shape)
     resolution = image_shape[-1]
     ref = ref if ref is not None else expected_ref
     if 'fid' in metrics:
@@ -299,8 +302,11 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
     if 'pr' in metrics and pr_ref is None:
         raise ValueError('precision/recall needs real images: a dataset, folder or OpenAI .npz '
                          'reference batch')
-    if detector is None and ('fid' in metrics or 'is' in metrics or pr_detector is None):
-        detector = fid.load_detector(device)
+    inception = 'fid' in metrics or 'is' in metrics or pr_detector is None
+    if inception and (detector is None or isinstance(detector, str)):
+        detector = fid.load_detector(device, detector)
+    if isinstance(pr_detector, str) and 'pr' in metrics:
+        pr_detector = fid.load_detector(device, pr_detector)
     tools = dict(detector=detector, pr_detector=pr_detector or detector)
     if 'fid' in metrics:
         tools['ref'] = fid.load_ref(ref)
@@ -314,7 +320,7 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
     per_trial = []
     for t in range(trials):
         def done(n):
-            progress(f'trial {t + 1}/{trials}: {n}/{num} images')
+            progress(t + 1, n)
 
         seeds = list(range(t * num, (t + 1) * num))
         per_trial.append(_score_trial(sample, seeds, image_shape, metrics, tools, batch, device,

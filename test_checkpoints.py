@@ -1,7 +1,6 @@
 """Tests of checkpoints: the reader on fixtures in EDM's persistence format, our own snapshots,
 refusals, network-kwargs checks, and hostile files of every reader in one bounded subprocess."""
 import collections
-import contextlib
 import io
 import json
 import os
@@ -17,7 +16,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import checkpoints
 import edm_nets
@@ -25,64 +23,9 @@ import fileio
 import releases
 import runs
 import sid
-from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, net_inputs, png_bytes, slow,
-                      states_equal, tiny_net, write_bytes, write_dataset)
-
-#----------------------------------------------------------------------------
-# Fixtures in EDM's persistence format, written without EDM's code: a fake
-# torch_utils.persistence exists only while pickling; our modules reduce to
-# (_reconstruct_persistent_obj, (meta,)) as EDM's persistent classes do.
-
-@contextlib.contextmanager
-def fake_edm_modules():
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError('only used as a pickle reference')
-
-    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
-    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
-    EasyDict = type('EasyDict', (dict,), dict(__module__='dnnlib.util'))
-    names = ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')
-    fakes = {k: types.ModuleType(k) for k in names}
-    fakes['torch_utils.persistence']._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    fakes['dnnlib.util'].EasyDict = EasyDict
-    saved = {k: sys.modules.get(k) for k in fakes}
-    sys.modules.update(fakes)
-    try:
-        yield _reconstruct_persistent_obj, EasyDict
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
-def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n', protocol=4,
-                     extra=None):
-    """EDM's .pkl layout: our modules reduce to (_reconstruct_persistent_obj, (meta,)) with the
-    class name and state."""
-    with fake_edm_modules() as (reconstruct, EasyDict):
-        def reduce(obj):
-            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
-                return NotImplemented
-            state = {**obj.__dict__, '_init_args': (),
-                     '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
-            state.pop('init_kwargs', None)
-            if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
-                state['skip_scale'] = np.float64(state['skip_scale'])
-            meta = dict(type='class', version=6, module_src=module_src,
-                        class_name=type(obj).__name__, state=state)
-            return reconstruct, (meta,)
-
-        dataset_kwargs = EasyDict(path='x.zip', arr=np.arange(3.0))
-        snapshot = {**dict(ema=ema, augment_pipe=None, dataset_kwargs=dataset_kwargs),
-                    **(extra or {})}  # extra may replace the ema record
-        buf = io.BytesIO()
-        pickler = type('P', (pickle.Pickler,),
-                       dict(reducer_override=lambda self, obj: reduce(obj)))
-        pickler(buf, protocol=protocol).dump(snapshot)
-    write_bytes(path, buf.getvalue())
-    return buf.getvalue()
+from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, fake_edm_modules, net_inputs,
+                      png_bytes, slow, states_equal, tiny_net, write_bytes, write_dataset,
+                      write_edm_pickle)
 
 
 def assert_same_net(a, b):
@@ -92,7 +35,8 @@ def assert_same_net(a, b):
     assert torch.equal(a(x, sigma, labels, aug), b(x, sigma, labels, aug))
 
 #----------------------------------------------------------------------------
-# The reader: round trips, refusals of code in the file, strict errors, our own snapshots.
+# The reader: round trips, refusals of code in the file, strict errors, our own snapshots, released
+# generators by name.
 
 @pytest.mark.parametrize('name,overrides,spelling', [
     ('cifar10-32x32-cond-vp', {}, ''), ('ffhq-64x64-uncond-vp', NCSNPP, ''),
@@ -192,9 +136,9 @@ def test_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, name, 
 
 def test_release_names_refused_before_any_download(tmp_path, monkeypatch):
     monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    near = 'sid-cifar10-uncond-a1.2, sid-cifar10-uncond-a1'
     for name, msg in (('sid-img512-xs-a1', 'needs the EDM2 network'),
-                      ('sid-cifar10-uncond-a1.1', 'unknown released generator .*e.g. '
-                                                  'sid-cifar10-uncond-a1.2, sid-cifar10-uncond-a1')):
+                      ('sid-cifar10-uncond-a1.1', f'unknown released generator .*e.g. {near}')):
         with pytest.raises(ValueError, match=msg):
             checkpoints.load_checkpoint(name)
     assert not os.path.exists(tmp_path / 'cache')

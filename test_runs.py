@@ -23,11 +23,15 @@ import torch.nn.functional as F
 import checkpoints
 import edm_nets
 import fid
+import fileio
+import metrics
+import releases
 import runs
 import sid
 from conftest import (HERE, SLOW, slow, Stub, NET, cfg_for, perturb_copy, nets_for, run_quiet, cli,
                       assert_one_line_error, states_equal, read_stats, load_state, edm_files,
-                      write_dataset, write_pngs, FidStandIn, detector_file)
+                      write_dataset, write_pngs, FidStandIn, detector_file, tiny_net,
+                      write_edm_pickle, write_bytes, Evil)
 
 #----------------------------------------------------------------------------
 # Presets and the command line: the official scripts' values, every field an option, --help,
@@ -158,6 +162,10 @@ def GEN(t, *a):
     return ['generate', '--ckpt', t / 'g.pt', '--outdir', t / 'o', *a]
 
 
+def EVAL(ckpt, *a):
+    return ['evaluate', '--ckpt', ckpt, '--num', 20, '--device', 'cpu', *a]
+
+
 def TINY(t, out, *a):
     return ['--dataset', 'cifar10', *TINY_ARGS, '--outdir', t / out, *a]
 
@@ -215,6 +223,20 @@ BAD = [  # (name, args(t), message)
      'ref.npz'),
     ('teacher-missing-numbered', lambda t: ['--dataset', 'cifar10', '--teacher', t / 'gone.pkl'],
      'gone.pkl'),  # defect 4: a failed start leaves no numbered folder either
+    ('init-generator-release', lambda t: TINY(t, 'n6', '--init-generator', 'sid-ffhq64-a1.2'),
+     'sid-ffhq64-a1.2 was distilled from ffhq-64x64-uncond-vp'),
+    ('eval-metric', lambda t: EVAL(t / 'g.pt', '--metrics', 'fid,kid'),
+     "unknown metric(s) ['kid']"),
+    ('eval-num', lambda t: EVAL(t / 'g.pt', '--num', 1), 'need at least 2 images'),
+    ('eval-no-ref', lambda t: EVAL(t / 'g.pt'), 'no reference statistics'),
+    ('eval-ref-size', lambda t: EVAL(t / 'g.pt', '--ref', 'imagenet-64x64'),
+     'reference imagenet-64x64 is of 64x64 images, the generator makes 32x32'),
+    ('eval-out-exists', lambda t: EVAL(t / 'g.pt', '--out', t / 'full'), 'exists: choose a new'),
+    # released generators: refused before anything is downloaded
+    ('eval-release-ref', lambda t: EVAL('sid-cifar10-uncond-a1.2', '--ref', 'ffhq-64x64'),
+     'reference ffhq-64x64 is of 64x64 images, the generator makes 32x32'),
+    ('eval-release-edm2', lambda t: EVAL('sida-img512-xs-a1'), 'needs the EDM2 network'),
+    ('eval-release-name', lambda t: EVAL('sid-cifar10-a1.2'), 'unknown released generator'),
 ]
 
 
@@ -621,3 +643,92 @@ def test_project_images_and_points_use_the_run_and_the_images_range(tmp_path):
     with torch.no_grad():
         want = Gt(torch.from_numpy(pts) + 0.1 * eps, torch.full([5, 1], 0.7))
     assert np.allclose(np.load(tmp_path / 'q' / 'projected.npy'), want.numpy(), atol=1e-6)
+
+#----------------------------------------------------------------------------
+# Released generators by name (a primed download cache: no network) and `evaluate`.
+
+def prime_release(cache, name, net):
+    """The file a release's URL would download, in the official pickle format, in the cache."""
+    path = fileio.cache_path(releases.resolve(name).url, str(cache))
+    os.makedirs(cache, exist_ok=True)
+    write_edm_pickle(path, net)
+    return path
+
+
+def test_released_generators_listed_and_generated_by_name(tmp_path, monkeypatch):
+    listing = cli('--list').stdout
+    assert all(f'\n{name} ' in listing for name in releases.RELEASES)
+    assert 'python sid.py --list' in cli('generate', '--help').stdout
+    assert 'python sid.py --list' in cli('evaluate', '--help').stdout
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    G = tiny_net('cifar10-32x32-cond-vp')
+    prime_release(tmp_path / 'cache', 'sid-cifar10-cond-a1.2', G)
+    r = cli('generate', '--ckpt', 'sid-cifar10-cond-a1.2', '--seeds', '0-3', '--outdir',
+            tmp_path / 'o')
+    assert r.returncode == 0, r.stderr
+    x = fid.to_uint8(runs.sample_images(G, range(4), releases.SIGMA_INIT, 'cpu')).numpy()
+    for s in range(4):  # SiD's sigma_init 2.5, a class per seed
+        png = read_png(tmp_path / 'o' / f'{s:06d}.png')
+        assert np.abs(png - x[s].transpose(1, 2, 0)).max() <= 1
+
+
+def test_init_generator_by_name(tmp_path, monkeypatch):
+    """SiD²A from a released SiD generator: G starts from the file the name downloads."""
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    cfg = cfg_for(tmp_path / 'a')
+    sid_G = perturb_copy(nets_for(cfg, perturb=False)[1], 4, 0.1).eval()
+    prime_release(tmp_path / 'cache', 'sid-cifar10-uncond-a1.2', sid_G)
+    cfg2 = dataclasses.replace(cfg, method='sida', init_generator='sid-cifar10-uncond-a1.2')
+    f_phi, G, f_psi = runs.load_networks(cfg2, None, torch.device('cpu'))
+    assert states_equal(G, sid_G) and not states_equal(f_psi, sid_G)
+
+
+def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
+    """`evaluate` on a released name: the scores of metrics.evaluate on the same generator, the
+    progress line, the authors' number beside ours, a JSON report; SIGN's steps; refusals of
+    files and references with one line, a wrong reference before anything is downloaded."""
+    cache = tmp_path / 'cache'
+    monkeypatch.setenv('SID_CACHE', str(cache))
+    G = tiny_net('cifar10-32x32-cond-vp')
+    cached = prime_release(cache, 'sid-cifar10-cond-a1.2', G)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 16))
+    fid.save_ref(str(tmp_path / 'ref.npz'), rng.standard_normal(16) * 0.1, a @ a.T / 16)
+    np.savez(tmp_path / 'real.npz', arr_0=rng.integers(0, 256, (15, 32, 32, 3), dtype=np.uint8))
+    det = detector_file(tmp_path / 'det.pt')
+    common = ['--metrics', 'fid,is,pr', '--num', 12, '--trials', 2, '--ref', tmp_path / 'ref.npz',
+              '--pr-ref', tmp_path / 'real.npz', '--detector', det, '--batch', 5, '--device', 'cpu']
+    for sigmas, out in (((), 'one.json'), ((0.5,), 'two.json')):
+        steps = ['--steps', 2, '--sigmas', '0.5'] if sigmas else []
+        r = cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common, *steps, '--out',
+                tmp_path / out)
+        assert r.returncode == 0, r.stderr
+        report = json.load(open(tmp_path / out))
+
+        def sample(seeds):
+            return runs.sample_images(G, seeds, 2.5, 'cpu', None, sigmas)
+
+        expected = metrics.evaluate(sample, G.img_shape, 12, ('fid', 'is', 'pr'), 2,
+                                    str(tmp_path / 'ref.npz'), detector=det,
+                                    pr_ref=str(tmp_path / 'real.npz'), batch=5)
+        assert report['trials'] == expected['trials'] and report['sigmas'] == list(sigmas)
+        assert report['authors_fid'] == 1.710 and report['mean'] == expected['mean']
+        assert 'trial 2/2: 12/12 images' in r.stderr.splitlines()[-1]
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith('sid-cifar10-cond-a1.2: 2 trial(s) of 12 images (seeds 0-23)')
+        assert [line.split()[0] for line in lines[1:6]] == ['fid', 'is', 'is_std', 'precision',
+                                                           'recall']
+        assert lines[-1] == "the authors' FID of this file: 1.710 (SiD README)"
+    assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common, '--out',
+                              tmp_path / 'one.json'), 'one.json exists')
+    before = sorted(os.listdir(cache))
+    r = cli('evaluate', '--ckpt', 'sid2a-cifar10-cond-a1', '--ref', 'afhqv2-64x64')
+    assert_one_line_error(r, 'reference afhqv2-64x64 is of 64x64 images, the generator makes 32')
+    assert sorted(os.listdir(cache)) == before  # nothing was downloaded
+    raw = open(cached, 'rb').read()
+    write_bytes(cached, raw[:len(raw) // 3])
+    assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
+                          'unsafe or unreadable pickle')
+    write_edm_pickle(cached, G, extra=dict(evil=Evil(os.system, 'true')))
+    assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
+                          'refusing to load global')
