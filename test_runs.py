@@ -721,6 +721,17 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
         assert lines[-1] == "the authors' FID of this file: 1.710 (SiD README)"
     assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common, '--out',
                               tmp_path / 'one.json'), 'one.json exists')
+    # the reference by default: the release's preset (here primed in the cache), a run's dataset's
+    preset = fileio.cache_path(fid.REF_PRESETS['cifar10-32x32'])
+    shutil.copy(tmp_path / 'ref.npz', preset)
+    r = cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', '--num', 12, '--detector', det,
+            '--device', 'cpu')
+    assert r.returncode == 0 and 'reference cifar10-32x32' in r.stdout.splitlines()[0]
+    one_step = json.load(open(tmp_path / 'one.json'))['trials'][0]['fid']
+    assert float(r.stdout.splitlines()[1].split()[1]) == pytest.approx(one_step, abs=1e-4)
+    run64, _ = tiny_snapshot(tmp_path, 'ffhq64', 'f.pt')
+    assert_one_line_error(cli('evaluate', '--ckpt', run64, '--ref', 'afhqv2-64x64'),
+                          "afhqv2-64x64 is of another dataset than the generator's (ffhq-64x64)")
     before = sorted(os.listdir(cache))
     r = cli('evaluate', '--ckpt', 'sid2a-cifar10-cond-a1', '--ref', 'afhqv2-64x64')
     assert_one_line_error(r, 'reference afhqv2-64x64 is of 64x64 images, the generator makes 32')
