@@ -180,7 +180,8 @@ def resolve(name):
     if name not in RELEASES:
         stem = name.rsplit('-a', 1)[0]
         near = [n for n in RELEASES if n.startswith(stem)] or list(RELEASES)[:5]
-        raise ValueError(f'unknown released generator "{name}" (e.g. {", ".join(near[:6])})')
+        raise ValueError(f'unknown released generator "{name}" (e.g. {", ".join(near[:6])}; '
+                         f'python sid.py --list shows all)')
     return RELEASES[name]
 
 
