@@ -97,12 +97,12 @@ def test_cli_options_help_dry_run_and_run_folders(tmp_path, monkeypatch):
     for k in ('channels_last', 'fused_adam', 'compile', 'checkpointing', 'fast'):
         with pytest.raises(ValueError, match='is a switch'):
             sid.make_config({'dataset': 'cifar10', k: 2, 'outdir': 'x'})
-    monkeypatch.chdir(tmp_path)  # run folders: EDM's numbering, never into another run's folder
-    assert runs.resolve_config({}).outdir == os.path.join('runs', '00000-toy-sid')
+    monkeypatch.chdir(tmp_path)  # run folders: EDM's numbering, made at the start (not before)
+    assert runs.resolve_config({}).outdir == '' and not os.path.exists('runs')
+    assert runs.new_run_dir('runs', 'toy-sid') == os.path.join('runs', '00000-toy-sid')
     os.makedirs('runs/00007-cifar10-sid')
     os.makedirs('runs/notes')
-    cfg = runs.resolve_config({'dataset': 'cifar10', 'method': 'sida'})
-    assert cfg.outdir == os.path.join('runs', '00008-cifar10-sida')
+    assert runs.new_run_dir('runs', 'cifar10-sida') == os.path.join('runs', '00008-cifar10-sida')
 
 
 def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
@@ -122,7 +122,7 @@ def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
     def stop(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, 'check_outdir', stop)  # the message comes first
+    monkeypatch.setattr(runs, 'claim_folder', stop)  # the message comes first
     with pytest.raises(KeyboardInterrupt):
         runs.start(sid.make_config(dict(batch=64, batch_gpu=64, outdir='x')))
     msg = '--batch-gpu 64 > --batch 64 / 2 GPUs: using micro-batches of 32'
@@ -143,6 +143,7 @@ def bad_env(tmp_path):
     for name, cfg in folders:
         os.makedirs(tmp_path / name)
         runs.write_json(str(tmp_path / name / 'config.json'), dataclasses.asdict(cfg))
+    (tmp_path / 'run' / 'training-state.pt').write_bytes(b'')  # a run, not an empty start
     os.makedirs(tmp_path / 'full')
     (tmp_path / 'full' / 'x').write_text('x')
     write_pngs(tmp_path / 'png16', 3, size=16)
@@ -203,7 +204,8 @@ BAD = [  # (name, args(t), message)
     ('resume-sida-batch-gpu', lambda t: ['--resume', t / 'sida', '--batch-gpu', 256],  # defect 3
      "SiDA's losses are means over each micro-batch, so --batch-gpu must stay 512"),
     ('resume-no-config', lambda t: ['--resume', t / 'png16'], '--resume: no readable config.json'),
-    ('resume-no-state', lambda t: ['--resume', t / 'nostate'], '--resume: no training state'),
+    ('resume-no-state', lambda t: ['--resume', t / 'nostate' / 'training-state.pt'],
+     '--resume: no training state'),
     ('data-resolution', lambda t: TINY(t, 'n1', '--data', t / 'png16'),
      'dataset resolution 16x16 does not match the teacher resolution 32'),
     ('data-labels', lambda t: [*TINY(t, 'n2', '--data', t / 'png32'), '--dataset', 'cifar10-cond'],
