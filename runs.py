@@ -673,13 +673,13 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training, with the one line that says where the run can resume from."""
 
 def interrupted_text(run, s):
-    where = f'at {s.cur_nimg / 1e3:.1f} kimg'
+    where = f'interrupted at {s.cur_nimg / 1e3:g} kimg'
     folder = run.cfg.outdir
     if run.state_nimg is None:
         return (f'{where}, before the first training state: --resume {folder} starts it again '
                 'from 0 kimg')
     return (f'{where}: --resume {folder} continues from its training state at '
-            f'{run.state_nimg / 1e3:.1f} kimg')
+            f'{run.state_nimg / 1e3:g} kimg')
 
 def maintain(run, s, it):
     """After an iteration: each task whose interval this iteration crossed (or the run's end)."""
@@ -831,7 +831,7 @@ def parse_seeds(text):
     parts = [re.fullmatch(r'(\d{1,19})(?:-(\d{1,19}))?', p) for p in text.split(',')]
     ranges = [(int(m.group(1)), int(m.group(2) or m.group(1))) for m in parts if m]
     if len(ranges) < len(parts) or any(hi < lo or hi >= 2 ** 63 for lo, hi in ranges):
-        raise ValueError(f"bad --seeds '{sid.shown(text)}': use e.g. 0-49999 or 1,5,10-19 "
+        raise ValueError(f"bad --seeds {sid.shown(text)}: use e.g. 0-49999 or 1,5,10-19 "
                          "(non-negative, increasing)")
     if sum(hi - lo + 1 for lo, hi in ranges) > MAX_SEEDS:
         raise ValueError(f'--seeds {sid.shown(text)}: more than {MAX_SEEDS} images')
@@ -1076,7 +1076,7 @@ def one_line_errors(fn):
     except KeyboardInterrupt as e:
         if os.environ.get('SID_DEBUG'):
             raise
-        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(str(e) or 'interrupted', file=sys.stderr)
         sys.exit(130)
 
 def train_command(argv):

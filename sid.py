@@ -571,12 +571,12 @@ def check_option(name, v):
     if not isinstance(v, str):
         raise ValueError(f'{flag} must be text, got {shown(v)}')
     if m['choices'] and v not in m['choices']:
-        raise ValueError(f"unknown {flag} '{shown(v)}' (one of {', '.join(m['choices'])})")
+        raise ValueError(f"unknown {flag} {shown(v)} (one of {', '.join(m['choices'])})")
     return v
 
 def shown(v):
     """A value as an error message shows it: its repr, at most 60 characters."""
-    text = repr(v) if not isinstance(v, str) else v
+    text = repr(v)
     return text if len(text) <= 60 else text[:57] + '...'
 
 def check_config(cfg):
