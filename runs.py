@@ -6,13 +6,22 @@ lines and stats.jsonl, FID, snapshots and training states, the toys' reports, an
 `project` and `evaluate` commands. `python sid.py ...` hands over to `main` here.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import shutil
+import socket
 import sys
+import textwrap
 import time
+
+try:
+    import fcntl  # flock: run folders are locked on Unix
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -48,70 +57,337 @@ class Run:
     tick_time: float = 0.0   # the time of the last status line
     tick_iters: int = 0      # iterations since the last status line
     tick_sums: torch.Tensor = None  # their summed logged losses (fake, G, extra), float64
+    lock: int = None         # rank 0: the file descriptor of the folder's lock (lock_folder)
+    made: list = dataclasses.field(default_factory=list)  # folders made by the start (see start)
+    state_nimg: int = None   # images seen at the last training state written or read (None: none)
 
 #----------------------------------------------------------------------------
 # Options: defaults <- presets <- command line, or a resumed run's saved options <- what may change.
-
-# What a resumed run may change; anything else would change its maths. (--fast would change the
-# precision, and SiDA's losses depend on --batch-gpu: see resumed_options.)
-RESUMABLE = {'resume', 'outdir', 'data', 'duration_mimg', 'tick_kimg', 'snap_kimg',
-             'fid_every_kimg', 'fid_num', 'fid_ref', 'device', 'batch_gpu', 'compile',
-             'checkpointing', 'channels_last', 'fused_adam'}
+# What a resume may change is each Config field's `resume` metadata (sid.opt): one policy for the
+# code, --help (resume_policy_text) and the README.
 
 def resolve_config(overrides):
     """The run's Config: sid.make_config of the command line's options (None: not given), or, with
-    --resume, of the saved ones with the allowed changes; a new numbered folder without --outdir."""
+    --resume, of the saved ones with the changes the policy allows; all of it checked (types,
+    ranges, combinations, a named teacher's shape, a random teacher's size) before anything is
+    fetched or built. Without --outdir, the start makes a new numbered folder (new_run_dir)."""
     over = {k: v for k, v in overrides.items() if v is not None}
     if over.get('resume'):
         over = resumed_options(over)
     cfg = sid.make_config(over)
-    cfg.outdir = cfg.outdir or new_run_dir('runs', f'{cfg.dataset}-{cfg.method}')
-    net_overrides(cfg)  # a bad JSON fails here, before anything is loaded
+    net_overrides(cfg)  # a bad JSON or too large a network fails here, before anything is loaded
     return cfg
 
+def resume_fixed(name, method):
+    """Whether a resumed run of `method` must keep option `name` (its field's `resume` policy)."""
+    field = sid.Config.__dataclass_fields__.get(name)
+    rule = field.metadata['resume'] if field else 'the folder'
+    return rule == 'fixed' or (rule == 'fixed for sida' and method == 'sida')
+
+def flag(name):
+    return '--' + name.replace('_', '-')
+
 def resumed_options(over):
-    """The saved options of the run being resumed, with the command line's changes of RESUMABLE
-    fields; any other change is refused in one line."""
-    folder = over['resume'] if os.path.isdir(over['resume']) else os.path.dirname(over['resume'])
-    saved = read_json(os.path.join(folder, 'config.json'), '--resume')
-    saved = {k: v for k, v in saved.items() if k in sid.Config.__dataclass_fields__}
-    changed = sorted('--' + k.replace('_', '-') for k, v in over.items()
-                     if k not in RESUMABLE and k in saved and v != saved[k])
+    """The saved options of the run being resumed (its config.json, checked as a command line is)
+    with the command line's changes its policy allows. Refused in one line: --outdir elsewhere, a
+    changed fixed option, and a fixed option the file does not record (its value is unknown)."""
+    folder = resume_folder(over['resume'])
+    if over.get('outdir') and not same_path(over['outdir'], folder):
+        raise ValueError(f"--resume continues a run in its own folder {folder}, not in --outdir "
+                         f"{over['outdir']} (to branch a run, copy its folder and resume the copy)")
+    path = os.path.join(folder, 'config.json')
+    saved = read_json(path, '--resume')
+    try:
+        saved = {k: sid.check_option(k, v) for k, v in saved.items()}
+    except ValueError as e:
+        raise ValueError(f'--resume: {path}: {e}') from None
+    method = saved.get('method', sid.Config.method)
+    given = {k: v for k, v in over.items() if resume_fixed(k, method)}
+    if method == 'sida' and 'batch_gpu' in given and given['batch_gpu'] != saved.get('batch_gpu'):
+        raise ValueError(f"--resume: SiDA's losses are means over each micro-batch, so --batch-gpu "
+                         f"must stay {saved.get('batch_gpu')}")
+    changed = sorted(flag(k) for k, v in given.items() if k in saved and v != saved[k])
     if changed:
         raise ValueError(f'--resume: the run used other values of {", ".join(changed)}; a resumed '
                          'run keeps its maths (start a new run)')
-    batch_gpu = saved.get('batch_gpu')
-    if saved.get('method') == 'sida' and over.get('batch_gpu', batch_gpu) != batch_gpu:
-        raise ValueError(f"--resume: SiDA's losses are means over each micro-batch, so --batch-gpu "
-                         f'must stay {batch_gpu}')
-    return {**saved, **over, 'outdir': over.get('outdir') or folder}
+    unknown = sorted(flag(k) for k in given if k not in saved)
+    if unknown:
+        raise ValueError(f'--resume: {path} does not record {", ".join(unknown)}, so the run\'s '
+                         'value is unknown and cannot be changed (start a new run)')
+    missing = [flag(f.name) for f in dataclasses.fields(sid.Config)
+               if resume_fixed(f.name, method) and f.name not in saved]
+    if missing:
+        note(f'{path} does not record {", ".join(missing)} (another version wrote it?): the '
+             'resumed run takes their defaults')
+    return {**saved, **over, 'resume': over['resume'], 'outdir': folder}
+
+def resume_policy_text():
+    """The resume policy in words, from the fields' metadata (--help's epilog; the README says the
+    same, and a test holds them together)."""
+    may = [flag(f.name) for f in dataclasses.fields(sid.Config)
+           if f.metadata['resume'] == 'may change']
+    sida = [flag(f.name) for f in dataclasses.fields(sid.Config)
+            if f.metadata['resume'] == 'fixed for sida']
+    return (f"--resume RUN continues RUN in its own folder (--outdir, if given, must be RUN) with "
+            f"its saved options. It may change "
+            f"{', '.join(may)}, and except for SiDA {', '.join(sida)}: these leave the maths as "
+            f"it is. Every other option is fixed: refused if it differs from the run's config.json "
+            f"or the file does not record it.")
+
+def note(text):
+    """A one-line note on the console of rank 0."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(f'note: {text}')
 
 def net_overrides(cfg):
-    """--net-overrides as network arguments, checked."""
-    return checkpoints.parse_net_overrides(cfg.net_overrides, sid.PRESETS[cfg.dataset].get('teacher'))
+    """--net-overrides as network arguments, checked; with --teacher random, the network's size is
+    checked as a file's would be; a teacher named by preset has its shape checked (no download)."""
+    name = sid.PRESETS[cfg.dataset].get('teacher')
+    over = checkpoints.parse_net_overrides(cfg.net_overrides, name)
+    if cfg.teacher == 'random' and name in edm_nets.PRESETS:
+        check_network_size(dict(edm_nets.PRESETS[name]['kwargs'], **over), '--teacher random')
+    if cfg.teacher in edm_nets.PRESETS:
+        check_teacher_shape(cfg, over, edm_nets.PRESETS[cfg.teacher]['kwargs'])
+    return over
+
+def check_network_size(kwargs, source):
+    """A network's parameters counted on the meta device (nothing allocated) against the limit the
+    checkpoint reader sets for files (checkpoints.MAX_PARAMS)."""
+    kwargs = checkpoints.check_net_kwargs(kwargs, source)
+    try:
+        with torch.device('meta'):
+            count = sum(p.numel() for p in edm_nets.EDMPrecond(**kwargs).parameters())
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f'{source}: no network can be built from these arguments '
+                         f'({str(e).splitlines()[0]})') from None
+    if count > checkpoints.MAX_PARAMS:
+        raise ValueError(f'{source}: a network of {count:.3g} parameters (limit '
+                         f'{checkpoints.MAX_PARAMS:.3g})')
+
+SHAPE = ('img_resolution', 'img_channels', 'label_dim')
+
+def check_teacher_shape(cfg, over, kwargs):
+    """The teacher (its network arguments) must make the dataset preset's images: the resolution,
+    channels and classes of the preset's teacher, unless --net-overrides states others on purpose.
+    A 2-D toy network is no image teacher."""
+    preset_teacher = sid.PRESETS[cfg.dataset].get('teacher')
+    if preset_teacher not in edm_nets.PRESETS:
+        return
+    source = f"--teacher {cfg.teacher or preset_teacher}"
+    if kwargs.get('model_type') == 'ToyMLP' or not kwargs.get('img_resolution'):
+        raise ValueError(f'{source} is a 2-D toy network, not an image teacher (the toy has its '
+                         'exact teacher: --dataset toy)')
+    want = {k: over.get(k, edm_nets.PRESETS[preset_teacher]['kwargs'][k]) for k in SHAPE}
+    got = {k: kwargs.get(k, 0) for k in SHAPE}
+    if got != want:
+        state = json.dumps({k: v for k, v in got.items() if v != want[k]})
+        raise ValueError(f"{source} makes {shape_text(got)} images, --dataset {cfg.dataset} "
+                         f"{shape_text(want)} ones; to distil it with {cfg.dataset}'s "
+                         f"hyper-parameters anyway, state its shape: --net-overrides '{state}'")
+
+def shape_text(kw):
+    classes = f"{kw['label_dim']}-class" if kw['label_dim'] else 'unconditional'
+    return f"{kw['img_resolution']}x{kw['img_resolution']} {kw['img_channels']}-channel {classes}"
 
 #----------------------------------------------------------------------------
 # A run's files: config.json, stats.jsonl, snapshots (G_ema with its network arguments, read back
 # by checkpoints.load_checkpoint) and the training state. Every file is written atomically.
 
-def new_run_dir(parent, desc):
-    """EDM's convention: parent/NNNNN-desc, one more than the largest number there."""
-    names = os.listdir(parent) if os.path.isdir(parent) else []
-    nums = [int(m.group(1)) for d in names if (m := re.match(r'(\d+)-', d))]
-    return os.path.join(parent, f'{max(nums, default=-1) + 1:05d}-{desc}')
+def new_run_dir(parent, desc, made=None):
+    """EDM's convention: parent/NNNNN-desc, one more than the largest number there, created at once:
+    os.mkdir fails if another run took that name in the meantime, and the next number is tried.
+    made: a list that gets the folders created (parent too), for a failed start to remove."""
+    made = [] if made is None else made
+    make_folders(parent, made)
+    for _ in range(1000):
+        names = os.listdir(parent)
+        nums = [int(m.group(1)) for d in names if (m := re.match(r'(\d+)-', d))]
+        path = os.path.join(parent, f'{max(nums, default=-1) + 1:05d}-{desc}')
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        made.append(path)
+        return path
+    raise OSError(f'no new run folder could be made in {parent}')
 
-def check_outdir(cfg):
-    """A new run never goes into another run's folder (checked before anything heavy)."""
-    if not cfg.resume and os.path.exists(os.path.join(cfg.outdir, 'config.json')):
-        raise ValueError(f'--outdir {cfg.outdir} holds a run: continue it with --resume '
-                         f'{cfg.outdir}, or choose another')
+def make_folders(path, made):
+    """os.makedirs, recording in `made` the folders it creates (outermost first)."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.isdir(p) and os.path.dirname(p) != p:
+        missing.insert(0, p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    made.extend(missing)
+
+def resume_folder(path):
+    """--resume RUN or RUN/training-state.pt -> RUN, the folder the resumed run writes to."""
+    return path if os.path.isdir(path) else os.path.dirname(path) or '.'
+
+def same_path(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+LOCK = 'run.lock'
+
+def claim_folder(cfg, log):
+    """Rank 0 takes the run's folder before anything is loaded: a resume its own folder only, a new
+    run --outdir (or a new numbered folder), locked for the run's life (lock_folder); a folder that
+    holds a run is refused, one that holds only the config.json of a start that never trained is
+    taken with a note. -> (the lock, the folders made)."""
+    made = []
+    if cfg.resume:
+        folder = resume_folder(cfg.resume)
+        if not os.path.isdir(cfg.resume) and not os.path.isfile(cfg.resume):
+            raise FileNotFoundError(f'--resume: no training state at {cfg.resume}')
+        if cfg.outdir and not same_path(cfg.outdir, folder):
+            raise ValueError(f'--resume continues a run in its own folder {folder}, not in '
+                             f'--outdir {cfg.outdir} (to branch a run, copy its folder and resume '
+                             'the copy)')
+        cfg.outdir = folder
+    elif cfg.outdir:
+        make_folders(cfg.outdir, made)
+    else:
+        cfg.outdir = new_run_dir('runs', f'{cfg.dataset}-{cfg.method}', made)
+    try:
+        lock = lock_folder(cfg.outdir)
+    except BaseException:
+        remove_folders(made)
+        raise
+    try:
+        if not cfg.resume:
+            check_new_folder(cfg.outdir, log)
+    except BaseException:
+        unlock(cfg.outdir, lock)
+        remove_folders(made)
+        raise
+    return lock, made
+
+def check_new_folder(outdir, log):
+    """A new run never goes into another run's folder. A folder whose config.json has no training
+    state beside it is a start that died: with nothing else of it there (an empty start), the new
+    run takes it; with more (ticks, snapshots), --resume restarts it from 0 kimg."""
+    names = {n for n in os.listdir(outdir) if n != LOCK and not n.endswith('.tmp')}
+    if 'config.json' not in names:
+        return
+    if 'training-state.pt' in names:
+        raise ValueError(f'--outdir {outdir} holds a run: continue it with --resume {outdir}, or '
+                         'choose another')
+    if names != {'config.json'}:
+        raise ValueError(f'--outdir {outdir} holds a run that ended before its first training '
+                         f'state: restart it with --resume {outdir} (from 0 kimg), or choose '
+                         'another')
+    log(f'note: {outdir} holds only the config.json of a start that never trained: this run '
+        'takes the folder')
+
+def lock_folder(folder):
+    """An exclusive lock (flock) on FOLDER/run.lock, held until the run ends: the OS drops it when
+    the process ends, however it ends, so no lock outlives its run. The holder (pid, host, start
+    time) is written in the file; a folder held by another run is refused in one line naming it.
+    -> the lock's file descriptor (None where flock does not exist: Windows)."""
+    if fcntl is None:
+        return None
+    path = os.path.join(folder, LOCK)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
+    for _ in range(100):
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            raise OSError(f'{folder}: cannot create the lock file {LOCK} ({e.strerror})') from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors='replace').strip() or 'a run starting up'
+            os.close(fd)
+            raise ValueError(f'{folder} is in use by another run ({holder}): wait for it to end, '
+                             'or choose another folder') from None
+        if same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it between our open and lock: take the new file
+    else:
+        raise OSError(f'{folder}: cannot lock {LOCK}')
+    os.ftruncate(fd, 0)
+    since = time.strftime('%Y-%m-%d %H:%M:%S')
+    os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since {since}\n'.encode())
+    return fd
+
+def same_file(fd, path):
+    try:
+        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+def unlock(folder, fd):
+    """Give the folder back: the lock file is removed while still locked, then closed (a process
+    that opened it meanwhile finds it gone after locking, and opens the new one)."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(folder, LOCK))
+    os.close(fd)
+
+def remove_folders(made):
+    """After a failed start: the folders it made, innermost first, each only if empty."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+def release_folder(run, failed=False):
+    """The end of a run's hold on its folder (once; every rank may call it). After a failed start,
+    a folder it made goes again, with the config.json it wrote: nothing is left behind."""
+    lock, run.lock = run.lock, None
+    if lock is not None:
+        unlock(run.cfg.outdir, lock)
+    if failed and run.made:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(run.cfg.outdir, 'config.json'))
+        remove_folders(run.made)
 
 def prepare_outdir(outdir):
-    """A writable folder, a killed run's leftovers removed (rank 0, once the inputs are checked)."""
-    os.makedirs(outdir, exist_ok=True)
+    """A killed run's leftovers removed (rank 0, holding the lock: no other run's temporaries)."""
     if not os.access(outdir, os.W_OK | os.X_OK):
         raise ValueError(f'--outdir {outdir}: not writable')
     fileio.remove_stale_temporaries(outdir)
+
+@contextlib.contextmanager
+def writing(path):
+    """A failed write (disk full, a file-size limit, no permission) as one line naming the file, the
+    reason and the free space there; torch's writer reports a short write as '[enforce fail at
+    inline_container.cc...] unexpected pos', which says neither."""
+    try:
+        yield
+    except OSError as e:
+        raise RuntimeError(write_failure(path, e.strerror or str(e))) from None
+    except RuntimeError as e:
+        if 'inline_container' not in str(e) and 'PytorchStreamWriter' not in str(e):
+            raise
+        raise RuntimeError(write_failure(path, 'the file stopped short')) from None
+
+def write_failure(path, why):
+    try:
+        free = shutil.disk_usage(os.path.dirname(path) or '.').free
+        free = f'{free / 2 ** 20:.1f} MiB free there'
+    except OSError:
+        free = 'free space unknown'
+    return f'could not write {path}: {why} ({free})'
+
+@contextlib.contextmanager
+def out_of_memory(where):
+    """An allocation failure as one line saying where (where(): text) and how much was asked; the
+    CPU allocator's own message starts '[enforce fail at alloc_cpu.cpp...]'."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(e)
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and 'allocate' not in text:
+            raise
+        asked = re.search(r'allocate (\d+) bytes', text)
+        cuda = re.search(r'Tried to allocate [\d.]+ [KMGT]?i?B', text)
+        if asked:
+            detail = f'{int(asked.group(1)) / 2 ** 30:.3g} GiB asked'
+        else:
+            detail = cuda.group(0) if cuda else type(e).__name__
+        raise RuntimeError(f'out of memory {where()}: {detail}') from None
 
 def read_json(path, what):
     try:
@@ -182,15 +458,16 @@ def read_training_state(path, objects, device):
                          f'({type(e).__name__}: {first})') from None
 
 def snapshot_path(path):
-    """A run folder -> its best snapshot, else its latest; a file -> itself."""
+    """A run folder -> its best snapshot, else its latest (most images seen); a file -> itself."""
     if not os.path.isdir(path):
         return path
     if os.path.exists(os.path.join(path, 'network-snapshot-best.pt')):
         return os.path.join(path, 'network-snapshot-best.pt')
-    snaps = sorted(f for f in os.listdir(path) if re.fullmatch(r'network-snapshot-\d+\.pt', f))
+    snaps = [(int(m.group(1)), f) for f in os.listdir(path)
+             if (m := re.fullmatch(r'network-snapshot-(\d+)\.pt', f))]
     if not snaps:
         raise FileNotFoundError(f'no network-snapshot-*.pt in {path}')
-    return os.path.join(path, snaps[-1])
+    return os.path.join(path, max(snaps)[1])  # by the number: names grow a digit past 10^9 images
 
 #----------------------------------------------------------------------------
 # Samples from seeds, as EDM's generate.py: one random generator per seed for its latent, label and
@@ -229,20 +506,48 @@ def generator_fid(G, num, sigma_init, tools, device, rank=0, world_size=1):
 # leaves nothing behind).
 
 def start(cfg, nets=None):
-    """-> (run, s), the driver's and the loop's state. nets: (f_phi, G, f_psi) instead of the
-    teacher's (tests); a toy dataset still gets its world (data, figures)."""
+    """-> (run, s), the driver's and the loop's state. First rank 0 takes the run's folder
+    (claim_folder: locked until the run ends); then the inputs are loaded and checked and the
+    loop's State built and resumed; only then is config.json written. A failed start gives the
+    folder back as it found it. nets: (f_phi, G, f_psi) instead of the teacher's (tests); a toy
+    dataset still gets its world (data, figures)."""
     procs = sid.init_processes(cfg)
     run = Run(cfg=cfg, log=print if procs['rank'] == 0 else silent)
-    if procs['batch_gpu'] < cfg.batch_gpu:
-        run.log(f"--batch-gpu {cfg.batch_gpu} > --batch {cfg.batch} / {procs['world_size']} GPUs: "
-                f"using micro-batches of {procs['batch_gpu']}")
+    micro_batch(run, procs)
     if procs['rank'] == 0:
-        check_outdir(cfg)
+        run.lock, run.made = claim_folder(cfg, run.log)
+    try:
+        s = open_run(run, procs, nets)
+    except BaseException:
+        release_folder(run, failed=True)
+        raise
+    return run, s
+
+def micro_batch(run, procs):
+    """The micro-batch is at most batch / GPUs (as officially): said when it shrinks, recorded in
+    config.json. SiDA's losses are means over each micro-batch, so a resumed SiDA run that would
+    shrink it (on more GPUs) is refused."""
+    cfg, n = run.cfg, procs['batch_gpu']
+    if n < cfg.batch_gpu and cfg.method == 'sida' and cfg.resume:
+        raise ValueError(f"--resume: SiDA's losses are means over each micro-batch of "
+                         f"{cfg.batch_gpu}; on {procs['world_size']} GPUs --batch {cfg.batch} "
+                         f"gives micro-batches of {n}: resume on at most "
+                         f"{cfg.batch // cfg.batch_gpu}")
+    if n < cfg.batch_gpu:
+        run.log(f"--batch-gpu {cfg.batch_gpu} > --batch {cfg.batch} / {procs['world_size']} GPUs: "
+                f"using micro-batches of {n}")
+        cfg.batch_gpu = n
+
+def open_run(run, procs, nets):
+    """The inputs (teacher, SiD²A generator, data, FID reference), the loop's State, the resumed
+    training state, then config.json and the start line -> s."""
+    cfg = run.cfg
     if cfg.dataset in toy.WORLDS:
         run.world = toy.WORLDS[cfg.dataset]()
-    if nets is None:
-        nets = load_networks(cfg, run.world, procs['device'])
-    s = sid.setup(cfg, nets, procs)
+    with out_of_memory(lambda: f"while building the networks on {procs['device']}"):
+        if nets is None:
+            nets = load_networks(cfg, run.world, procs['device'])
+        s = sid.setup(cfg, nets, procs)
     if cfg.resume:
         resume(run, s)
     s.data = open_data(run, s)
@@ -252,10 +557,11 @@ def start(cfg, nets=None):
     if s.rank == 0:
         prepare_outdir(cfg.outdir)
         if cfg.resume:
-            truncate_stats(os.path.join(cfg.outdir, 'stats.jsonl'), s.cur_nimg / 1e3)
-        write_json(os.path.join(cfg.outdir, 'config.json'), dataclasses.asdict(cfg))
-    run.written = ['config.json']
-    if run.world is not None and not cfg.resume:
+            stats = os.path.join(cfg.outdir, 'stats.jsonl')
+            with writing(stats):
+                truncate_stats(stats, s.cur_nimg / 1e3)
+        save(run, 'config.json', write_json, dataclasses.asdict(cfg))
+    if run.world is not None and run.state_nimg is None:
         x = run.world.observe(s.G_ema, cfg.sigma_init)
         run.frames.append(('0 kimg', x))
         run.log(f'toy start: {run.world.quality_line(x)}')
@@ -266,7 +572,7 @@ def start(cfg, nets=None):
     run.tick_nimg = s.cur_nimg
     run.tick_index = round(s.cur_nimg / max(cfg.tick_kimg * 1e3, 1))
     run.tick_sums = torch.zeros(3, dtype=torch.float64, device=s.device)
-    return run, s
+    return s
 
 def silent(*args, **kwargs):
     pass
@@ -283,6 +589,9 @@ def load_networks(cfg, world, device):
         teacher = edm_nets.build_preset(preset_name, **over)
     else:
         teacher = checkpoints.load_checkpoint(cfg.teacher or preset_name)[0]
+        check_teacher_shape(cfg, over, teacher.init_kwargs)
+        if over:  # G and f_psi are rebuilt with them: sized before they are built
+            check_network_size(dict(teacher.init_kwargs, **over), '--net-overrides')
     G_state = None
     release = releases.RELEASES.get(cfg.init_generator)
     if release is not None and release.network == 'edm' and release.preset != preset_name:
@@ -299,6 +608,10 @@ def resume(run, s):
     path = cfg.resume
     if os.path.isdir(path):
         path = os.path.join(path, 'training-state.pt')
+        if not os.path.lexists(path):  # a start that died before its first state: start it again
+            run.log(f'note: {cfg.resume} holds no training state (its start ended before the '
+                    'first one): starting it from 0 kimg with its saved options')
+            return
     objects = dict(G=s.G, G_ema=s.G_ema, f_psi=s.f_psi, opt_G=s.opt_G, opt_psi=s.opt_psi)
     st = read_training_state(path, objects, s.device)
     if st['cur_nimg'] >= s.end_nimg:
@@ -307,6 +620,7 @@ def resume(run, s):
     s.cur_nimg = st['cur_nimg']
     s.data_batches = st['data_images'] // (s.batch_gpu * s.world_size)
     run.fid = st['fid']
+    run.state_nimg = s.cur_nimg
     if run.world is not None and st['frames']:
         run.frames = st['frames']
     run.log(f'resumed from {path} at {s.cur_nimg / 1e3:.1f} kimg')
@@ -346,12 +660,32 @@ def start_line(run, s):
 # stats.jsonl entry; FID, snapshots and the toy's observations at their intervals; the end.
 
 def train(cfg, nets=None):
-    """Run (or resume) a distillation to its end -> (run, s), the driver's and the loop's state."""
+    """Run (or resume) a distillation to its end -> (run, s), the driver's and the loop's state.
+    Ctrl-C ends it with one line saying where it can resume from; the folder's lock goes with it."""
     run, s = start(cfg, nets)
-    for it in sid.iterate(s):
-        maintain(run, s, it)
-    finish(run, s)
+    try:
+        with out_of_memory(lambda: f'at {s.cur_nimg / 1e3:.1f} kimg ({s.batch_gpu} images per '
+                           f'micro-batch on {s.device})'):
+            for it in sid.iterate(s):
+                maintain(run, s, it)
+        finish(run, s)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_text(run, s)) from None
+    finally:
+        release_folder(run)
     return run, s
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the one line that says where the run can resume from."""
+
+def interrupted_text(run, s):
+    where = f'interrupted at {s.cur_nimg / 1e3:g} kimg'
+    folder = run.cfg.outdir
+    if run.state_nimg is None:
+        return (f'{where}, before the first training state: --resume {folder} starts it again '
+                'from 0 kimg')
+    return (f'{where}: --resume {folder} continues from its training state at '
+            f'{run.state_nimg / 1e3:g} kimg')
 
 def maintain(run, s, it):
     """After an iteration: each task whose interval this iteration crossed (or the run's end)."""
@@ -368,7 +702,8 @@ def maintain(run, s, it):
         run.frames.append((f'{s.cur_nimg / 1e3:.4g} kimg', run.world.observe(s.G_ema,
                                                                              cfg.sigma_init)))
     if crossed(cfg.tick_kimg):
-        report_tick(run, s)
+        with writing(os.path.join(cfg.outdir, 'stats.jsonl')):
+            report_tick(run, s)
     if crossed(cfg.fid_every_kimg):
         fid_step(run, s)
     if crossed(cfg.snap_kimg) and s.rank == 0:
@@ -425,7 +760,9 @@ def check_ranks_agree(nets, what=''):
         raise RuntimeError(f'DDP replicas diverged{what}: rank(s) {bad}')
 
 def save(run, name, writer, *args):
-    writer(os.path.join(run.cfg.outdir, name), *args)
+    path = os.path.join(run.cfg.outdir, name)
+    with writing(path):
+        writer(path, *args)
     if name not in run.written:
         run.written.append(name)
 
@@ -435,6 +772,7 @@ def save_checkpoint(run, s):
     cfg = s.cfg
     save(run, f'network-snapshot-{s.cur_nimg:09d}.pt', save_snapshot, s.G_ema, s.cur_nimg, cfg)
     save(run, 'training-state.pt', write_training_state, run, s)
+    run.state_nimg = s.cur_nimg
     if s.G.img_resolution:
         images = fid.to_uint8(sample_images(s.G_ema, range(64), cfg.sigma_init, s.device)).cpu()
         save(run, f'samples-{s.cur_nimg:09d}.png', fileio.save_png, images)
@@ -448,7 +786,8 @@ def fid_step(run, s):
     run.fid.append((s.cur_nimg / 1e6, value))
     run.log(f'FID {value:.3f} at {s.cur_nimg / 1e3:.1f} kimg')
     if s.rank == 0:
-        append_stats(cfg.outdir, dict(kimg=s.cur_nimg / 1e3, fid=value))
+        with writing(os.path.join(cfg.outdir, 'stats.jsonl')):
+            append_stats(cfg.outdir, dict(kimg=s.cur_nimg / 1e3, fid=value))
         save(run, 'fid.png', write_file, draw.curve(run.fid))
         if value <= min(v for _, v in run.fid):
             save(run, 'network-snapshot-best.pt', save_snapshot, s.G_ema, s.cur_nimg, cfg, value)
@@ -481,24 +820,45 @@ def finish(run, s):
     if s.own_group:
         torch.distributed.destroy_process_group()
     run.log(f"wrote {cfg.outdir}: {', '.join(run.written)}")
+    release_folder(run)
 
 #----------------------------------------------------------------------------
 # The commands `python sid.py generate|project` (a trained generator) and their arguments.
 
-MAX_SEEDS = 10_000_000
+# Bounds: a request past them is refused in one line, not left to run out of memory or time.
+MAX_SEEDS = 10_000_000    # images per `generate`
+MAX_BATCH_VALUES = 2 ** 24  # latent values per forward pass (64 MiB; 5461 CIFAR-10 images)
+MAX_REPEAT = 1000         # projections in a row (SIGN's are idempotent after a few)
+POINTS_PER_PASS = 2 ** 16  # a 2-D toy's points per forward pass
 
 def parse_seeds(text):
-    """'0-49999' or '1,5,10-19' -> list of ints (the count is checked before the list is made)."""
-    try:
-        ranges = [(int(a), int(b or a)) for a, _, b in (p.partition('-') for p in text.split(','))]
-    except ValueError:
-        ranges = [(1, 0)]
-    if any(lo < 0 or hi < lo for lo, hi in ranges):
-        raise ValueError(f"bad --seeds '{text}': use e.g. 0-49999 or 1,5,10-19 (non-negative, "
-                         "increasing)")
+    """'0-49999' or '1,5,10-19' -> [(first, last)] in the given order, checked on the ranges (no
+    list of seeds is made): seeds in [0, 2^63), at most MAX_SEEDS, none twice (one image each)."""
+    parts = [re.fullmatch(r'(\d{1,19})(?:-(\d{1,19}))?', p) for p in text.split(',')]
+    ranges = [(int(m.group(1)), int(m.group(2) or m.group(1))) for m in parts if m]
+    if len(ranges) < len(parts) or any(hi < lo or hi >= 2 ** 63 for lo, hi in ranges):
+        raise ValueError(f"bad --seeds {sid.shown(text)}: use e.g. 0-49999 or 1,5,10-19 "
+                         "(non-negative, increasing)")
     if sum(hi - lo + 1 for lo, hi in ranges) > MAX_SEEDS:
-        raise ValueError(f'--seeds {text}: more than {MAX_SEEDS} images')
-    return [s for lo, hi in ranges for s in range(lo, hi + 1)]
+        raise ValueError(f'--seeds {sid.shown(text)}: more than {MAX_SEEDS} images')
+    ordered = sorted(ranges)
+    for (_, last), (first, _) in zip(ordered, ordered[1:]):
+        if first <= last:
+            raise ValueError(f'--seeds {sid.shown(text)}: seed {first} is given twice (a seed is '
+                             'one image)')
+    return ranges
+
+def seed_batches(ranges, batch):
+    """The seeds of `ranges`, in order, as lists of at most `batch`."""
+    part = []
+    for lo, hi in ranges:
+        for seed in range(lo, hi + 1):
+            part.append(seed)
+            if len(part) == batch:
+                yield part
+                part = []
+    if part:
+        yield part
 
 def parse_sigmas(text, steps):
     """SIGN's re-noising levels between steps: steps - 1 finite, non-negative numbers."""
@@ -532,22 +892,36 @@ def open_generator(ckpt, device, outdir=None, class_idx=None):
     return G.to(device), sigma_init, device, info
 
 def cmd_generate(a):
-    seeds, sigmas = parse_seeds(a.seeds), parse_sigmas(a.sigmas, a.steps)
+    ranges, sigmas = parse_seeds(a.seeds), parse_sigmas(a.sigmas, a.steps)
+    count = sum(hi - lo + 1 for lo, hi in ranges)
     if a.batch < 1:
         raise ValueError(f'--batch must be >= 1, got {a.batch}')
     G, sigma_init, device, _ = open_generator(a.ckpt, a.device, a.outdir, a.class_idx)
-    os.makedirs(a.outdir, exist_ok=True)
+    per_image = math.prod(G.img_shape)
+    if a.batch * per_image > MAX_BATCH_VALUES:
+        raise ValueError(f'--batch {a.batch}: at most {MAX_BATCH_VALUES // per_image} images of '
+                         f'{G.img_shape} per forward pass')
     if not G.img_resolution:  # the 2-D toy: points and a picture
-        x = sample_images(G, seeds, sigma_init, device, None, sigmas).cpu()
+        if a.grid:
+            raise ValueError('--grid: a 2-D toy generator writes its points (samples.npy) and '
+                             'their picture (samples.png), not a grid of images')
+        parts = [sample_images(G, part, sigma_init, device, None, sigmas).cpu()
+                 for part in seed_batches(ranges, a.batch)]
+        x = torch.cat(parts)
+        os.makedirs(a.outdir, exist_ok=True)
         with fileio.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
             np.save(f, x.numpy())
         picture = draw.samples_picture(x, toy.ToyMixture())
         write_file(os.path.join(a.outdir, 'samples.png'), picture)
-        print(f'wrote {len(seeds)} points to {a.outdir}/samples.npy and samples.png')
+        print(f'wrote {len(x)} points to {a.outdir}/samples.npy and samples.png')
         return
-    grid = []
-    for i in range(0, len(seeds), a.batch):
-        part = seeds[i:i + a.batch]
+    pixels = count * G.img_resolution ** 2
+    if a.grid and pixels > fileio.MAX_IMAGE_PIXELS:
+        raise ValueError(f'--grid of {count} images: {pixels} pixels, more than one PNG may hold '
+                         f'({fileio.MAX_IMAGE_PIXELS}); leave out --grid for one PNG per seed')
+    os.makedirs(a.outdir, exist_ok=True)
+    grid, written = [], 0
+    for part in seed_batches(ranges, a.batch):
         # oneDNN's CPU convolutions round differently per batch size; the native ones differ less
         # (a seed's image may still move by one grey level between batch splits)
         mkldnn = torch.backends.mkldnn.enabled
@@ -562,16 +936,19 @@ def cmd_generate(a):
             continue
         for seed, im in zip(part, x):
             fileio.save_png(os.path.join(a.outdir, f'{seed:06d}.png'), im)
+            written += 1
     if a.grid:
         fileio.save_png(os.path.join(a.outdir, 'grid.png'), torch.cat(grid))
-    print(f"wrote {len(seeds)} images to {a.outdir}{'/grid.png' if a.grid else ''}")
+        print(f'wrote {a.outdir}/grid.png: {count} images')
+        return
+    print(f'wrote {written} images to {a.outdir}')
 
 def cmd_project(a):
     """SIGN projection / editing: f(y + sigma*eps), `repeat` times, for each input image (or the
-    toy's .npy points)."""
-    if not (math.isfinite(a.sigma) and a.sigma >= 0) or a.repeat < 1:
-        raise ValueError(f'need a finite --sigma >= 0 and --repeat >= 1, got {a.sigma} and '
-                         f'{a.repeat}')
+    toy's .npy points); one image in memory at a time, each input's name kept (as .png)."""
+    if not (math.isfinite(a.sigma) and a.sigma >= 0) or not 1 <= a.repeat <= MAX_REPEAT:
+        raise ValueError(f'need a finite --sigma >= 0 and --repeat in [1, {MAX_REPEAT}], got '
+                         f'{a.sigma} and {a.repeat}')
     if not os.path.exists(a.input):
         raise FileNotFoundError(f'--input not found: {a.input}')
     G, sigma_init, device, _ = open_generator(a.ckpt, a.device, a.outdir, a.class_idx)
@@ -586,29 +963,42 @@ def cmd_project(a):
                        if f.lower().endswith(('.png', '.jpg', '.jpeg')))
     if not files:
         raise ValueError(f'--input {a.input}: no .png/.jpg images')
+    outputs = {}  # output name -> input: a.png and a.jpg would both be a.png
+    for path in files:
+        name = os.path.basename(path).rsplit('.', 1)[0] + '.png'
+        if name in outputs:
+            raise ValueError(f'--input {a.input}: {os.path.basename(outputs[name])} and '
+                             f'{os.path.basename(path)} would both be written as {name} (rename '
+                             'one)')
+        outputs[name] = path
     if G.label_dim and a.class_idx is None:
         raise ValueError(f'this generator is class-conditional: pass --class-idx in [0, '
                          f'{G.label_dim})')
     c = None
     if G.label_dim:
         c = F.one_hot(torch.tensor([a.class_idx]), G.label_dim).float().to(device)
-    images = []  # read (and check) every input before writing anything
-    for path in files:
-        y = fileio.read_image(path, path)
-        if list(y.shape) != G.img_shape:
-            raise ValueError(f'{path}: image of shape {list(y.shape)} (C,H,W), the generator makes '
-                             f'{G.img_shape}')
-        images.append(torch.from_numpy(y.copy()).float() / 127.5 - 1)  # [-1, 1], as G's range
+    for path in files:  # every input checked before anything is written
+        project_input(path, G)
     os.makedirs(a.outdir, exist_ok=True)
 
     def f(v):
         return sid.generate(G, v, c, sigma_init)
 
-    for path, y in zip(files, images):
+    written = 0
+    for name, path in outputs.items():
+        y = project_input(path, G)
         x = sid.project(f, y[None].to(device), a.sigma, gen, a.repeat)
-        name = os.path.basename(path).rsplit('.', 1)[0] + '.png'
         fileio.save_png(os.path.join(a.outdir, name), fid.to_uint8(x)[0].cpu())
-    print(f'wrote {len(files)} projected image(s) to {a.outdir}')
+        written += 1
+    print(f'wrote {written} projected image(s) to {a.outdir}')
+
+def project_input(path, G):
+    """An input image in G's range [-1, 1], of G's shape."""
+    y = fileio.read_image(path, path)
+    if list(y.shape) != G.img_shape:
+        raise ValueError(f'{path}: image of shape {list(y.shape)} (C,H,W), the generator makes '
+                         f'{G.img_shape}')
+    return torch.from_numpy(y.copy()).float() / 127.5 - 1
 
 def project_points(a, G, sigma_init, device, gen):
     y = np.load(a.input, allow_pickle=False)
@@ -619,10 +1009,14 @@ def project_points(a, G, sigma_init, device, gen):
     def f(v):
         return sid.generate(G, v, None, sigma_init)
 
-    x = sid.project(f, torch.from_numpy(y).float().to(device), a.sigma, gen, a.repeat)
+    parts = []  # in passes of POINTS_PER_PASS; the noise continues from pass to pass
+    for i in range(0, len(y), POINTS_PER_PASS):
+        part = torch.from_numpy(y[i:i + POINTS_PER_PASS]).float().to(device)
+        parts.append(sid.project(f, part, a.sigma, gen, a.repeat).cpu())
+    x = torch.cat(parts) if parts else torch.zeros(0, G.img_channels)
     os.makedirs(a.outdir, exist_ok=True)
     with fileio.atomic_write(os.path.join(a.outdir, 'projected.npy')) as fh:
-        np.save(fh, x.cpu().numpy())
+        np.save(fh, x.numpy())
     print(f'wrote {len(x)} projected points to {a.outdir}/projected.npy')
 
 #----------------------------------------------------------------------------
@@ -742,15 +1136,22 @@ def options_parser(defaults, prog, epilog, description):
 
 def one_line_errors(fn):
     """Run a command: bad input (and any error raised on purpose) is one line on stderr and exit
-    code 2; SID_DEBUG=1 shows the traceback."""
+    code 2; Ctrl-C is one line and exit code 130 (128 + SIGINT, the shell's code for an interrupted
+    command, so a calling script stops and does not take it for bad input); SID_DEBUG=1 shows the
+    traceback."""
     try:
         return fn()
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError, MemoryError) as e:
         if os.environ.get('SID_DEBUG'):
             raise
         msg = str(e).strip().splitlines()
         print(f'error: {msg[0] if msg else type(e).__name__}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if os.environ.get('SID_DEBUG'):
+            raise
+        print(str(e) or 'interrupted', file=sys.stderr)
+        sys.exit(130)
 
 def train_command(argv):
     pre = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults --help shows
@@ -763,7 +1164,10 @@ def train_command(argv):
         defaults = sid.Config()
     description = ('SiD / SiDA / SIGN distillation of an EDM teacher into a one-step generator '
                    f'(defaults for --dataset {defaults.dataset} --method {defaults.method}).')
-    args = vars(options_parser(defaults, 'sid.py', EXAMPLES, description).parse_args(argv))
+    policy = textwrap.fill(resume_policy_text(), 100, initial_indent='  ', subsequent_indent='  ',
+                           break_on_hyphens=False)
+    epilog = f'{EXAMPLES}\n\nresume:\n{policy}'
+    args = vars(options_parser(defaults, 'sid.py', epilog, description).parse_args(argv))
     dry = args.pop('dry_run')
     cfg = resolve_config(args)
     if dry:

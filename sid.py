@@ -408,9 +408,14 @@ METHODS = {
 # dataset preset holds the official SiD hyper-parameters (main:run_sid.sh, without its known script
 # bugs), a method preset SiDA's (sida:run_sida.sh); the command line overrides any field.
 
-def opt(default, help, group='training', ge=None, gt=None, le=None, choices=None):
-    """A Config field: its default, help, --help group, and its range (>= ge or > gt, <= le)."""
-    meta = dict(help=help, group=group, ge=ge, gt=gt, le=le, choices=choices)
+def opt(default, help, group='training', ge=None, gt=None, le=None, choices=None,
+        resume='fixed'):
+    """A Config field: its default, help, --help group, its range (>= ge or > gt, <= le) and what
+    --resume may do with it: 'may change' (the maths stays: length, intervals, device, kernels,
+    layout), 'fixed' (it is the maths: refused if it differs from the run's), 'fixed for sida'
+    (SiDA's losses depend on it) or 'the folder' (resume, outdir). The driver's resume, --help and
+    the README read this one policy."""
+    meta = dict(help=help, group=group, ge=ge, gt=gt, le=le, choices=choices, resume=resume)
     return dataclasses.field(default=default, metadata=meta)
 
 @dataclasses.dataclass
@@ -447,31 +452,41 @@ class Config:
                              'random', 'data')
     seed: int = opt(0, 'seed of every random draw', ge=0, le=2 ** 32 - 1)
     batch: int = opt(256, 'images per iteration over all GPUs (the unit of kimg)', ge=1)
-    batch_gpu: int = opt(16, 'images per GPU per micro-batch (accumulation fills the rest)', ge=1)
+    batch_gpu: int = opt(16, 'images per GPU per micro-batch (accumulation fills the rest)', ge=1,
+                         resume='fixed for sida')
     lr: float = opt(1e-5, 'Adam lr of the fake score f_psi', gt=0)
     glr: float = opt(1e-5, 'Adam lr of the generator G', gt=0)
     g_beta1: float = opt(0.0, "G's Adam beta1 (f_psi's is 0)", ge=0, le=0.99)
     dropout: float = opt(0.13, 'dropout of G and f_psi (never the teacher)', ge=0, le=0.99)
     augment: float = opt(0.12, "EDM augmentation probability in f_psi's step (0: none)", ge=0, le=1)
     ema_mimg: float = opt(0.5, 'half-life of G_ema (5 %% ramp-up)', gt=0)
-    duration_mimg: float = opt(500, 'training length in generator images', gt=0)
+    duration_mimg: float = opt(500, 'training length in generator images', gt=0,
+                               resume='may change')
     fast: bool = opt(False, 'GPU fast path: bf16 autocast, channels_last, fused Adam, micro-batch '
                      '>= 64 (not SiDA)', 'speed')
+    # precision is fixed on resume: fp16 also sets Adam's eps (1e-6, official) and the networks'
+    # casting; tf32 and bf16 round every product to ~1e-3 where fp32 rounds to ~1e-7
     precision: str = opt('fp32', 'fp32 (TF32 off, official) | tf32 | bf16 (autocast) | fp16 (EDM '
                          'per-layer casting)', 'speed', choices=('fp32', 'tf32', 'bf16', 'fp16'))
-    channels_last: bool = opt(False, 'NHWC memory layout for the U-Nets (same maths)', 'speed')
-    fused_adam: bool = opt(False, "Adam's fused kernel (same update up to rounding)", 'speed')
+    channels_last: bool = opt(False, 'NHWC memory layout for the U-Nets (same maths)', 'speed',
+                              resume='may change')
+    fused_adam: bool = opt(False, "Adam's fused kernel (same update up to rounding)", 'speed',
+                           resume='may change')
     compile: bool = opt(False, 'torch.compile the U-Net blocks (minutes of warm-up; README, Speed)',
-                        'speed')
+                        'speed', resume='may change')
     checkpointing: bool = opt(False, 'recompute U-Net blocks in backward: less memory, ~30 %% more '
-                              'compute', 'speed')
-    device: str = opt('', "cuda | cpu ('': cuda if available)", 'speed')
-    outdir: str = opt('', "run folder ('': a new runs/NNNNN-DATASET-METHOD)", 'output')
-    resume: str = opt('', 'continue the run in this folder with its saved options', 'output')
-    tick_kimg: float = opt(10, 'status line and stats.jsonl every this many kimg', 'output', gt=0)
+                              'compute', 'speed', resume='may change')
+    device: str = opt('', "cuda | cpu ('': cuda if available)", 'speed', resume='may change')
+    outdir: str = opt('', "run folder ('': a new runs/NNNNN-DATASET-METHOD)", 'output',
+                      resume='the folder')
+    resume: str = opt('', 'continue the run in this folder with its saved options', 'output',
+                      resume='the folder')
+    tick_kimg: float = opt(10, 'status line and stats.jsonl every this many kimg', 'output', gt=0,
+                           resume='may change')
     snap_kimg: float = opt(500, 'snapshot, training state and sample grid every this many kimg',
-                           'output', gt=0)
-    fid_every_kimg: float = opt(0, 'FID of G_ema every this many kimg (0: off)', 'output', ge=0)
+                           'output', gt=0, resume='may change')
+    fid_every_kimg: float = opt(0, 'FID of G_ema every this many kimg (0: off)', 'output', ge=0,
+                                resume='may change')
     fid_num: int = opt(50000, 'images per FID', 'output', ge=2)
     fid_ref: str = opt('', "FID reference .npz or preset ('': the dataset's EDM reference)",
                        'output')
@@ -526,30 +541,49 @@ def preset(dataset='toy', method='sid', init_generator='', fast=False):
     return p
 
 def make_config(overrides):
-    """Defaults <- presets (dataset, method, --fast) <- overrides (None: not given); checked."""
-    over = {k: v for k, v in overrides.items() if v is not None}
+    """Defaults <- presets (dataset, method, --fast) <- overrides (None: not given); checked, each
+    override before the presets read it (a file's values too: a resumed run's config.json)."""
+    over = {k: check_option(k, v) for k, v in overrides.items() if v is not None}
     keys = ('dataset', 'method', 'init_generator', 'fast')
     defaults = preset(**{k: over[k] for k in keys if k in over})
     cfg = Config(**{**defaults, **over})
     check_config(cfg)
     return cfg
 
+def check_option(name, v):
+    """One option's value against its Config field: known, of its type (a switch: a bool or 0/1;
+    an int: an int; a float: an int or float; text: a str) and in its range -> the value."""
+    f = Config.__dataclass_fields__.get(name)
+    flag = '--' + str(name).replace('_', '-')
+    if f is None:
+        raise ValueError(f'unknown option {flag[:60]}')
+    m = f.metadata
+    if f.type is bool:
+        if type(v) not in (bool, int) or v not in (0, 1):
+            raise ValueError(f'{flag} is a switch (0 or 1), got {shown(v)}')
+        return bool(v)
+    if f.type in (int, float):
+        ok = type(v) in (int, f.type) and math.isfinite(v)
+        low = ok and (m['ge'] is None or v >= m['ge']) and (m['gt'] is None or v > m['gt'])
+        if not (low and (m['le'] is None or v <= m['le'])):
+            raise ValueError(f'{flag} must be a finite {f.type.__name__} {range_text(m)}, '
+                             f'got {shown(v)}')
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f'{flag} must be text, got {shown(v)}')
+    if m['choices'] and v not in m['choices']:
+        raise ValueError(f"unknown {flag} {shown(v)} (one of {', '.join(m['choices'])})")
+    return v
+
+def shown(v):
+    """A value as an error message shows it: its repr, at most 60 characters."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + '...'
+
 def check_config(cfg):
-    """Each option against its range, then the combinations; a ValueError names the first bad."""
+    """Each option against its field, then the combinations; a ValueError names the first bad."""
     for f in dataclasses.fields(cfg):
-        v, name, m = getattr(cfg, f.name), '--' + f.name.replace('_', '-'), f.metadata
-        if f.type is bool:
-            if v not in (0, 1):
-                raise ValueError(f'{name} is a switch (0 or 1), got {v!r}')
-            setattr(cfg, f.name, bool(v))
-        elif f.type in (int, float):
-            low = (m['ge'] is None or v >= m['ge']) and (m['gt'] is None or v > m['gt'])
-            ok = type(v) in (int, f.type) and math.isfinite(v) and low
-            if not (ok and (m['le'] is None or v <= m['le'])):
-                raise ValueError(f'{name} must be a finite {f.type.__name__} {range_text(m)}, '
-                                 f'got {v!r}')
-        elif m['choices'] and v not in m['choices']:
-            raise ValueError(f"unknown {name} '{v}' (one of {', '.join(m['choices'])})")
+        setattr(cfg, f.name, check_option(f.name, getattr(cfg, f.name)))
     if not re.fullmatch(r'(cpu|cuda(:\d+)?)?', cfg.device):
         raise ValueError(f"--device must be cpu or cuda, got '{cfg.device}'")
     if cfg.device.startswith('cuda') and not torch.cuda.is_available():

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -504,9 +505,10 @@ def ddp(tmp_path_factory):
     one = dict(toy1=run_dict(cfg_for(d['toy1'], 'toy', 3, batch=128), False),
                img1_half=run_dict(img('img1_half', 2)), img1_full=run_dict(img('img1_full', 4)),
                noaug1=run_dict(img('noaug1', 2, **noaug)))
+    shutil.copytree(d['img1_half'], d['img2_back'])  # a resume writes into its own folder only
     jobs = [dict(cfg=cfg_for(d['toy2'], 'toy', 3, batch=128), perturb=False),  # 2 x 2 rounds of 32
             dict(cfg=img('img2_half', 2), perturb=True),                        # 2 ranks x 1 of 4
-            dict(cfg=img('img2_back', 4, resume=str(d['img1_half'])), perturb=True),  # 1 -> 2
+            dict(cfg=img('img2_back', 4, resume=str(d['img2_back'])), perturb=True),  # 1 -> 2
             dict(cfg=cfg_for(d['sida2'], 'toy', 2, method='sida', batch_gpu=16), perturb=False),
             dict(cfg=cfg_for(d['sign2'], 'toy', 2, method='sign'), perturb=False),
             dict(cfg=data_cfg, perturb=True),
@@ -518,9 +520,11 @@ def ddp(tmp_path_factory):
                        env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE), cwd=t,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    one['img1_resumed'] = run_dict(img('img1_resumed', 4, resume=str(d['img2_half'])))
+    shutil.copytree(d['img2_half'], d['img1_resumed'])
+    one['img1_resumed'] = run_dict(img('img1_resumed', 4, resume=str(d['img1_resumed'])))
+    shutil.copytree(d['sida2'], d['sida1_resumed'])
     sida = cfg_for(d['sida1_resumed'], 'toy', 4, method='sida', batch_gpu=16,
-                   resume=str(d['sida2']))
+                   resume=str(d['sida1_resumed']))
     one['sida1_resumed'] = run_dict(sida, False)
     return dict(dirs=d, one=one, stdout=r.stdout, tmp=t, chw=chw)
 
@@ -562,9 +566,9 @@ def test_ddp_equals_single_process_and_resumes_across_world_sizes(ddp):
                            (rank_states(ddp['dirs']['img2_back'])[0],
                             read_stats(ddp['dirs']['img2_back']))):
         assert mean_diff(full, resumed) < 1e-6
-        assert [round(e['kimg'] * 1e3) for e in stats] == [24, 32]  # into a new folder
+        assert [round(e['kimg'] * 1e3) for e in stats] == [8, 16, 24, 32]  # a copy, continued
         assert all(math.isclose(e['loss_fake'], ref['loss_fake'], rel_tol=1e-5)
-                   for e, ref in zip(stats, full['stats'][2:]))
+                   for e, ref in zip(stats[2:], full['stats'][2:]))
     st2, st1 = (load_state(ddp['dirs'][k]) for k in ('sida2', 'sida1_resumed'))
     assert (st2['cur_nimg'], st2['data_images']) == (128, 128)  # f_psi step only (frozen G)
     assert (st1['cur_nimg'], st1['data_images']) == (256, 256)

@@ -5,13 +5,17 @@ crash safety, resume's rules, and the `generate` and `project` commands.
 import contextlib
 import copy
 import dataclasses
+import http.server
 import io
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -101,12 +105,12 @@ def test_cli_options_help_dry_run_and_run_folders(tmp_path, monkeypatch):
     for k in ('channels_last', 'fused_adam', 'compile', 'checkpointing', 'fast'):
         with pytest.raises(ValueError, match='is a switch'):
             sid.make_config({'dataset': 'cifar10', k: 2, 'outdir': 'x'})
-    monkeypatch.chdir(tmp_path)  # run folders: EDM's numbering, never into another run's folder
-    assert runs.resolve_config({}).outdir == os.path.join('runs', '00000-toy-sid')
+    monkeypatch.chdir(tmp_path)  # run folders: EDM's numbering, made at the start (not before)
+    assert runs.resolve_config({}).outdir == '' and not os.path.exists('runs')
+    assert runs.new_run_dir('runs', 'toy-sid') == os.path.join('runs', '00000-toy-sid')
     os.makedirs('runs/00007-cifar10-sid')
     os.makedirs('runs/notes')
-    cfg = runs.resolve_config({'dataset': 'cifar10', 'method': 'sida'})
-    assert cfg.outdir == os.path.join('runs', '00008-cifar10-sida')
+    assert runs.new_run_dir('runs', 'cifar10-sida') == os.path.join('runs', '00008-cifar10-sida')
 
 
 def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
@@ -126,7 +130,7 @@ def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
     def stop(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs, 'check_outdir', stop)  # the message comes first
+    monkeypatch.setattr(runs, 'claim_folder', stop)  # the message comes first
     with pytest.raises(KeyboardInterrupt):
         runs.start(sid.make_config(dict(batch=64, batch_gpu=64, outdir='x')))
     msg = '--batch-gpu 64 > --batch 64 / 2 GPUs: using micro-batches of 32'
@@ -137,20 +141,35 @@ def test_batch_gpu_clamped_to_batch_per_rank(monkeypatch, capsys):
 
 @pytest.fixture
 def bad_env(tmp_path):
-    """Files the bad-input table refers to: an unconditional snapshot, run folders (SiD, SiDA,
-    without state), small PNG datasets."""
+    """Files the bad-input table refers to: snapshots (32-px unconditional, 10-class, the 2-D
+    toy's), run folders (SiD, SiDA and SIGN on CIFAR-10, SiDA on the toy, without state, written by
+    a version that did not record alpha), small PNG datasets, a folder with a.png and a.jpg."""
     G = perturb_copy(nets_for(cfg_for(tmp_path / 'unused'), perturb=False)[1])
     runs.save_snapshot(str(tmp_path / 'g.pt'), G.eval(), 0, sid.Config())
+    Gc = perturb_copy(nets_for(cfg_for(tmp_path / 'unused', 'cifar10-cond'), perturb=False)[1])
+    runs.save_snapshot(str(tmp_path / 'cond.pt'), Gc.eval(), 0, sid.Config(dataset='cifar10-cond'))
+    toy = sid.make_config({'outdir': str(tmp_path / 'unused')})
+    runs.save_snapshot(str(tmp_path / 'toy.pt'), nets_for(toy)[1].eval(), 0, toy)
+
+    def c10(method):
+        return sid.make_config({'dataset': 'cifar10', 'method': method, 'outdir': 'x'})
+
     folders = (('run', sid.make_config({'outdir': str(tmp_path / 'run')})),
                ('sida', sid.make_config({'method': 'sida', 'outdir': str(tmp_path / 'sida')})),
+               ('sida10', c10('sida')), ('sign10', c10('sign')), ('old', c10('sid')),
                ('nostate', cfg_for(tmp_path / 'nostate')))
     for name, cfg in folders:
         os.makedirs(tmp_path / name)
-        runs.write_json(str(tmp_path / name / 'config.json'), dataclasses.asdict(cfg))
+        saved = {k: v for k, v in dataclasses.asdict(cfg).items() if (name, k) != ('old', 'alpha')}
+        runs.write_json(str(tmp_path / name / 'config.json'), saved)
+    (tmp_path / 'run' / 'training-state.pt').write_bytes(b'')  # a run, not an empty start
     os.makedirs(tmp_path / 'full')
     (tmp_path / 'full' / 'x').write_text('x')
     write_pngs(tmp_path / 'png16', 3, size=16)
     write_pngs(tmp_path / 'png32', 3, size=32)
+    clash = write_pngs(tmp_path / 'clash', 1, size=32)
+    with PIL.Image.open(os.path.join(clash, 'img00000000.png')) as im:
+        im.save(os.path.join(clash, 'img00000000.jpg'))
     return tmp_path
 
 
@@ -211,7 +230,8 @@ BAD = [  # (name, args(t), message)
     ('resume-sida-batch-gpu', lambda t: ['--resume', t / 'sida', '--batch-gpu', 256],  # defect 3
      "SiDA's losses are means over each micro-batch, so --batch-gpu must stay 512"),
     ('resume-no-config', lambda t: ['--resume', t / 'png16'], '--resume: no readable config.json'),
-    ('resume-no-state', lambda t: ['--resume', t / 'nostate'], '--resume: no training state'),
+    ('resume-no-state', lambda t: ['--resume', t / 'nostate' / 'training-state.pt'],
+     '--resume: no training state'),
     ('data-resolution', lambda t: TINY(t, 'n1', '--data', t / 'png16'),
      'dataset resolution 16x16 does not match the teacher resolution 32'),
     ('data-labels', lambda t: [*TINY(t, 'n2', '--data', t / 'png32'), '--dataset', 'cifar10-cond'],
@@ -223,7 +243,7 @@ BAD = [  # (name, args(t), message)
      'ref.npz'),
     ('teacher-missing-numbered', lambda t: ['--dataset', 'cifar10', '--teacher', t / 'gone.pkl'],
      'gone.pkl'),  # defect 4: a failed start leaves no numbered folder either
-    ('init-generator-release', lambda t: TINY(t, 'n6', '--init-generator', 'sid-ffhq64-a1.2'),
+    ('init-generator-release', lambda t: TINY(t, 'n9', '--init-generator', 'sid-ffhq64-a1.2'),
      'sid-ffhq64-a1.2 was distilled from ffhq-64x64-uncond-vp'),
     ('eval-metric', lambda t: EVAL(t / 'g.pt', '--metrics', 'fid,kid'),
      "unknown metric(s) ['kid']"),
@@ -237,6 +257,46 @@ BAD = [  # (name, args(t), message)
      'reference ffhq-64x64 is of 64x64 images, the generator makes 32x32'),
     ('eval-release-edm2', lambda t: EVAL('sida-img512-xs-a1'), 'needs the EDM2 network'),
     ('eval-release-name', lambda t: EVAL('sid-cifar10-a1.2'), 'unknown released generator'),
+    # issue 22: a resume writes only into its folder; what it may change (Config's metadata)
+    ('resume-outdir-elsewhere', lambda t: ['--resume', t / 'run', '--outdir', t / 'sida'],
+     'continues a run in its own folder'),
+    ('resume-data-sida', lambda t: ['--resume', t / 'sida10', '--data', t / 'png32'],
+     'other values of --data'),
+    ('resume-data-sign', lambda t: ['--resume', t / 'sign10', '--data', t / 'png32'],
+     'other values of --data'),
+    ('resume-precision', lambda t: ['--resume', t / 'run', '--precision', 'bf16'],
+     'other values of --precision'),
+    ('resume-unrecorded', lambda t: ['--resume', t / 'old', '--alpha', '0.5'],
+     'does not record --alpha'),  # a field missing from config.json takes no new value
+    # issue 22: the teacher must match the dataset preset; --teacher random has a size limit
+    ('teacher-toy', lambda t: TINY(t, 'n6', '--teacher', t / 'toy.pt'), 'is a 2-D toy network'),
+    ('teacher-resolution', lambda t: [*TINY(t, 'n7', '--teacher', t / 'g.pt'), '--dataset',
+                                      'ffhq64'],
+     'makes 32x32 3-channel unconditional images, --dataset ffhq64 64x64 3-channel unconditional'),
+    ('teacher-labels', lambda t: TINY(t, 'n8', '--teacher', t / 'cond.pt'),
+     '--dataset cifar10 32x32 3-channel unconditional ones'),
+    ('teacher-named', lambda t: ['--dataset', 'ffhq64', '--teacher', 'cifar10-32x32-uncond-vp'],
+     """state its shape: --net-overrides '{"img_resolution": 32}'"""),  # before any download
+    ('random-too-large', lambda t: ['--dataset', 'cifar10', '--teacher', 'random',
+                                    '--net-overrides', '{"model_channels": 4096}'],
+     '--teacher random: a network of 5.7e+10 parameters (limit 2e+09)'),
+    # issue 22: generate and project never report more than they wrote, never overwrite their own
+    # outputs, and work in bounded batches (issue 20)
+    ('seeds-twice', lambda t: GEN(t, '--seeds', '1,1,1'), 'seed 1 is given twice'),
+    ('seeds-overlap', lambda t: GEN(t, '--seeds', '7,0-5,3'), 'seed 3 is given twice'),
+    ('seeds-open', lambda t: GEN(t, '--seeds', '0-'), "bad --seeds '0-'"),
+    ('gen-batch-huge', lambda t: GEN(t, '--seeds', '0-9999999', '--batch', 1000000),
+     '--batch 1000000: at most 5461 images of [3, 32, 32] per forward pass'),
+    ('gen-grid-huge', lambda t: GEN(t, '--seeds', '0-99999', '--grid'),
+     'more than one PNG may hold'),
+    ('gen-grid-toy', lambda t: ['generate', '--ckpt', t / 'toy.pt', '--grid', '--outdir', t / 'o'],
+     '--grid: a 2-D toy generator writes its points'),
+    ('project-repeat', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'png32',
+                                  '--repeat', 10 ** 9, '--outdir', t / 'o'],
+     '--repeat in [1, 1000]'),
+    ('project-name-clash', lambda t: ['project', '--ckpt', t / 'g.pt', '--input', t / 'clash',
+                                      '--outdir', t / 'o'],
+     'img00000000.jpg and img00000000.png would both be written as img00000000.png'),
 ]
 
 
@@ -406,7 +466,9 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_and_leaves_no_half_fil
     assert not [n for n in os.listdir(b) if n.endswith('.tmp')]
 
 #----------------------------------------------------------------------------
-# Resume's rules: what may change, what may not (defects 2 and 3 of the redesign).
+# Resume's rules and run folders: what may change, what may not (defects 2 and 3 of the redesign;
+# issue 22: the one policy, one run per folder, a resume in its own folder, stuck folders, snapshot
+# order, failed writes and allocations, Ctrl-C).
 
 def test_resume_keeps_the_maths(tmp_path):
     """--fast changes the precision: refused on resume unless the run was fast (config.json says
@@ -428,6 +490,280 @@ def test_resume_keeps_the_maths(tmp_path):
     with pytest.raises(ValueError, match='--batch-gpu must stay 32'):
         runs.resolve_config(dict(resume=str(tmp_path / 'sida'), batch_gpu=16))
     assert runs.resolve_config(dict(resume=str(tmp_path / 'sida'), batch_gpu=32)).batch_gpu == 32
+
+
+# The resume policy, as the tests pin it: what may change leaves the maths as it is; --data (SiDA's
+# and SIGN's real images, conditional runs' labels), --precision (fp16 also sets Adam's eps; bf16
+# and tf32 round every product to ~1e-3) and every other option are fixed.
+MAY_CHANGE = {'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg', 'device', 'compile',
+              'checkpointing', 'channels_last', 'fused_adam'}
+OTHER = dict(dataset='cifar10-cond', method='sign', alpha=0.8, sigma_init=2.0, tmax=700, ls=2.0,
+             lsg=10.0, lsd=2.0, lsg_gan=0.1, psi_warmup_kimg=1, sida_warmup_kimg=5,
+             sida_mix_kimg=7, lambda_idem=1.0, lambda_rec=1.0, lambda_flow=1.0, teacher='t.pkl',
+             data='d', init_generator='g', net_overrides='{}', seed=5, batch=512, batch_gpu=8,
+             lr=1e-4, glr=1e-4, g_beta1=0.5, dropout=0.2, augment=0.3, ema_mimg=1.0,
+             duration_mimg=900, fast=True, precision='bf16', channels_last=True, fused_adam=True,
+             compile=True, checkpointing=True, device='cpu', tick_kimg=5, snap_kimg=50,
+             fid_every_kimg=50, fid_num=1000, fid_ref='r.npz')
+
+
+def test_resume_policy_is_one_source_in_code_help_and_readme(tmp_path, capsys):
+    """Every option, changed on resume, is refused exactly when its Config metadata says fixed
+    (SiDA: --batch-gpu too); the policy is the one pinned above; --help and the README's Resume
+    paragraph list the same options; an option config.json does not record takes no new value."""
+    fields = {f.name: f.metadata['resume'] for f in dataclasses.fields(sid.Config)}
+    assert {k for k, v in fields.items() if v == 'may change'} == MAY_CHANGE
+    assert {k for k, v in fields.items() if v == 'fixed for sida'} == {'batch_gpu'}
+    assert set(OTHER) == set(fields) - {'resume', 'outdir'}
+    for method in ('sid', 'sida'):
+        cfg = sid.make_config(dict(dataset='cifar10', method=method, outdir='x'))
+        folder = tmp_path / method
+        os.makedirs(folder)
+        runs.write_json(str(folder / 'config.json'), dataclasses.asdict(cfg))
+        for k, v in OTHER.items():
+            assert v != getattr(cfg, k), k
+            if k in MAY_CHANGE or (k == 'batch_gpu' and method != 'sida'):
+                assert getattr(runs.resolve_config({'resume': str(folder), k: v}), k) == v
+            else:
+                with pytest.raises(ValueError, match=f"{runs.flag(k)}( |,|;|$)"):
+                    runs.resolve_config({'resume': str(folder), k: v})
+    help_text = ' '.join(cli('--help').stdout.split('\nresume:\n')[1].split())
+    readme = open(os.path.join(HERE, 'README.md')).read()
+    resume = ' '.join(readme.split('**Resume.**')[1].split('\n\n')[0].split())
+    for text in (help_text, resume.replace('`', '')):
+        may = text.split('may change ')[1].split(':')[0]
+        assert set(re.findall(r'--([\w-]+)', may)) == {runs.flag(k)[2:] for k in MAY_CHANGE} | {
+            'batch-gpu'}, text
+        assert 'except for SiDA --batch-gpu' in text
+    saved = json.load(open(tmp_path / 'sid' / 'config.json'))  # another version: no alpha, no lr
+    del saved['alpha'], saved['lr']
+    runs.write_json(str(tmp_path / 'sid' / 'config.json'), saved)
+    with pytest.raises(ValueError, match='does not record --alpha'):
+        runs.resolve_config({'resume': str(tmp_path / 'sid'), 'alpha': 1.2})
+    capsys.readouterr()
+    assert runs.resolve_config({'resume': str(tmp_path / 'sid')}).alpha == 1.2
+    assert 'does not record --alpha, --lr (another version' in capsys.readouterr().out
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """A local server that records every request and has no files (404)."""
+    seen = []
+
+    def do_GET(self):
+        self.seen.append(self.path)
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_resumed_config_json_is_checked_before_anything_is_fetched(tmp_path, monkeypatch):
+    """A resumed run's config.json is checked as a command line is: unknown fields, wrong types
+    (a list, a number or an object where text goes; text where a number goes), NaN and ranges give
+    one line naming the file, and its teacher and fid_ref URLs are not fetched before that (a local
+    server counts the requests; a good file does reach it)."""
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    server = http.server.HTTPServer(('127.0.0.1', 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{server.server_port}'
+    good = dict(dataclasses.asdict(cfg_for(tmp_path / 'r')), teacher=f'{url}/teacher.pkl',
+                fid_ref=f'{url}/ref.npz', fid_every_kimg=1.0, net_overrides='')
+    bad = [(dict(dataset=['cifar10']), "--dataset must be text, got ['cifar10']"),
+           (dict(device=5), '--device must be text, got 5'),
+           (dict(net_overrides={'model_channels': 16}), '--net-overrides must be text'),
+           (dict(alpha='1.2'), "--alpha must be a finite float in (0, 2], got '1.2'"),
+           (dict(lr=float('nan')), '--lr must be a finite float > 0, got nan'),
+           (dict(seed=1.5), '--seed must be a finite int in [0, 4294967295], got 1.5'),
+           (dict(fast='yes'), "--fast is a switch (0 or 1), got 'yes'"),
+           (dict(colour=1), 'unknown option --colour')]
+    try:
+        os.makedirs(tmp_path / 'r')
+        for change, msg in bad:
+            runs.write_json(str(tmp_path / 'r' / 'config.json'), {**good, **change})
+            r = cli('--resume', tmp_path / 'r')
+            assert_one_line_error(r, f"--resume: {tmp_path / 'r' / 'config.json'}: {msg}")
+        assert Recorder.seen == []
+        runs.write_json(str(tmp_path / 'r' / 'config.json'), good)
+        assert_one_line_error(cli('--resume', tmp_path / 'r', '--alpha', 0.5),
+                              'other values of --alpha')
+        assert Recorder.seen == []
+        assert_one_line_error(cli('--resume', tmp_path / 'r'), f'could not download {url}')
+        assert Recorder.seen == ['/teacher.pkl']  # the checks passed: now it is fetched
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sida_micro_batch_is_recorded_and_kept_across_gpus(tmp_path, monkeypatch):
+    """On 2 GPUs --batch 64 --batch-gpu 64 runs micro-batches of 32: config.json records 32, and a
+    SiDA run resumed where its micro-batch would shrink is refused (SiD's may shrink)."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)  # a caller's group
+
+    def stop(cfg, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, 'claim_folder', stop)  # the micro-batch is settled before it
+    for method in ('sida', 'sid'):
+        new = sid.make_config(dict(method=method, batch=64, batch_gpu=64, outdir='x'))
+        with contextlib.redirect_stdout(io.StringIO()), pytest.raises(KeyboardInterrupt):
+            runs.start(new)
+        assert new.batch_gpu == 32  # what runs, as config.json will say
+        resumed = sid.make_config(dict(method=method, batch=128, batch_gpu=64, resume='x'))
+        monkeypatch.setenv('WORLD_SIZE', '4')
+        if method == 'sida':
+            with pytest.raises(ValueError, match='micro-batch of 64; on 4 GPUs --batch 128 gives '
+                               'micro-batches of 32: resume on at most 2'):
+                runs.start(resumed)
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), pytest.raises(KeyboardInterrupt):
+                runs.start(resumed)
+        monkeypatch.setenv('WORLD_SIZE', '2')
+
+
+def test_resume_writes_only_into_its_own_folder_and_a_finished_run_stays_intact(tmp_path):
+    """`--resume A --outdir B` with B a finished run: refused, and neither folder changes by a
+    byte; a Config made in code is held to the same rule; --outdir A (spelt otherwise) is A."""
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    cfg_a = cfg_for(a, iters=1)
+    run_quiet(cfg_a)
+    run_quiet(cfg_for(b, iters=2, seed=2))
+
+    def files():
+        return {f'{d.name}/{n}': (d / n).read_bytes() for d in (a, b) for n in os.listdir(d)}
+
+    before = files()
+    r = cli('--resume', a, '--outdir', b, '--duration-mimg', 8e-6)
+    assert_one_line_error(r, f'--resume continues a run in its own folder {a}, not in --outdir {b}')
+    assert files() == before
+    with pytest.raises(ValueError, match='its own folder'):
+        runs.train(dataclasses.replace(cfg_a, resume=str(a), outdir=str(b), duration_mimg=8e-6))
+    assert files() == before
+    same = runs.resolve_config(dict(resume=str(a), outdir=f'{tmp_path}/./a/'))
+    assert same.outdir == str(a)
+
+
+def test_numbered_folders_are_taken_atomically(tmp_path):
+    """Runs started at one moment each get their own numbered folder (os.mkdir: no window between
+    choosing the number and making the folder)."""
+    parent = str(tmp_path / 'runs')
+    assert runs.new_run_dir(parent, 'toy-sid') != runs.new_run_dir(parent, 'toy-sid')
+    got, barrier = [], threading.Barrier(8)
+
+    def take():
+        barrier.wait()
+        got.append(runs.new_run_dir(parent, 'toy-sid'))
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 8 and all(os.path.isdir(p) for p in got)
+    assert sorted(os.listdir(parent)) == [f'{i:05d}-toy-sid' for i in range(10)]
+
+
+def test_snapshots_are_ordered_by_the_number_in_their_name(tmp_path):
+    """Past 10^9 images a name grows a digit: the latest is the largest number, not the last
+    string (generate --ckpt RUN and --init-generator RUN read it)."""
+    run = tmp_path / 'run'
+    os.makedirs(run)
+    for name, seed in (('network-snapshot-999999744.pt', 1),
+                       ('network-snapshot-1000005632.pt', 2), ('network-snapshot-99.pt', 3)):
+        tiny_snapshot(run, 'cifar10', name, seed)
+    latest = runs.snapshot_path(str(run))
+    assert latest == str(run / 'network-snapshot-1000005632.pt')
+    G = tiny_snapshot(tmp_path, 'cifar10', 'same.pt', 2)[1]
+    assert states_equal(checkpoints.load_checkpoint(latest)[0], G)
+
+
+def test_a_start_that_died_leaves_a_folder_that_is_reused_or_restarted(tmp_path):
+    """A write that fails for lack of space (here a file-size limit: EFBIG, as ENOSPC is for
+    torch's writer) says which file and how much room there is, in one line. The folder it leaves
+    (config.json and ticks, no training state) is restarted by --resume from 0 kimg, bit for bit
+    an uninterrupted run; a new run into it is pointed there. A folder holding only config.json
+    (an empty start) is taken by a new run, with a note."""
+    out, args = tmp_path / 'r', ['--duration-mimg', 12e-6, '--tick-kimg', 0.004, '--snap-kimg',
+                                 0.008]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))  # a snapshot is ~350 kB
+    try:
+        r = cli(*TINY(tmp_path, 'r', *args))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line_error(r, f"could not write {out / 'network-snapshot-000000008.pt'}: ")
+    assert ' MiB free there)' in r.stderr and 'enforce fail' not in r.stderr
+    assert sorted(os.listdir(out)) == ['config.json', 'stats.jsonl']
+    assert_one_line_error(cli(*TINY(tmp_path, 'r', *args, '--seed', 1)),
+                          f'restart it with --resume {out} (from 0 kimg)')
+    r = cli('--resume', out)
+    assert r.returncode == 0 and f'note: {out} holds no training state' in r.stdout
+    assert cli(*TINY(tmp_path, 'fresh', *args)).returncode == 0
+    A, B = load_state(out), load_state(tmp_path / 'fresh')
+    assert A['cur_nimg'] == 12 and all(torch.equal(A[k][n], B[k][n])
+                                       for k in ('G', 'G_ema', 'f_psi') for n in A[k])
+    assert [e['kimg'] for e in read_stats(out)] == [
+        e['kimg'] for e in read_stats(tmp_path / 'fresh')]
+    empty = tmp_path / 'empty'  # config.json only: a start killed before training
+    os.makedirs(empty)
+    runs.write_json(str(empty / 'config.json'), dataclasses.asdict(cfg_for(empty, seed=7)))
+    r = cli(*TINY(tmp_path, 'empty'))
+    assert r.returncode == 0 and f'note: {empty} holds only the config.json of a start' in r.stdout
+    assert json.load(open(empty / 'config.json'))['seed'] == 0
+    assert load_state(empty)['cur_nimg'] == 4
+
+
+def test_out_of_memory_says_where(tmp_path):
+    """An allocation that fails (an address-space limit stands in for a full GPU) is one line: where
+    in the run and how much was asked, not '[enforce fail at alloc_cpu.cpp...]'."""
+    with open('/proc/self/status') as f:
+        vm = int(re.search(r'VmSize:\s+(\d+) kB', f.read()).group(1)) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm + 3 * 2 ** 30  # far below the 12 GiB the first micro-batch's latents need
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip('the address space is limited already')
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        r = cli(*TINY(tmp_path, 'r', '--batch', 2 ** 20, '--batch-gpu', 2 ** 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert_one_line_error(r, 'out of memory at 0.0 kimg (1048576 images per micro-batch on cpu): '
+                          '12 GiB asked')
+
+
+def test_one_run_per_folder_then_ctrl_c_then_resume(tmp_path):
+    """A run holds its folder: a second run, or a resume, into it is refused in one line naming the
+    holder (pid, host, start time). Ctrl-C ends the run with one line and exit code 130, the lock
+    given back; --resume then continues from its last training state."""
+    out = tmp_path / 'r'
+    argv = [sys.executable, os.path.join(HERE, 'sid.py'), *TINY(tmp_path, 'r'), '--duration-mimg',
+            1, '--tick-kimg', 0.004, '--snap-kimg', 0.008]
+    p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 600  # a hang guard only
+        while not os.path.exists(out / 'training-state.pt'):
+            assert p.poll() is None and time.time() < deadline, p.stderr.read()[-2000:]
+            time.sleep(0.05)
+        holder = (out / 'run.lock').read_text()
+        assert re.fullmatch(rf'pid {p.pid} on \S+ since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\n', holder)
+        for args in (TINY(tmp_path, 'r'), ['--resume', out]):
+            assert_one_line_error(cli(*args), f'{out} is in use by another run ({holder.strip()})')
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=600)[1]
+    finally:
+        p.kill()
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 1, err[-2000:]
+    assert re.fullmatch(rf'interrupted at [\d.]+ kimg: --resume {out} continues from its training '
+                        r'state at [\d.]+ kimg', lines[0])
+    assert not os.path.exists(out / 'run.lock')
+    nimg = load_state(out)['cur_nimg']
+    r = cli('--resume', out, '--duration-mimg', (nimg + 8) / 1e6)
+    assert r.returncode == 0 and 'resumed from' in r.stdout
+    assert load_state(out)['cur_nimg'] == nimg + 8
 
 #----------------------------------------------------------------------------
 # FID in the loop: each value against an independent computation, the best snapshot, the plot, and
