@@ -130,7 +130,8 @@ def rot(t):
 
 def scale(sx, sy=None):
     sx = torch.tensor([float(sx)], dtype=torch.float64)
-    return augment._scale(sx, sx if sy is None else torch.tensor([float(sy)], dtype=torch.float64))[0]
+    sy = sx if sy is None else torch.tensor([float(sy)], dtype=torch.float64)
+    return augment._scale(sx, sy)[0]
 
 
 def shift(tx, ty):
