@@ -46,6 +46,7 @@ class Run:
     tick_time: float = 0.0   # the time of the last status line
     tick_iters: int = 0      # iterations since the last status line
     tick_sums: torch.Tensor = None  # their summed logged losses (fake, G, extra), float64
+    tick_last: torch.Tensor = None  # the last iteration's last micro-batch terms (official print)
 
 #----------------------------------------------------------------------------
 # Options: defaults <- presets <- command line, or a resumed run's saved options <- what may change.
@@ -351,6 +352,7 @@ def maintain(run, s, it):
     """After an iteration: each task whose interval this iteration crossed (or the run's end)."""
     cfg = s.cfg
     run.tick_sums += torch.stack([it.loss_fake, it.loss_G, it.loss_extra])
+    run.tick_last = it.last
     run.tick_iters += 1
     done = s.cur_nimg >= s.end_nimg
 
@@ -368,8 +370,29 @@ def maintain(run, s, it):
     if crossed(cfg.snap_kimg) and s.rank == 0:
         save_checkpoint(run, s)
 
+# Two conventions for the logged losses, both in every status line and stats.jsonl entry. Ours:
+# an iteration's whole loss (the sum over its micro-batches: the batch's per-GPU mean), averaged
+# over the tick's iterations and the GPUs. The official loops print the scaled loss of the last
+# micro-batch of the tick's last iteration on rank 0 (about ours / micro-batches per GPU).
+LOSS_CONVENTION = 'iteration: sum of its micro-batches; mean over the tick and GPUs'
+
+def last_micro_batch(method, last):
+    """The last micro-batch's terms under the official status line's names: SiD loss_fake_score,
+    loss_G; SiDA f_psi's loss split into loss_fake_score (DSM) and loss_D, then loss_G and
+    loss_G_gan; SIGN (no official code) loss_fake_score, loss_G, loss_ign."""
+    fake, d, G, extra = last.tolist()
+    out = dict(loss_fake_score=fake)
+    if method == 'sida':
+        out['loss_D'] = d
+    out['loss_G'] = G
+    extra_name = dict(loss_gan='loss_G_gan', loss_ign='loss_ign').get(sid.METHODS[method].extra)
+    if extra_name:
+        out[extra_name] = extra
+    return out
+
 def report_tick(run, s):
-    """The status line and stats.jsonl entry: mean losses of the tick's iterations, time, memory."""
+    """The status line and stats.jsonl entry: mean losses of the tick's iterations (and the
+    official convention's numbers), time, memory."""
     extra_name = sid.METHODS[s.cfg.method].extra
     if s.world_size > 1:  # each rank summed its share (loss / n): the ranks' mean is the batch's
         check_ranks_agree((s.G, s.f_psi), f' at {s.cur_nimg / 1e3:.1f} kimg')
@@ -382,13 +405,17 @@ def report_tick(run, s):
              sec_per_kimg=sec_per_kimg, loss_fake=loss_fake, loss_G=loss_G)
     if extra_name:
         e[extra_name] = extra
+    e['loss_convention'] = LOSS_CONVENTION
+    e['last_micro_batch'] = last_micro_batch(s.cfg.method, run.tick_last)
     if s.device.type == 'cuda':
         e['mem_gb'] = torch.cuda.max_memory_allocated(s.device) / 2 ** 30
     eta = fmt_time(sec_per_kimg * (s.end_nimg - s.cur_nimg) / 1e3)
     run.log(f"tick {run.tick_index:<4d} kimg {e['kimg']:<9.1f} time {fmt_time(e['time']):<7s} "
-            f"sec/kimg {sec_per_kimg:<7.3g} eta {eta:<7s} loss_fake {loss_fake:<9.4g} "
+            f"sec/kimg {sec_per_kimg:<7.3g} eta {eta:<7s} batch: loss_fake {loss_fake:<9.4g} "
             f"loss_G {loss_G:<+9.4g}"
-            + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e))
+            + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e)
+            + ' | last micro-batch:'
+            + ''.join(f' {k} {v:.4g}' for k, v in e['last_micro_batch'].items()))
     if s.rank == 0:
         append_stats(s.cfg.outdir, e)
         if 'stats.jsonl' not in run.written:
