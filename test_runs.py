@@ -413,6 +413,7 @@ def test_resume_keeps_the_maths(tmp_path):
 
 def fid_setup(tmp_path, monkeypatch):
     monkeypatch.setenv('SID_DETECTOR', detector_file(tmp_path / 'det.pt', dim=8))
+    monkeypatch.setenv('SID_TRUST_DETECTOR', '1')  # the stand-in is not NVIDIA's detector
     mu_ref, sig_ref = np.full(8, 0.1), np.eye(8) * 0.5
     fid.save_ref(str(tmp_path / 'ref.npz'), mu_ref, sig_ref)
     return mu_ref, sig_ref
