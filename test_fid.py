@@ -192,8 +192,9 @@ def flip_member_byte(path, suffix):
     blob = bytearray(open(path, 'rb').read())
     with zipfile.ZipFile(path) as zf:
         info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
-    name_len, extra_len = struct.unpack('<HH', blob[info.header_offset + 26:info.header_offset + 30])
-    blob[info.header_offset + 30 + name_len + extra_len] ^= 0xFF
+    at = info.header_offset
+    name_len, extra_len = struct.unpack('<HH', blob[at + 26:at + 30])  # the local header's
+    blob[at + 30 + name_len + extra_len] ^= 0xFF
     return bytes(blob)
 
 
