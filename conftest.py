@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import types
@@ -301,6 +302,18 @@ class FidStandIn(nn.Module):
 def detector_file(path, dim=16):
     torch.jit.save(torch.jit.script(FidStandIn(dim)), str(path))
     return str(path)
+
+
+def flip_member_byte(path, suffix):
+    """The bytes of a stored zip archive with the first data byte of the member named *suffix
+    flipped (its CRC then fails)."""
+    blob = bytearray(open(path, 'rb').read())
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
+    at = info.header_offset
+    name_len, extra_len = struct.unpack('<HH', blob[at + 26:at + 30])  # the local header's
+    blob[at + 30 + name_len + extra_len] ^= 0xFF
+    return bytes(blob)
 
 
 @contextlib.contextmanager

@@ -184,6 +184,7 @@ def check_allocation(nbytes, what):
 # from the header, before any pixel is decoded).
 
 MAX_IMAGE_PIXELS, MAX_IMAGE_BYTES = 2 ** 26, 1 << 28
+MAX_RESOLUTION = 512  # a plausible image side for sid (EDM: 32, 64; EDM2's latents: 64)
 
 
 def save_png(path, images, cols=None):

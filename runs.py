@@ -112,11 +112,13 @@ def prepare_outdir(outdir):
         raise ValueError(f'--outdir {outdir}: not writable')
     fileio.remove_stale_temporaries(outdir)
 
+MAX_JSON_BYTES, MAX_STATS_BYTES = 1 << 20, 1 << 30  # config.json; stats.jsonl
+
 def read_json(path, what):
+    """A JSON object from a regular file of at most 1 MiB (a FIFO or device is refused)."""
     try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
+        obj = json.loads(fileio.read_regular(path, MAX_JSON_BYTES))
+    except (OSError, ValueError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         where = os.path.dirname(path) or '.'
@@ -131,8 +133,8 @@ def write_file(path, content):
         f.write(content)
 
 def append_stats(outdir, entry):
-    with open(os.path.join(outdir, 'stats.jsonl'), 'a') as f:
-        f.write(json.dumps(entry) + '\n')
+    """One line appended to stats.jsonl, never through a link or into a special file."""
+    fileio.append_line(os.path.join(outdir, 'stats.jsonl'), json.dumps(entry))
 
 def truncate_stats(path, kimg):
     """Drop the lines written after `kimg`: a resumed run continues from its training state, not
@@ -142,9 +144,9 @@ def truncate_stats(path, kimg):
             return json.loads(line).get('kimg', 0) <= kimg + 1e-9 and line.endswith('\n')
         except ValueError:
             return False
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if kept(line)]
+    if os.path.lexists(path):
+        lines = fileio.read_regular(path, MAX_STATS_BYTES).decode(errors='replace')
+        keep = [line for line in lines.splitlines(keepends=True) if kept(line)]
         write_file(path, ''.join(keep).encode())
 
 def save_snapshot(path, G_ema, cur_nimg, cfg, fid_value=None):
@@ -162,23 +164,58 @@ def write_training_state(path, run, s):
     with fileio.atomic_write(path) as f:
         torch.save(state, f)
 
+MAX_COUNT = 2 ** 53  # images seen, data position: exact in a float64 too
+MAX_FRAMES, MAX_FRAME_NUMEL, MAX_FID_ENTRIES = 1000, 1 << 22, 10 ** 6
+
 def read_training_state(path, objects, device):
     """Load a training state into `objects` (name -> module or optimiser) -> dict(cur_nimg,
-    data_images, fid, frames). A missing, foreign or corrupt file gives one line naming it."""
-    if not os.path.isfile(path):
+    data_images, fid, frames). The file is scanned within bounds first (sizes, CRCs, the bounded
+    unpickler: checkpoints.scan_torch_zip); every number is type- and range-checked. A missing,
+    foreign, corrupt or implausible file gives one line naming it."""
+    if not os.path.lexists(path):
         raise FileNotFoundError(f'--resume: no training state at {path}')
     try:
-        st = torch.load(path, map_location=device, weights_only=True)
+        with fileio.open_regular(path, checkpoints.MAX_FILE_BYTES) as f:
+            checkpoints.scan_torch_zip(f, path)
+            st = torch.load(f, map_location=device, weights_only=True)
         for key, obj in objects.items():
             obj.load_state_dict(st[key])
-        return dict(cur_nimg=int(st['cur_nimg']), data_images=int(st['data_images']),
-                    fid=[(float(m), float(v)) for m, v in st.get('fid', [])],
-                    frames=[(str(t), torch.as_tensor(x).float()) for t, x in st.get('frames', [])])
+        return checked_progress(st)
     except Exception as e:  # torch.load and load_state_dict raise many types for foreign files
         msg = str(e).strip().splitlines()
         first = msg[0][:200] if msg else ''
         raise ValueError(f'--resume: {path} is not a training state of this run '
                          f'({type(e).__name__}: {first})') from None
+
+def checked_progress(st):
+    """A training state's progress fields, checked: images seen and data position plain ints in
+    [0, 2^53], the FID history (Mimg, FID) finite number pairs, the toy frames (title, tensor)
+    few and small."""
+    def count(v, name):
+        if type(v) is not int or not 0 <= v <= MAX_COUNT:
+            raise ValueError(f'{name} must be an int in [0, 2^53], got {type(v).__name__} '
+                             f'{str(v)[:40]}')
+        return v
+
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    fid_list, frames = st.get('fid', []), st.get('frames', [])
+    pairs = isinstance(fid_list, (list, tuple)) and len(fid_list) <= MAX_FID_ENTRIES and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(map(number, p)) for p in fid_list)
+    if not pairs:
+        raise ValueError('fid must be a list of (Mimg, FID) number pairs')
+    plausible = isinstance(frames, (list, tuple)) and len(frames) <= MAX_FRAMES and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
+        and len(p[0]) <= 200 and isinstance(p[1], torch.Tensor) and p[1].is_floating_point()
+        and p[1].numel() <= MAX_FRAME_NUMEL for p in frames)
+    if not plausible:
+        raise ValueError(f'frames must be at most {MAX_FRAMES} (title, float tensor of at most '
+                         f'{MAX_FRAME_NUMEL} numbers) pairs')
+    return dict(cur_nimg=count(st['cur_nimg'], 'cur_nimg'),
+                data_images=count(st['data_images'], 'data_images'),
+                fid=[(float(m), float(v)) for m, v in fid_list],
+                frames=[(t, x.float()) for t, x in frames])
 
 def snapshot_path(path):
     """A run folder -> its best snapshot, else its latest; a file -> itself."""

@@ -2,8 +2,6 @@
 detector stand-in, EDM's reference files, the command line, the detector's trust rule and the
 reference statistics' checks."""
 import os
-import struct
-import zipfile
 from typing import Tuple
 
 import numpy as np
@@ -12,8 +10,8 @@ import torch
 
 import fid
 import fileio
-from conftest import (FidStandIn, detector_file, edm_files, write_bytes, write_dataset,
-                      write_pngs)
+from conftest import (FidStandIn, detector_file, edm_files, flip_member_byte, write_bytes,
+                      write_dataset, write_pngs)
 
 
 def random_cov(rng, d, rank=None, scale=1.0):
@@ -184,18 +182,6 @@ class WritesAtLoad(torch.nn.Module):
 
     def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         return img.float().flatten(1)[:, :16] + self.touched
-
-
-def flip_member_byte(path, suffix):
-    """The bytes of a stored zip archive with the first data byte of the member named *suffix
-    flipped (its CRC then fails)."""
-    blob = bytearray(open(path, 'rb').read())
-    with zipfile.ZipFile(path) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
-    at = info.header_offset
-    name_len, extra_len = struct.unpack('<HH', blob[at + 26:at + 30])  # the local header's
-    blob[at + 30 + name_len + extra_len] ^= 0xFF
-    return bytes(blob)
 
 
 def test_only_nvidias_detector_runs_unless_trusted(tmp_path, monkeypatch, capsys):
