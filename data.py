@@ -105,8 +105,9 @@ def _read_labels(path, names, read, files):
     decoding. Its size is bounded by what labels for `files` can take (a name and a short int
     per image), so that a bomb is refused before it is parsed."""
     bound = sum(len(n) + 64 for n in files) + 4096
+    text = read('dataset.json', bound) if 'dataset.json' in names else b'null'
     try:
-        meta = json.loads(read('dataset.json', bound)) if 'dataset.json' in names else None
+        meta = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ValueError(f'{path}: dataset.json is not valid JSON ({type(e).__name__})') from None
     labels = meta.get('labels') if isinstance(meta, dict) else None

@@ -412,6 +412,7 @@ def _fetch(src, path, limit, size, deadline_s, sha256=None, md5=None):
     folder = os.path.dirname(path)
     end = time.monotonic() + deadline_s
     h, m = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    tty = sys.stderr.isatty()
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder, min_age_s=2 * deadline_s)  # killed downloads
@@ -432,9 +433,11 @@ def _fetch(src, path, limit, size, deadline_s, sha256=None, md5=None):
                 h.update(chunk)
                 m.update(chunk)
                 of_total = f'/{total / 2**20:.1f}' if total else ''
-                print(f'\rdownloading {src}: {done / 2**20:.1f}{of_total} MiB',
-                      end='', file=sys.stderr, flush=True)
-            print(file=sys.stderr)
+                if tty:  # progress for a person watching; logs get no half lines
+                    print(f'\rdownloading {src}: {done / 2**20:.1f}{of_total} MiB',
+                          end='', file=sys.stderr, flush=True)
+            if tty:
+                print(file=sys.stderr)
             if (total is not None and done != total) or (size is not None and done != size):
                 raise OSError(f'truncated download, got {done} of {size or total} bytes')
             _check_match(h.hexdigest(), m.hexdigest(), sha256, md5, 'the download')

@@ -650,7 +650,7 @@ def cmd_project(a):
         c = F.one_hot(torch.tensor([a.class_idx]), G.label_dim).float().to(device)
     images = []  # read (and check) every input before writing anything
     for path in files:
-        y = fileio.read_image(path, path)
+        y = fileio.read_image(path, path, root=None if a.input == path else a.input)
         if list(y.shape) != G.img_shape:
             raise ValueError(f'{path}: image of shape {list(y.shape)} (C,H,W), the generator makes '
                              f'{G.img_shape}')
@@ -666,8 +666,11 @@ def cmd_project(a):
         fileio.save_png(os.path.join(a.outdir, name), fid.to_uint8(x)[0].cpu())
     print(f'wrote {len(files)} projected image(s) to {a.outdir}')
 
+MAX_POINTS = 10_000_000  # 2-D points in a project --input .npy
+
+
 def project_points(a, G, sigma_init, device, gen):
-    y = np.load(a.input, allow_pickle=False)
+    y = fileio.read_npy(a.input, 2 * MAX_POINTS)  # header and size checked before reading
     if y.ndim != 2 or y.shape[1] != G.img_channels or G.img_resolution:
         raise ValueError(f'{a.input}: expected points [N, {G.img_channels}] for a 2-D toy '
                          f'generator, got {list(y.shape)}')
