@@ -544,12 +544,16 @@ def finish(run, s):
 # The commands `python sid.py generate|project` (a trained generator) and their arguments.
 
 MAX_SEEDS = 10_000_000
+MAX_BATCH_ELEMENTS = 1 << 28  # numbers in one generated batch (1 GiB of float32) or one grid
+MAX_REPEAT = 1000  # SIGN's projections in a row, per input
+MAX_PICTURE_POINTS = 4096  # toy points in generate's samples.png
 
 def parse_seeds(text):
     """'0-49999' or '1,5,10-19' -> list of ints (the count is checked before the list is made)."""
     try:
-        ranges = [(int(a), int(b or a)) for a, _, b in (p.partition('-') for p in text.split(','))]
-    except ValueError:
+        parts = [p.partition('-') for p in text.split(',')]
+        ranges = [(int(a), int(b if dash else a)) for a, dash, b in parts]
+    except ValueError:  # also '0-', an open range
         ranges = [(1, 0)]
     if any(lo < 0 or hi < lo for lo, hi in ranges):
         raise ValueError(f"bad --seeds '{text}': use e.g. 0-49999 or 1,5,10-19 (non-negative, "
@@ -587,19 +591,34 @@ def open_generator(a):
     device = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     return G.to(device), info.get('config', {}).get('sigma_init', 2.5), device
 
+def check_batch(a, G, n):
+    """Generation works in batches of --batch images; they, and a --grid of n, must fit."""
+    numel = math.prod(G.img_shape)
+    if a.batch * numel > MAX_BATCH_ELEMENTS:
+        raise ValueError(f'--batch {a.batch}: {a.batch} images of {G.img_shape} exceed '
+                         f'{MAX_BATCH_ELEMENTS} numbers; use at most '
+                         f'{max(MAX_BATCH_ELEMENTS // numel, 1)}')
+    if a.grid and n * numel > MAX_BATCH_ELEMENTS:
+        raise ValueError(f'--grid of {n} images of {G.img_shape} exceeds {MAX_BATCH_ELEMENTS} '
+                         f'pixel values; use fewer --seeds')
+
 def cmd_generate(a):
     seeds, sigmas = parse_seeds(a.seeds), parse_sigmas(a.sigmas, a.steps)
     if a.batch < 1:
         raise ValueError(f'--batch must be >= 1, got {a.batch}')
     G, sigma_init, device = open_generator(a)
+    check_batch(a, G, len(seeds))
     os.makedirs(a.outdir, exist_ok=True)
-    if not G.img_resolution:  # the 2-D toy: points and a picture
-        x = sample_images(G, seeds, sigma_init, device, None, sigmas).cpu()
+    if not G.img_resolution:  # the 2-D toy: points and a picture, drawn in batches
+        x = torch.cat([sample_images(G, seeds[i:i + a.batch], sigma_init, device, None,
+                                     sigmas).cpu() for i in range(0, len(seeds), a.batch)])
         with fileio.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
             np.save(f, x.numpy())
-        picture = draw.samples_picture(x, toy.ToyMixture())
+        # the picture's figures include an O(N^2) energy distance: the first points only
+        picture = draw.samples_picture(x[:MAX_PICTURE_POINTS], toy.ToyMixture())
         write_file(os.path.join(a.outdir, 'samples.png'), picture)
-        print(f'wrote {len(seeds)} points to {a.outdir}/samples.npy and samples.png')
+        shown = f' (the first {MAX_PICTURE_POINTS})' if len(x) > MAX_PICTURE_POINTS else ''
+        print(f'wrote {len(seeds)} points to {a.outdir}/samples.npy and samples.png{shown}')
         return
     grid = []
     for i in range(0, len(seeds), a.batch):
@@ -625,9 +644,9 @@ def cmd_generate(a):
 def cmd_project(a):
     """SIGN projection / editing: f(y + sigma*eps), `repeat` times, for each input image (or the
     toy's .npy points)."""
-    if not (math.isfinite(a.sigma) and a.sigma >= 0) or a.repeat < 1:
-        raise ValueError(f'need a finite --sigma >= 0 and --repeat >= 1, got {a.sigma} and '
-                         f'{a.repeat}')
+    if not (math.isfinite(a.sigma) and a.sigma >= 0) or not 1 <= a.repeat <= MAX_REPEAT:
+        raise ValueError(f'need a finite --sigma >= 0 and --repeat in [1, {MAX_REPEAT}], got '
+                         f'{a.sigma} and {a.repeat}')
     if not os.path.exists(a.input):
         raise FileNotFoundError(f'--input not found: {a.input}')
     G, sigma_init, device = open_generator(a)
@@ -793,7 +812,8 @@ def tools_parser(cmd):
                        help='an image, a folder of images, or a 2-D toy .npy of points [N, 2]')
         p.add_argument('--sigma', type=float, default=0.0,
                        help='noise added before each projection (default: 0, plain f(y))')
-        p.add_argument('--repeat', type=int, default=1, help='projections in a row (default: 1)')
+        p.add_argument('--repeat', type=int, default=1,
+                       help=f'projections in a row, at most {MAX_REPEAT} (default: 1)')
         p.add_argument('--seed', type=int, default=0, help='seed of the added noise (default: 0)')
     return p
 

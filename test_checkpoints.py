@@ -479,6 +479,19 @@ REGRESSION = [
         'project', '--ckpt', d / 'g.pt', '--input', write_bytes(d / 'pts.npy', npy_bytes(
             np.zeros(4), (10 ** 9, 2))), '--outdir', d / 'out-npy'),
      r'pts.npy: an array of shape \[1000000000, 2\] exceeds 20000000 elements'),
+    ('generate-seeds-open', 'sid', lambda d: sid_args('generate', '--ckpt', d / 'g.pt', '--seeds',
+                                                      '0-', '--outdir', d / 'out-open'),
+     "bad --seeds '0-'"),
+    ('generate-batch-huge', 'sid', lambda d: sid_args(
+        'generate', '--ckpt', d / 'g.pt', '--seeds', '0-9999999', '--batch', 1000000, '--outdir',
+        d / 'out-batch'), r'--batch 1000000: 1000000 images of \[3, 32, 32\] exceed 268435456'),
+    ('generate-grid-huge', 'sid', lambda d: sid_args(
+        'generate', '--ckpt', d / 'g.pt', '--seeds', '0-9999999', '--grid', '--outdir',
+        d / 'out-grid'), r'--grid of 10000000 images'),
+    ('project-repeat-huge', 'sid', lambda d: sid_args(
+        'project', '--ckpt', d / 'g.pt', '--input', write_bytes(d / 'p32.png', png_bytes(
+            np.zeros((32, 32, 3), np.uint8))), '--repeat', 1000000000,
+        '--outdir', d / 'out-rep'), r'--repeat in \[1, 1000\], got 0.0 and 1000000000'),
     ('fid-folder-fifo', 'fid', lambda d: fid_args('calc', '--images', in_folder(
         d, 'fidfifo', **{'b.png': 'fifo'}), '--ref', refs(d), '--num', 2, '--detector',
         d / 'det.pt', '--trust-detector'), 'b.png: not a regular file'),
