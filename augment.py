@@ -51,24 +51,55 @@ def _pow2(n):  # smallest power of two >= n
 #----------------------------------------------------------------------------
 # The warp: out(p) = in(G_inv p), band-limited by 2x oversampling (ADA's geometric pipeline).
 
+def _edm_margin(G, c, size):
+    """EDM's padding per side (EDM augment.py): how far the batch's warped image corners reach
+    beyond the image, plus 6 px of filter support, within [0, size - 1]; the max over the whole
+    batch. G: (N, 2, 3) float32 rows of G_inv for one axis pair; c: the centre; -> (before, after)
+    as 0-d tensors on the device (the corners (+-cx, +-cy) need no constant tensor)."""
+    reach = G[:, 0].abs() * c[0] + G[:, 1].abs() * c[1]  # max over the 4 corners of |linear part|
+    before = (reach - G[:, 2]).amax() + 6 - c[2]
+    after = (reach + G[:, 2]).amax() + 6 - c[2]
+    return before.clamp(0, size - 1).ceil(), after.clamp(0, size - 1).ceil()
+
+
+def _inside(n, lo, hi, device):
+    """[n] bool: lo <= k < hi (lo, hi 0-d device tensors)."""
+    k = torch.arange(n, device=device)
+    return (k >= lo) & (k < hi)
+
+
 def warp_images(images, G_inv):
     """out(p) = in(G_inv p), p in pixel coordinates centred on the image; reflect padding outside.
     Band-limited: upsample 2x (sym6 synthesis), bilinear sample, downsample 2x (sym6 analysis).
-    Free of host syncs: the reflect padding is the largest reflection allows (W-1, H-1 on every
-    side), a bound fixed by the image size. EDM pads only as far as the warped footprint (+6 px of
-    filter support) reaches, read back from the GPU, capped at the same bound; inside that
-    footprint both paddings hold the same pixels, so the output is the same up to float rounding,
-    and beyond the cap both sample zeros."""
+    The same function as EDM's geometric pipeline, to float rounding, without its host sync: EDM
+    pads by the batch's warped footprint (+6 px), a size it reads back from the GPU, and reads
+    zeros beyond its padded and upsampled canvases. Here the padding is always the largest (W-1,
+    H-1), and EDM's margin, computed on the device, zeroes what EDM would not have (it matters
+    only at the border, after zooms out by more than ~1.4)."""
     N, C, H, W = images.shape
     dev, L = images.device, len(_SYM6)
     h = _sym6(dev, images.dtype)
     cx, cy = (W - 1) / 2, (H - 1) / 2
-    mx0 = mx1 = W - 1
-    my0 = my1 = H - 1
-    x = F.pad(images, [mx0, mx1, my0, my1], mode='reflect')
-    # Upsample: U[k] = sum_i P[i] h[k - 2i]; sample k sits at padded pixel coordinate (k - 5.5) / 2.
+    G = G_inv.to(torch.float32)
+    ex0, ex1 = _edm_margin(G[:, 0], (cx, cy, cx), W)
+    ey0, ey1 = _edm_margin(G[:, 1], (cx, cy, cy), H)
+    x = F.pad(images, [W - 1, W - 1, H - 1, H - 1], mode='reflect')
+    keep = (_inside(3 * H - 2, H - 1 - ey0, 2 * H - 1 + ey1, dev)[:, None]
+            & _inside(3 * W - 2, W - 1 - ex0, 2 * W - 1 + ex1, dev))
+    x = torch.where(keep, x, 0)  # EDM's padded image
+    # Upsample: U[k] = sum_i P[i] h[k - 2i]. Sample k sits at padded pixel coordinate (k - 5) / 2,
+    # EDM's placement: its upsampled sample k (our k + 5) is where its grid_sample (align_corners
+    # False, at twice the resolution, half a pixel shifted each way) reads padded coordinate k / 2.
+    # The filter is not symmetric, so its midpoint (k - 5.5) / 2 would turn rotations and zooms
+    # about a centre a quarter pixel off; translations and flips would not show it.
+    k0 = L // 2 - 1  # 5 for the 12 taps of sym6
     x = F.conv_transpose2d(x, h.reshape(1, 1, 1, L).tile([C, 1, 1, 1]), stride=(1, 2), groups=C)
     x = F.conv_transpose2d(x, h.reshape(1, 1, L, 1).tile([C, 1, 1, 1]), stride=(2, 1), groups=C)
+    # EDM's upsampled canvas: its 2 (size + margins) samples; zeros beyond, as its grid_sample.
+    y0, x0 = 2 * (H - 1 - ey0) + k0, 2 * (W - 1 - ex0) + k0
+    keep = (_inside(x.shape[2], y0, y0 + 2 * (H + ey0 + ey1), dev)[:, None]
+            & _inside(x.shape[3], x0, x0 + 2 * (W + ex0 + ex1), dev))
+    x = torch.where(keep, x, 0)
     # Zeros after the last row/column (never sampled) make size - 1 a power of two, so
     # grid_sample's coordinate normalisation k / (size - 1) * 2 - 1 and its inverse round by less
     # than 1e-5 px even on this larger canvas.
@@ -76,14 +107,14 @@ def warp_images(images, G_inv):
     pad_y = _pow2(x.shape[2] - 1) + 1 - x.shape[2]
     x = F.pad(x, [0, pad_x, 0, pad_y])
     # Sample the warped image on a 2x grid covering the output plus filter support: S[k] at
-    # (k - 5.5) / 2.
-    ux = (torch.arange(2 * W + L - 2, device=dev, dtype=torch.float32) - (L - 1) / 2) / 2 - cx
-    uy = (torch.arange(2 * H + L - 2, device=dev, dtype=torch.float32) - (L - 1) / 2) / 2 - cy
-    G = G_inv.to(torch.float32)[:, :2, :, None, None]  # (N, 2, 3, 1, 1)
+    # output pixel coordinate (k - 5) / 2, the same placement as the upsampling's.
+    ux = (torch.arange(2 * W + L - 2, device=dev, dtype=torch.float32) - k0) / 2 - cx
+    uy = (torch.arange(2 * H + L - 2, device=dev, dtype=torch.float32) - k0) / 2 - cy
+    G = G[:, :2, :, None, None]  # (N, 2, 3, 1, 1)
     src = (G[:, :, 0] * ux[None, None, None, :] + G[:, :, 1] * uy[None, None, :, None]
            + G[:, :, 2])  # (N, 2, Hs, Ws)
-    kx = 2 * (src[:, 0] + cx + mx0) + (L - 1) / 2  # index into the upsampled image
-    ky = 2 * (src[:, 1] + cy + my0) + (L - 1) / 2
+    kx = 2 * (src[:, 0] + cx + W - 1) + k0  # index into the upsampled image
+    ky = 2 * (src[:, 1] + cy + H - 1) + k0
     grid = torch.stack([kx / (x.shape[3] - 1) * 2 - 1,
                         ky / (x.shape[2] - 1) * 2 - 1], dim=-1)  # (N, Hs, Ws, 2)
     x = F.grid_sample(x, grid.to(x.dtype), mode='bilinear', padding_mode='zeros',

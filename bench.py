@@ -10,7 +10,9 @@ import contextlib
 import ctypes
 import io
 import json
+import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -537,9 +539,49 @@ def bench_compare(args):
 #----------------------------------------------------------------------------
 
 BENCHES = dict(nets=bench_nets, sid=bench_sid, compare=bench_compare)
+PRECISIONS = ('fp32', 'tf32', 'bf16', 'fp16')
+SECTIONS = {'1', '2', '3', '4', '5', '6', '7', '8', 'x'}
 
 
-def main():
+def check_options(args):
+    """bench's option values checked before anything is built, as sid.py's: one ValueError line
+    (main makes it `error: ...` and exit code 2)."""
+    import checkpoints
+    import sid
+    counts = dict(batch=args.batch, repeat=args.repeat, threads=args.threads)
+    counts.update({'batch-gpu': min(args.batch_gpu) if args.batch_gpu else None})
+    for name, v in counts.items():
+        if v is not None and v < 1:
+            raise ValueError(f'--{name} must be >= 1, got {v}')
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', args.device):
+        raise ValueError(f'--device {args.device}: use cpu, cuda or cuda:N')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'--device {args.device}: CUDA is not available here')
+    for setting in args.settings or []:
+        if setting.split('+')[0] not in PRECISIONS:
+            raise ValueError(f'--settings {setting}: the precision must be one of '
+                             f'{", ".join(PRECISIONS)}')
+        setting_fields(setting)
+    bad = sorted(set(args.sections.split(',')) - SECTIONS) if args.sections else []
+    if bad:
+        raise ValueError(f'--sections: unknown section(s) {", ".join(bad)} (1-8 or x)')
+    for name, v in (('peak-tflops', args.peak_tflops), ('budget-s', args.budget_s)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f'--{name} must be a finite number > 0, got {v}')
+    if args.fast_fields is not None:
+        try:
+            fields = json.loads(args.fast_fields)
+        except ValueError:
+            fields = None
+        known = sid.Config.__dataclass_fields__
+        if not isinstance(fields, dict) or not all(k in known for k in fields):
+            raise ValueError('--fast-fields must be a JSON object of sid.py options, e.g. '
+                             '\'{"fast": 1}\'')
+    if args.net_overrides:
+        checkpoints.parse_net_overrides(args.net_overrides, 'cifar10-32x32-uncond-vp')
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description='sid benchmarks: time and peak memory')
     add = parser.add_argument
     add('--what', choices=sorted(BENCHES), default='nets', help='what to benchmark (default: nets)')
@@ -572,7 +614,9 @@ def main():
         help='compare: only these sections, e.g. 5,6,x (x = extras; 7/8 need 1 and 2; default: '
         'all)')
     add('--net-overrides', default=None, metavar='JSON', help='compare: network kwargs (as sid.py)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    import runs
+    runs.one_line_errors(lambda: check_options(args))
     if args.quick:
         args.device, args.repeat = 'cpu', min(args.repeat, 2)
         args.budget_s = max(args.budget_s, 900)  # a loaded CPU is slow; run every section

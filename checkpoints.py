@@ -19,7 +19,7 @@ import torch
 
 import releases
 from edm_nets import PRESETS, EDMPrecond
-from fileio import download
+from fileio import MAX_RESOLUTION, check_zip, download, open_regular
 from unpickle import (EDM_GLOBALS, STORAGE_GLOBALS, Refused, StorageType, bounded_unpickle,
                       check_view, ordered_dict)
 
@@ -29,6 +29,7 @@ from unpickle import (EDM_GLOBALS, STORAGE_GLOBALS, Refused, StorageType, bounde
 # parameters.
 
 MAX_PARAMS = 2e9
+MAX_FILE_BYTES = 1 << 36  # a checkpoint or training state (ImageNet's SiD state is ~8 GB)
 
 
 def _int_in(lo, hi):  # a plain int (not a bool) in [lo, hi]
@@ -53,7 +54,7 @@ _UNET_KWARGS = dict(augment_dim=_int_in(0, 64), model_channels=_int_in(1, 4096),
                     num_blocks=_int_in(1, 64), attn_resolutions=_ints_in(1, 4096, 16),
                     dropout=_num_in(0, 1), label_dropout=_num_in(0, 1))
 NET_KWARGS = {  # None: EDMPrecond's own arguments; then one table per model_type (extend here)
-    None: dict(img_resolution=_int_in(0, 4096), img_channels=_int_in(1, 16),
+    None: dict(img_resolution=_int_in(0, MAX_RESOLUTION), img_channels=_int_in(1, 16),
                label_dim=_int_in(0, 100000), use_fp16=lambda v: type(v) is bool,
                sigma_min=_num_in(0, math.inf), sigma_max=_num_in(0, math.inf),
                sigma_data=_num_in(1e-9, 1e9),
@@ -79,6 +80,11 @@ def check_net_kwargs(kwargs, source):
         if k not in table or not table[k](v):
             raise ValueError(f'{source}: network kwarg {k}={str(v)[:60]} '
                              f'is unknown or out of range')
+    levels = len(kwargs.get('channel_mult', [1, 2, 2, 2]))  # both U-Nets' default has 4
+    res = kwargs.get('img_resolution', 0)
+    if kwargs.get('model_type', 'DhariwalUNet') != 'ToyMLP' and res % (1 << (levels - 1)):
+        raise ValueError(f'{source}: img_resolution={res} cannot be halved {levels - 1} times '
+                         f'(channel_mult has {levels} levels)')
     return kwargs
 
 
@@ -131,15 +137,12 @@ def _build_checked(kwargs, state_dict, source):
 #----------------------------------------------------------------------------
 # sid's own snapshots: torch.save zips, scanned within bounds before torch.load(weights_only=True).
 
-def _scan_torch_zip(path):
-    """Bounded pre-scan of a torch.save zip: member sizes, then data.pkl through the bounded
-    unpickler with every storage checked against its member and every tensor view against its
-    storage."""
-    with zipfile.ZipFile(path) as zf:
+def scan_torch_zip(f, path):
+    """Bounded pre-scan of the torch.save zip open as f: member sizes and CRCs (fileio.check_zip;
+    torch.load checks neither), then data.pkl through the bounded unpickler with every storage
+    checked against its member and every tensor view against its storage."""
+    with check_zip(f, path) as zf:
         infos = {i.filename: i for i in zf.infolist()}
-        total = sum(i.file_size for i in infos.values())
-        if total > os.path.getsize(path) + (1 << 20):  # torch stores members uncompressed
-            raise ValueError(f'{path}: zip members declare {total} bytes, more than the file holds')
         pkl = [n for n in infos if n.endswith('/data.pkl') and n.count('/') == 1]
         if len(pkl) != 1:
             raise ValueError(f'{path}: not a torch.save archive (no single */data.pkl)')
@@ -160,17 +163,19 @@ def _scan_torch_zip(path):
 
         allow = {**STORAGE_GLOBALS, ('collections', 'OrderedDict'): ordered_dict,
                  ('torch._utils', '_rebuild_tensor_v2'): tensor}
-        with zf.open(pkl[0]) as f:
-            bounded_unpickle(io.BytesIO(f.read()), allow, path, persistent)
+        with zf.open(pkl[0]) as member:
+            bounded_unpickle(io.BytesIO(member.read()), allow, path, persistent)
+    f.seek(0)
 
 
 def _load_torch_file(path):
-    _scan_torch_zip(path)
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many types for a bad archive
-        raise ValueError(f'{path}: cannot read checkpoint safely '
-                         f'({str(e).splitlines()[0]})') from None
+    with open_regular(path, MAX_FILE_BYTES) as f:
+        scan_torch_zip(f, path)
+        try:
+            data = torch.load(f, map_location='cpu', weights_only=True)
+        except Exception as e:  # torch raises many types for a bad archive
+            raise ValueError(f'{path}: cannot read checkpoint safely '
+                             f'({str(e).splitlines()[0]})') from None
     key = next((k for k in ('G_ema', 'ema') if isinstance(data, dict) and k in data), None)
     if key is None or 'net_kwargs' not in data:
         found = list(data)[:10] if isinstance(data, dict) else type(data).__name__
@@ -202,7 +207,7 @@ def _flatten_state(rec, prefix='', out=None):
 
 
 def _load_edm_file(path):
-    with open(path, 'rb') as f:
+    with open_regular(path, MAX_FILE_BYTES) as f:
         data = bounded_unpickle(f, EDM_GLOBALS, path)
     if not isinstance(data, dict) or 'ema' not in data:
         found = list(data)[:10] if isinstance(data, dict) else type(data).__name__

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import types
@@ -367,3 +368,77 @@ def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n
         pickler(buf, protocol=protocol).dump(snapshot)
     write_bytes(path, buf.getvalue())
     return buf.getvalue()
+
+def flip_member_byte(path, suffix):
+    """The bytes of a stored zip archive with the first data byte of the member named *suffix
+    flipped (its CRC then fails)."""
+    blob = bytearray(open(path, 'rb').read())
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
+    at = info.header_offset
+    name_len, extra_len = struct.unpack('<HH', blob[at + 26:at + 30])  # the local header's
+    blob[at + 30 + name_len + extra_len] ^= 0xFF
+    return bytes(blob)
+
+
+@contextlib.contextmanager
+def http_server(routes, max_requests=20, max_seconds=20.0):
+    """A local HTTP server on 127.0.0.1 for the download tests, started and stopped here (no
+    proxy). routes: {path: bytes | ('trickle', n_bytes, seconds_per_byte) | ('endless',) |
+    ('redirect', url)}; at most max_requests requests, none served longer than max_seconds.
+    Yields (base URL, the list of paths requested)."""
+    import http.server
+    import threading
+    import time
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(self.path)
+            route = routes.get(self.path)
+            if len(seen) > max_requests or route is None:
+                self.send_error(404 if route is None else 503)
+                return
+            if isinstance(route, bytes):
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(route)))
+                self.end_headers()
+                self.wfile.write(route)
+                return
+            if route[0] == 'redirect':
+                self.send_response(302)
+                self.send_header('Location', route[1])
+                self.end_headers()
+                return
+            self.send_response(200)
+            if route[0] == 'trickle':
+                self.send_header('Content-Length', str(route[1]))
+            self.end_headers()
+            end, sent = time.monotonic() + max_seconds, 0
+            with contextlib.suppress(OSError):  # the client hung up
+                while time.monotonic() < end and (route[0] == 'endless' or sent < route[1]):
+                    self.wfile.write(b'x' if route[0] == 'trickle' else bytes(1 << 16))
+                    self.wfile.flush()
+                    sent += 1
+                    if route[0] == 'trickle':
+                        time.sleep(route[2])
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    old = os.environ.get('no_proxy')
+    os.environ['no_proxy'] = '127.0.0.1'
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}', seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=max_seconds + 5)
+        if old is None:
+            os.environ.pop('no_proxy', None)
+        else:
+            os.environ['no_proxy'] = old

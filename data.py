@@ -3,11 +3,12 @@
 # SiDA's real images and fid.py's reference sets. The layouts are those of EDM's dataset_tool.py
 # and ImageFolderDataset (Karras et al. 2022, github.com/NVlabs/edm): images at any depth sorted by
 # name, optional dataset.json labels, the whole set decoded once into memory as uint8
-# (cache=True). Sizes declared by archives are checked before anything is read.
+# (cache=True). Bounded: only regular files are read (no FIFO, device, or link out of a folder),
+# sizes declared by archives and headers are checked before anything is read or allocated, and
+# the decoded set must fit the memory left.
 
 import json
 import os
-import pathlib
 import tarfile
 import zipfile
 import zlib
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fileio import download, read_image
+from fileio import (MAX_RESOLUTION, check_allocation, check_regular, download, open_regular,
+                    read_image, read_regular)
 from unpickle import CIFAR_GLOBALS, bounded_unpickle
 
 #----------------------------------------------------------------------------
@@ -24,7 +26,8 @@ from unpickle import CIFAR_GLOBALS, bounded_unpickle
 # dataset.json labels.
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-MAX_MEMBER_BYTES, MAX_DATASET_BYTES, MAX_LABEL = 1 << 28, 1 << 36, 100000
+MAX_MEMBER_BYTES, MAX_DATASET_BYTES, MAX_LABEL = 1 << 26, 1 << 36, 100000
+MAX_ARCHIVE_BYTES = 1 << 30  # a CIFAR-10 python archive (163 MiB)
 
 
 def _one_hot(ys, path, num=None):
@@ -42,7 +45,8 @@ def _load_cifar_archive(path):
     EDM's dataset_tool)."""
     xs, ys = [], []
     try:
-        with tarfile.open(path, 'r:gz') as tar:
+        with open_regular(path, MAX_ARCHIVE_BYTES) as f, \
+                tarfile.open(fileobj=f, mode='r:gz') as tar:
             for i in range(1, 6):
                 member = tar.getmember(f'cifar-10-batches-py/data_batch_{i}')
                 if not member.isfile() or member.size > MAX_MEMBER_BYTES:
@@ -65,19 +69,18 @@ def _load_cifar_archive(path):
 
 
 def _list_members(path):
-    """(names, read(name) -> bytes) for a folder or a zip; every size is checked before reading."""
+    """(names, read(name, max_bytes) -> bytes) for a folder or a zip; every size is checked
+    before reading; a folder's entries must be regular files (or links to them inside it)."""
     if os.path.isdir(path):
         names = [os.path.relpath(os.path.join(r, f), path).replace(os.sep, '/')
                  for r, _, fs in os.walk(path) for f in fs]
 
-        def read(name):
-            p = os.path.join(path, name)
-            if os.path.getsize(p) > MAX_MEMBER_BYTES:
-                raise ValueError(f'{path}: {name} is larger than {MAX_MEMBER_BYTES} bytes')
-            return pathlib.Path(p).read_bytes()
+        def read(name, max_bytes=MAX_MEMBER_BYTES):
+            return read_regular(os.path.join(path, name), max_bytes, root=path,
+                                what=f'{path}: {name}')
 
         return names, read
-    zf = zipfile.ZipFile(path)
+    zf = zipfile.ZipFile(open_regular(path))
     infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
     big = [i for i in infos.values() if i.file_size > MAX_MEMBER_BYTES]
     if big:
@@ -87,14 +90,24 @@ def _list_members(path):
     if total > max(MAX_DATASET_BYTES, 0):
         raise ValueError(f'{path}: members declare {total} bytes in all '
                          f'(limit {MAX_DATASET_BYTES})')
-    return list(infos), zf.read  # zipfile stops at the declared size and checks the CRC
+
+    def read(name, max_bytes=MAX_MEMBER_BYTES):
+        if infos[name].file_size > max_bytes:
+            raise ValueError(f'{path}: {name} declares {infos[name].file_size} bytes '
+                             f'(limit {max_bytes})')
+        return zf.read(name)  # zipfile stops at the declared size and checks the CRC
+
+    return list(infos), read
 
 
 def _read_labels(path, names, read, files):
     """dataset.json {"labels": [[name, int], ...] or null} -> labels of `files`, checked before
-    decoding."""
+    decoding. Its size is bounded by what labels for `files` can take (a name and a short int
+    per image), so that a bomb is refused before it is parsed."""
+    bound = sum(len(n) + 64 for n in files) + 4096
+    text = read('dataset.json', bound) if 'dataset.json' in names else b'null'
     try:
-        meta = json.loads(read('dataset.json')) if 'dataset.json' in names else None
+        meta = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ValueError(f'{path}: dataset.json is not valid JSON ({type(e).__name__})') from None
     labels = meta.get('labels') if isinstance(meta, dict) else None
@@ -131,11 +144,12 @@ def _load_image_files(path):
     labels = _read_labels(path, names, read, files)
     images = None
     for i, name in enumerate(files):
-        a = read_image(read(name), f'{path}:{name}')
+        a = read_image(read(name), f'{path}:{name}', max_side=MAX_RESOLUTION)
         if images is None:
             if len(files) * a.size > MAX_DATASET_BYTES:
                 raise ValueError(f'{path}: {len(files)} images of {a.shape} exceed '
                                  f'{MAX_DATASET_BYTES} bytes')
+            check_allocation(len(files) * a.size, f'{path}: {len(files)} images of {a.shape}')
             images = np.empty((len(files), *a.shape), dtype=np.uint8)
         elif a.shape != images.shape[1:]:
             raise ValueError(f'{path}: {name} is {a.shape} (C,H,W) but {files[0]} is '
@@ -153,6 +167,8 @@ def load_dataset(path):
         path = download(CIFAR10_URL)
     if not os.path.exists(path):
         raise FileNotFoundError(f'dataset not found: {path}')
+    if not os.path.isdir(path):
+        check_regular(path)  # not a FIFO or device
     if path.endswith(('.tar.gz', '.tgz')):
         images, labels = _load_cifar_archive(path)
     elif os.path.isdir(path) or path.endswith('.zip'):

@@ -32,15 +32,29 @@ def _fetch(url_or_path):
 #----------------------------------------------------------------------------
 # Detector: NVIDIA's TorchScript port of TF Inception-v3 (StyleGAN2-ADA metrics, as used by SiD).
 
-def load_detector(device, path=None):
+DETECTOR_SHA256 = fileio.KNOWN_FILES[DETECTOR_URL]['sha256']  # NVIDIA's file (pinned)
+MAX_DETECTOR_BYTES = 1 << 30
+
+
+def load_detector(device, path=None, trusted=False):
     """Load the Inception detector from `path`, $SID_DETECTOR, or the NVIDIA URL (downloaded and
-    cached)."""
+    cached, its SHA-256 checked). TorchScript is code, run when loaded and when called: a file
+    other than NVIDIA's detector (by its SHA-256) is refused unless trusted (--trust-detector or
+    $SID_TRUST_DETECTOR=1)."""
     path = _fetch(path or os.environ.get('SID_DETECTOR') or DETECTOR_URL)
-    try:
-        return torch.jit.load(path, map_location=device).eval()
-    except Exception as e:  # torch raises several types for a bad archive
-        raise ValueError(f'cannot load TorchScript detector {path}: '
-                         f'{str(e).splitlines()[0]}') from None
+    trusted = trusted or os.environ.get('SID_TRUST_DETECTOR') == '1'
+    digest = fileio.sha256_of(path)
+    if digest != DETECTOR_SHA256 and not trusted:
+        raise ValueError(f"{path}: not NVIDIA's Inception detector (sha256 {digest[:16]}...); a "
+                         f'TorchScript file is code: pass --trust-detector or set '
+                         f'SID_TRUST_DETECTOR=1 only if you trust it')
+    with fileio.open_regular(path, MAX_DETECTOR_BYTES) as f:
+        fileio.check_zip(f, path)
+        try:
+            return torch.jit.load(f, map_location=device).eval()
+        except Exception as e:  # torch raises several types for a bad archive
+            raise ValueError(f'cannot load TorchScript detector {path}: '
+                             f'{str(e).splitlines()[0]}') from None
 
 def to_uint8(x):
     """Float images in [-1, 1] -> uint8 in [0, 255], EDM's rule: +128 then truncation (not
@@ -126,17 +140,33 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 #----------------------------------------------------------------------------
 # Reference statistics: .npz with keys mu (D,) and sigma (D, D), float64, same as EDM's fid-refs.
 
+MAX_FEATURES = 4096  # Inception's pool3: 2048
+
+
 def load_ref(path_or_preset):
+    """(mu, sigma) float64 from an .npz (a path, URL or preset), checked by check_ref; the arrays'
+    headers are checked before anything is allocated."""
     path = _fetch(REF_PRESETS.get(path_or_preset, path_or_preset))
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            mu, sigma = npz['mu'].astype(np.float64), npz['sigma'].astype(np.float64)
-    except Exception as e:  # BadZipFile, KeyError, truncated arrays, ...
-        raise ValueError(f'cannot read reference statistics (keys mu, sigma) '
-                         f'from {path}: {e}') from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f'bad reference statistics in {path}: mu {mu.shape}, sigma {sigma.shape}')
+    arrays = fileio.read_npz(path, ['mu', 'sigma'], MAX_FEATURES ** 2)
+    mu, sigma = arrays['mu'].astype(np.float64), arrays['sigma'].astype(np.float64)
+    check_ref(mu, sigma, path)
     return mu, sigma
+
+def check_ref(mu, sigma, name):
+    """Statistics a Frechet distance can use: mu [D], sigma [D, D], D <= MAX_FEATURES, finite, sigma
+    symmetric and positive semi-definite up to float64 round-off (relative 1e-6)."""
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if not 1 <= d <= MAX_FEATURES or sigma.shape != (d, d):
+        raise ValueError(f'bad reference statistics in {name}: mu {mu.shape}, sigma {sigma.shape}')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'bad reference statistics in {name}: NaN or infinite values')
+    scale = np.abs(sigma).max()
+    if np.abs(sigma - sigma.T).max() > 1e-6 * scale:
+        raise ValueError(f'bad reference statistics in {name}: sigma is not symmetric')
+    lowest = np.linalg.eigvalsh(sigma).min()
+    if lowest < -1e-6 * scale:
+        raise ValueError(f'bad reference statistics in {name}: sigma is not positive '
+                         f'semi-definite (eigenvalue {lowest:.3g})')
 
 def save_ref(path, mu, sigma):
     with fileio.atomic_write(path) as f:
@@ -194,14 +224,15 @@ def list_images(folder, num=None, seed=0):
         raise ValueError(f'no images ({"/".join(IMAGE_EXTS)}) in {folder}')
     return files
 
-def iterate_image_files(files, batch):
+def iterate_image_files(files, batch, root=None):
     """Yield uint8 [B, 3, H, W] batches; grayscale becomes RGB (channel repeated); sizes must
-    agree."""
+    agree. Regular files only (inside `root`, the folder listed, when given)."""
     size = None
     for i in range(0, len(files), batch):
         arrays = []
         for path in files[i:i + batch]:
-            a = fileio.read_image(path)  # bounded: decompression bombs and broken files are refused
+            # bounded: decompression bombs, broken and special files are refused
+            a = fileio.read_image(path, root=root)
             a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
             size = size or a.shape[1:]
             if a.shape[1:] != size:
@@ -215,7 +246,7 @@ def dataset_batches(path, batch):
     loader)."""
     if os.path.isdir(path):
         files = list_images(path)
-        return len(files), iterate_image_files(files, batch)
+        return len(files), iterate_image_files(files, batch, root=path)
     if not os.path.exists(path):
         raise FileNotFoundError(f'no such file or folder: {path}')
     images, _ = data.load_dataset(path)  # uint8 [N, C, H, W]
@@ -253,7 +284,10 @@ def main(argv=None):
         p.add_argument('--batch', type=int, default=64,
                        help='images per detector call (default: 64)')
         p.add_argument('--detector', default=None,
-                       help='local Inception .pt (default: $SID_DETECTOR or URL)')
+                       help="local Inception .pt (default: $SID_DETECTOR or NVIDIA's URL)")
+        p.add_argument('--trust-detector', action='store_true',
+                       help="run a TorchScript detector other than NVIDIA's (TorchScript is code; "
+                       'also $SID_TRUST_DETECTOR=1)')
         p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     try:
@@ -263,7 +297,7 @@ def main(argv=None):
             _check_writable(args.dest)
             num, batches = dataset_batches(args.data, args.batch)
             print(f'computing reference statistics of {num} images from {args.data}')
-            detector = load_detector(args.device, args.detector)
+            detector = load_detector(args.device, args.detector, args.trust_detector)
             mu, sigma = compute_stats_from_images(batches, detector, args.device)
             save_ref(args.dest, mu, sigma)
             print(f'saved {args.dest}')
@@ -274,8 +308,8 @@ def main(argv=None):
             files = list_images(args.images, args.num, args.seed)
             # before the detector runs: fail early on a bad reference
             ref_mu, ref_sigma = load_ref(args.ref)
-            detector = load_detector(args.device, args.detector)
-            batches = iterate_image_files(files, args.batch)
+            detector = load_detector(args.device, args.detector, args.trust_detector)
+            batches = iterate_image_files(files, args.batch, root=args.images)
             mu, sigma = compute_stats_from_images(batches, detector, args.device)
             print(f'{frechet_distance(mu, sigma, ref_mu, ref_sigma):g}')
     except (ValueError, OSError, RuntimeError, ImportError) as e:  # OSError: FileNotFoundError too

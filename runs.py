@@ -60,6 +60,7 @@ class Run:
     lock: int = None         # rank 0: the file descriptor of the folder's lock (lock_folder)
     made: list = dataclasses.field(default_factory=list)  # folders made by the start (see start)
     state_nimg: int = None   # images seen at the last training state written or read (None: none)
+    tick_last: torch.Tensor = None  # the last iteration's last micro-batch terms (official print)
 
 #----------------------------------------------------------------------------
 # Options: defaults <- presets <- command line, or a resumed run's saved options <- what may change.
@@ -388,12 +389,13 @@ def out_of_memory(where):
         else:
             detail = cuda.group(0) if cuda else type(e).__name__
         raise RuntimeError(f'out of memory {where()}: {detail}') from None
+MAX_JSON_BYTES, MAX_STATS_BYTES = 1 << 20, 1 << 30  # config.json; stats.jsonl
 
 def read_json(path, what):
+    """A JSON object from a regular file of at most 1 MiB (a FIFO or device is refused)."""
     try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
+        obj = json.loads(fileio.read_regular(path, MAX_JSON_BYTES))
+    except (OSError, ValueError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         where = os.path.dirname(path) or '.'
@@ -408,8 +410,8 @@ def write_file(path, content):
         f.write(content)
 
 def append_stats(outdir, entry):
-    with open(os.path.join(outdir, 'stats.jsonl'), 'a') as f:
-        f.write(json.dumps(entry) + '\n')
+    """One line appended to stats.jsonl, never through a link or into a special file."""
+    fileio.append_line(os.path.join(outdir, 'stats.jsonl'), json.dumps(entry))
 
 def truncate_stats(path, kimg):
     """Drop the lines written after `kimg`: a resumed run continues from its training state, not
@@ -419,9 +421,9 @@ def truncate_stats(path, kimg):
             return json.loads(line).get('kimg', 0) <= kimg + 1e-9 and line.endswith('\n')
         except ValueError:
             return False
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if kept(line)]
+    if os.path.lexists(path):
+        lines = fileio.read_regular(path, MAX_STATS_BYTES).decode(errors='replace')
+        keep = [line for line in lines.splitlines(keepends=True) if kept(line)]
         write_file(path, ''.join(keep).encode())
 
 def save_snapshot(path, G_ema, cur_nimg, cfg, fid_value=None):
@@ -439,23 +441,58 @@ def write_training_state(path, run, s):
     with fileio.atomic_write(path) as f:
         torch.save(state, f)
 
+MAX_COUNT = 2 ** 53  # images seen, data position: exact in a float64 too
+MAX_FRAMES, MAX_FRAME_NUMEL, MAX_FID_ENTRIES = 1000, 1 << 22, 10 ** 6
+
 def read_training_state(path, objects, device):
     """Load a training state into `objects` (name -> module or optimiser) -> dict(cur_nimg,
-    data_images, fid, frames). A missing, foreign or corrupt file gives one line naming it."""
-    if not os.path.isfile(path):
+    data_images, fid, frames). The file is scanned within bounds first (sizes, CRCs, the bounded
+    unpickler: checkpoints.scan_torch_zip); every number is type- and range-checked. A missing,
+    foreign, corrupt or implausible file gives one line naming it."""
+    if not os.path.lexists(path):
         raise FileNotFoundError(f'--resume: no training state at {path}')
     try:
-        st = torch.load(path, map_location=device, weights_only=True)
+        with fileio.open_regular(path, checkpoints.MAX_FILE_BYTES) as f:
+            checkpoints.scan_torch_zip(f, path)
+            st = torch.load(f, map_location=device, weights_only=True)
         for key, obj in objects.items():
             obj.load_state_dict(st[key])
-        return dict(cur_nimg=int(st['cur_nimg']), data_images=int(st['data_images']),
-                    fid=[(float(m), float(v)) for m, v in st.get('fid', [])],
-                    frames=[(str(t), torch.as_tensor(x).float()) for t, x in st.get('frames', [])])
+        return checked_progress(st)
     except Exception as e:  # torch.load and load_state_dict raise many types for foreign files
         msg = str(e).strip().splitlines()
         first = msg[0][:200] if msg else ''
         raise ValueError(f'--resume: {path} is not a training state of this run '
                          f'({type(e).__name__}: {first})') from None
+
+def checked_progress(st):
+    """A training state's progress fields, checked: images seen and data position plain ints in
+    [0, 2^53], the FID history (Mimg, FID) finite number pairs, the toy frames (title, tensor)
+    few and small."""
+    def count(v, name):
+        if type(v) is not int or not 0 <= v <= MAX_COUNT:
+            raise ValueError(f'{name} must be an int in [0, 2^53], got {type(v).__name__} '
+                             f'{str(v)[:40]}')
+        return v
+
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    fid_list, frames = st.get('fid', []), st.get('frames', [])
+    pairs = isinstance(fid_list, (list, tuple)) and len(fid_list) <= MAX_FID_ENTRIES and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(map(number, p)) for p in fid_list)
+    if not pairs:
+        raise ValueError('fid must be a list of (Mimg, FID) number pairs')
+    plausible = isinstance(frames, (list, tuple)) and len(frames) <= MAX_FRAMES and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
+        and len(p[0]) <= 200 and isinstance(p[1], torch.Tensor) and p[1].is_floating_point()
+        and p[1].numel() <= MAX_FRAME_NUMEL for p in frames)
+    if not plausible:
+        raise ValueError(f'frames must be at most {MAX_FRAMES} (title, float tensor of at most '
+                         f'{MAX_FRAME_NUMEL} numbers) pairs')
+    return dict(cur_nimg=count(st['cur_nimg'], 'cur_nimg'),
+                data_images=count(st['data_images'], 'data_images'),
+                fid=[(float(m), float(v)) for m, v in fid_list],
+                frames=[(t, x.float()) for t, x in frames])
 
 def snapshot_path(path):
     """A run folder -> its best snapshot, else its latest (most images seen); a file -> itself."""
@@ -691,6 +728,7 @@ def maintain(run, s, it):
     """After an iteration: each task whose interval this iteration crossed (or the run's end)."""
     cfg = s.cfg
     run.tick_sums += torch.stack([it.loss_fake, it.loss_G, it.loss_extra])
+    run.tick_last = it.last
     run.tick_iters += 1
     done = s.cur_nimg >= s.end_nimg
 
@@ -709,8 +747,29 @@ def maintain(run, s, it):
     if crossed(cfg.snap_kimg) and s.rank == 0:
         save_checkpoint(run, s)
 
+# Two conventions for the logged losses, both in every status line and stats.jsonl entry. Ours:
+# an iteration's whole loss (the sum over its micro-batches: the batch's per-GPU mean), averaged
+# over the tick's iterations and the GPUs. The official loops print the scaled loss of the last
+# micro-batch of the tick's last iteration on rank 0 (about ours / micro-batches per GPU).
+LOSS_CONVENTION = 'iteration: sum of its micro-batches; mean over the tick and GPUs'
+
+def last_micro_batch(method, last):
+    """The last micro-batch's terms under the official status line's names: SiD loss_fake_score,
+    loss_G; SiDA f_psi's loss split into loss_fake_score (DSM) and loss_D, then loss_G and
+    loss_G_gan; SIGN (no official code) loss_fake_score, loss_G, loss_ign."""
+    fake, d, G, extra = last.tolist()
+    out = dict(loss_fake_score=fake)
+    if method == 'sida':
+        out['loss_D'] = d
+    out['loss_G'] = G
+    extra_name = dict(loss_gan='loss_G_gan', loss_ign='loss_ign').get(sid.METHODS[method].extra)
+    if extra_name:
+        out[extra_name] = extra
+    return out
+
 def report_tick(run, s):
-    """The status line and stats.jsonl entry: mean losses of the tick's iterations, time, memory."""
+    """The status line and stats.jsonl entry: mean losses of the tick's iterations (and the
+    official convention's numbers), time, memory."""
     extra_name = sid.METHODS[s.cfg.method].extra
     if s.world_size > 1:  # each rank summed its share (loss / n): the ranks' mean is the batch's
         check_ranks_agree((s.G, s.f_psi), f' at {s.cur_nimg / 1e3:.1f} kimg')
@@ -723,13 +782,17 @@ def report_tick(run, s):
              sec_per_kimg=sec_per_kimg, loss_fake=loss_fake, loss_G=loss_G)
     if extra_name:
         e[extra_name] = extra
+    e['loss_convention'] = LOSS_CONVENTION
+    e['last_micro_batch'] = last_micro_batch(s.cfg.method, run.tick_last)
     if s.device.type == 'cuda':
         e['mem_gb'] = torch.cuda.max_memory_allocated(s.device) / 2 ** 30
     eta = fmt_time(sec_per_kimg * (s.end_nimg - s.cur_nimg) / 1e3)
     run.log(f"tick {run.tick_index:<4d} kimg {e['kimg']:<9.1f} time {fmt_time(e['time']):<7s} "
-            f"sec/kimg {sec_per_kimg:<7.3g} eta {eta:<7s} loss_fake {loss_fake:<9.4g} "
+            f"sec/kimg {sec_per_kimg:<7.3g} eta {eta:<7s} batch: loss_fake {loss_fake:<9.4g} "
             f"loss_G {loss_G:<+9.4g}"
-            + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e))
+            + ''.join(f' {k} {e[k]:.4g}' for k in ('loss_gan', 'loss_ign', 'mem_gb') if k in e)
+            + ' | last micro-batch:'
+            + ''.join(f' {k} {v:.4g}' for k, v in e['last_micro_batch'].items()))
     if s.rank == 0:
         append_stats(s.cfg.outdir, e)
         if 'stats.jsonl' not in run.written:
@@ -830,6 +893,7 @@ MAX_SEEDS = 10_000_000    # images per `generate`
 MAX_BATCH_VALUES = 2 ** 24  # latent values per forward pass (64 MiB; 5461 CIFAR-10 images)
 MAX_REPEAT = 1000         # projections in a row (SIGN's are idempotent after a few)
 POINTS_PER_PASS = 2 ** 16  # a 2-D toy's points per forward pass
+MAX_PICTURE_POINTS = 4096  # toy points in generate's samples.png (its energy distance is O(N^2))
 
 def parse_seeds(text):
     """'0-49999' or '1,5,10-19' -> [(first, last)] in the given order, checked on the ranges (no
@@ -911,9 +975,11 @@ def cmd_generate(a):
         os.makedirs(a.outdir, exist_ok=True)
         with fileio.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
             np.save(f, x.numpy())
-        picture = draw.samples_picture(x, toy.ToyMixture())
+        # the picture's figures include an O(N^2) energy distance: the first points only
+        picture = draw.samples_picture(x[:MAX_PICTURE_POINTS], toy.ToyMixture())
         write_file(os.path.join(a.outdir, 'samples.png'), picture)
-        print(f'wrote {len(x)} points to {a.outdir}/samples.npy and samples.png')
+        shown = f' (the first {MAX_PICTURE_POINTS})' if len(x) > MAX_PICTURE_POINTS else ''
+        print(f'wrote {len(x)} points to {a.outdir}/samples.npy and samples.png{shown}')
         return
     pixels = count * G.img_resolution ** 2
     if a.grid and pixels > fileio.MAX_IMAGE_PIXELS:
@@ -978,7 +1044,7 @@ def cmd_project(a):
     if G.label_dim:
         c = F.one_hot(torch.tensor([a.class_idx]), G.label_dim).float().to(device)
     for path in files:  # every input checked before anything is written
-        project_input(path, G)
+        project_input(path, G, a.input)
     os.makedirs(a.outdir, exist_ok=True)
 
     def f(v):
@@ -986,22 +1052,25 @@ def cmd_project(a):
 
     written = 0
     for name, path in outputs.items():
-        y = project_input(path, G)
+        y = project_input(path, G, a.input)
         x = sid.project(f, y[None].to(device), a.sigma, gen, a.repeat)
         fileio.save_png(os.path.join(a.outdir, name), fid.to_uint8(x)[0].cpu())
         written += 1
     print(f'wrote {written} projected image(s) to {a.outdir}')
 
-def project_input(path, G):
-    """An input image in G's range [-1, 1], of G's shape."""
-    y = fileio.read_image(path, path)
+def project_input(path, G, folder):
+    """An input image in G's range [-1, 1], of G's shape (inside --input when it is a folder)."""
+    y = fileio.read_image(path, path, root=None if folder == path else folder)
     if list(y.shape) != G.img_shape:
         raise ValueError(f'{path}: image of shape {list(y.shape)} (C,H,W), the generator makes '
                          f'{G.img_shape}')
     return torch.from_numpy(y.copy()).float() / 127.5 - 1
 
+MAX_POINTS = 10_000_000  # 2-D points in a project --input .npy
+
+
 def project_points(a, G, sigma_init, device, gen):
-    y = np.load(a.input, allow_pickle=False)
+    y = fileio.read_npy(a.input, 2 * MAX_POINTS)  # header and size checked before reading
     if y.ndim != 2 or y.shape[1] != G.img_channels or G.img_resolution:
         raise ValueError(f'{a.input}: expected points [N, {G.img_channels}] for a 2-D toy '
                          f'generator, got {list(y.shape)}')
@@ -1206,7 +1275,8 @@ def tools_parser(cmd):
                        help='an image, a folder of images, or a 2-D toy .npy of points [N, 2]')
         p.add_argument('--sigma', type=float, default=0.0,
                        help='noise added before each projection (default: 0, plain f(y))')
-        p.add_argument('--repeat', type=int, default=1, help='projections in a row (default: 1)')
+        p.add_argument('--repeat', type=int, default=1,
+                       help=f'projections in a row, at most {MAX_REPEAT} (default: 1)')
         p.add_argument('--seed', type=int, default=0, help='seed of the added noise (default: 0)')
     else:
         p.add_argument('--metrics', default='fid',

@@ -29,7 +29,9 @@ The official option names are kept: ls, lsg (f_psi's and G's loss scales), lsd, 
 discriminator and adversarial scales); lr is f_psi's Adam learning rate, glr G's.
 
 Where we differ from the official code, and why (the README lists them with more detail):
-  - NaN samples get a zero loss instead of being dropped: the same sums, no host synchronisation.
+  - A non-finite sample of G is zeroed before any network sees it and its loss is dropped, with
+    the official normalisation (the images per GPU): the same sums as dropping it, no host sync,
+    and the other samples' gradients stay finite (officially they become NaN: see finite_part).
   - Every micro-batch draws from its own seed (seed, iteration, phase, global micro-batch index):
     a resumed run is bitwise the uninterrupted one, and any split into GPUs x rounds draws the same
     numbers. Officially each rank has one stream (SiDA's is shifted on resume).
@@ -95,9 +97,21 @@ def draw_sigma_flow(x, tmax, dt=SIGN_DT):
     u = torch.rand(per_sample(x), device=x.device, dtype=x.dtype)
     return flow_sigmas(dt + (tmax / 1000 - dt) * u, dt)
 
-def finite_rows(*ts):
-    """[B] bool: the samples without NaN in any of the tensors (the others get a zero loss)."""
-    return torch.stack([~t.flatten(1).isnan().any(1) for t in ts]).all(0)
+def finite_rows(*ts, keep=None):
+    """[B] bool: the samples finite in every tensor (and in `keep`); the others get a zero loss.
+    (Officially NaN only; an infinite value gives an infinite loss and NaN gradients anyway.)"""
+    rows = torch.stack([t.flatten(1).isfinite().all(1) for t in ts]).all(0)
+    return rows if keep is None else rows & keep
+
+def finite_part(x):
+    """(x with its non-finite samples zeroed, [B] bool of the finite ones), before x reaches a
+    network. Dropping a sample's loss afterwards is not enough: the backward pass multiplies the
+    sample's NaN activations by its zero gradient, 0 * NaN = NaN, and every weight gradient would
+    be NaN (the official code drops the sample after the networks ran on it, so its gradients are
+    NaN too and nan_to_num zeroes them: no update). Zeroed first, the other samples' gradients are
+    those of the batch without it. No boolean indexing: no host synchronisation."""
+    keep = finite_rows(x)
+    return torch.where(keep.view(-1, *[1] * (x.dim() - 1)), x, 0), keep
 
 #----------------------------------------------------------------------------
 # The generator (SiD §4): EDM's denoiser at sigma_init applied to z = sigma_init * eps. SIGN's
@@ -149,7 +163,8 @@ def sign_evaluation(f, z, x_data, sigmas, noises, noise_proj, sigma_proj=0.2, co
 
 #----------------------------------------------------------------------------
 # SiD (SiD §4, Eq. 22/23 in the official code's form) and f_psi's denoising score matching (EDM).
-# Pure functions of denoiser outputs; each returns per-sample pixel sums [B], zero for NaN samples.
+# Pure functions of denoiser outputs; each returns per-sample pixel sums [B], zero for samples that
+# are not finite or not in `keep` (finite_part's: samples dropped before the networks ran).
 
 @torch.no_grad()
 def sid_normaliser(x_g, y_phi):
@@ -157,23 +172,23 @@ def sid_normaliser(x_g, y_phi):
     The TEACHER's error normalises (not f_psi's)."""
     return (x_g - y_phi).abs().float().flatten(1).mean(1).clamp_min(1e-5)
 
-def sid_generator_loss(y_phi, y_psi, x_g, alpha):
+def sid_generator_loss(y_phi, y_psi, x_g, alpha, keep=None):
     """SiD's generator loss per sample, y_phi = f_phi(x_t), y_psi = f_psi(x_t), x_t = x_g + sigma n:
         sum_pixels (y_phi - y_psi) * ((y_phi - x_g) - alpha (y_phi - y_psi)) / w
       = sum_pixels [(y_phi - y_psi)(y_psi - x_g) + (1 - alpha)(y_phi - y_psi)^2] / w  (the paper's).
     Only w is detached: the gradient reaches x_g directly AND through x_t via both frozen networks,
     so the caller must keep x_t's graph (a DMD-style detached target is another gradient)."""
-    keep = finite_rows(x_g, y_phi, y_psi)
+    keep = finite_rows(x_g, y_phi, y_psi, keep=keep)
     w = sid_normaliser(x_g, y_phi)
     diff = y_phi - y_psi
     loss = (diff * ((y_phi - x_g) - alpha * diff)).flatten(1).sum(1) / w
     return torch.where(keep, loss, 0)
 
-def dsm_loss(D_x, x, sigma, sigma_data=0.5):
+def dsm_loss(D_x, x, sigma, sigma_data=0.5, keep=None):
     """EDM's denoising score matching, lambda(sigma) * sum_pixels (D_x - x)^2 per sample, with
     D_x = f_psi(x + sigma n): f_psi learns the score of the images x (SiD: G's samples)."""
     loss = (edm_weight(sigma, sigma_data) * (D_x - x) ** 2).flatten(1).sum(1)
-    return torch.where(finite_rows(x, D_x), loss, 0)
+    return torch.where(finite_rows(x, D_x, keep=keep), loss, 0)
 
 #----------------------------------------------------------------------------
 # SiDA (Zhou et al., ICLR 2025, §3; official sida branch, sida_loss.py). The discriminator is
@@ -181,25 +196,32 @@ def dsm_loss(D_x, x, sigma, sigma_data=0.5):
 # U-Nets). Both BCE terms are means over the whole per-GPU micro-batch, so samples are coupled and
 # the results depend on batch_gpu, as officially.
 
-def sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data=0.5):
-    """d_b = lambda(sigma_b) * (BCE(logits_real, 1) + BCE(logits_fake, 0)) / 2, each BCE one scalar
-    (the micro-batch mean), logits unclamped. Real and fake share sigma and the noise. Summed over
-    the micro-batch, every sample's BCE gradient is scaled by the SUM of lambda over it."""
-    lam = edm_weight(sigma, sigma_data).flatten().expand(len(logits_fake))
-    real = F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real))
-    fake = F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
-    return lam * (real + fake) / 2
+def kept_mean(values, keep):
+    """The mean of `values` [B, ...] over the kept samples' elements (0 if none is kept)."""
+    mask = keep.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp_min(1)
 
-def sida_generator_gan_loss(logits, x_g, y_phi, y_psi):
+def sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data=0.5, keep=None):
+    """d_b = lambda(sigma_b) * (BCE(logits_real, 1) + BCE(logits_fake, 0)) / 2, each BCE one scalar
+    (the micro-batch mean over the kept samples, as officially), logits unclamped. Real and fake
+    share sigma and the noise. Summed over the micro-batch, every sample's BCE gradient is scaled by
+    the SUM of lambda over it."""
+    keep = finite_rows(logits_real, logits_fake, keep=keep)
+    lam = edm_weight(sigma, sigma_data).flatten().expand(len(logits_fake))
+    bce = F.binary_cross_entropy_with_logits
+    real = kept_mean(bce(logits_real, torch.ones_like(logits_real), reduction='none'), keep)
+    fake = kept_mean(bce(logits_fake, torch.zeros_like(logits_fake), reduction='none'), keep)
+    return torch.where(keep, lam * (real + fake) / 2, 0)
+
+def sida_generator_gan_loss(logits, x_g, y_phi, y_psi, keep=None):
     """gan_b = C*H*W * BCE(clamp(logits, -10, 10), 1) / w_b, the non-saturating adversarial term on
     f_psi's logits at G's x_t. The BCE is one scalar, the mean over the kept samples' logits; w_b
     and the kept samples are SiD's. The clamp zeroes the gradient beyond +-10."""
-    keep = finite_rows(x_g, y_phi, y_psi)
+    keep = finite_rows(x_g, y_phi, y_psi, logits, keep=keep)
     w = sid_normaliser(x_g, y_phi)
     logits = logits.clamp(-10, 10)
     bce = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction='none')
-    mask = keep.view(-1, *[1] * (bce.dim() - 1)).expand_as(bce)
-    gan = torch.where(mask, bce, 0).sum() / mask.sum() / w * math.prod(x_g.shape[1:])
+    gan = kept_mean(bce, keep) / w * math.prod(x_g.shape[1:])
     return torch.where(keep, gan, 0)
 
 def sida_phase(cur_nimg, warmup_kimg=100, mix_kimg=200):
@@ -268,8 +290,10 @@ def flow_loss(f, f_bar, D_phi, x, sigma, sigma_next, noise):
 # where the method uses them). Each objective draws its noise (the official order), does one forward
 # of each network on it, and returns (loss to backpropagate, [logged loss, logged extra term]),
 # reduced as the official loop: per-sample pixel sums, summed, divided by n = images per GPU per
-# iteration, times the method's scale. f_psi's objective sees augmented images with their labels;
-# G's step feeds every network zero augmentation labels (official; see `setup`).
+# iteration, times the method's scale. A non-finite sample of G is zeroed before any network and
+# its loss dropped (finite_part); n stays the images per GPU, as officially when it drops a sample.
+# f_psi's objective sees augmented images with their labels; G's step feeds every network zero
+# augmentation labels (official; see `setup`). Logged: each term of the loss, [2].
 
 def autocast(s):
     """bf16 autocast when the run asks for it (--precision bf16), else nothing."""
@@ -288,17 +312,19 @@ def logged(a, b=None):
 
 def fake_sid(s, x_g, x_r, c):
     """SiD, SIGN: f_psi learns the score of G's samples by denoising score matching."""
+    x_g, keep = finite_part(x_g)
     sigma = draw_sigma_fake(x_g)
     y, aug = augment_images(s, x_g)
     noise = torch.randn_like(x_g)
     with autocast(s):
         D_x = s.psi_ddp(y + sigma * noise, sigma, c, aug)
-        loss = dsm_loss(D_x, y, sigma).sum() * s.cfg.ls / s.n
+        loss = dsm_loss(D_x, y, sigma, keep=keep).sum() * s.cfg.ls / s.n
     return loss, logged(loss)
 
 def fake_sida(s, x_g, x_r, c):
     """SiDA: the same, plus the discriminator on f_psi's encoder, real x_r against fake x_g (both
     augmented, each with its own labels; the same sigma and noise; c: the real batch's labels)."""
+    x_g, keep = finite_part(x_g)
     sigma = draw_sigma_fake(x_g)
     y, aug = augment_images(s, x_g)
     noise = torch.randn_like(x_g)
@@ -306,35 +332,38 @@ def fake_sida(s, x_g, x_r, c):
     with autocast(s):
         D_x, logits_fake = s.psi_ddp(y + sigma * noise, sigma, c, aug, return_logits=True)
         logits_real = s.psi_ddp(y_r + sigma * noise, sigma, c, aug_r, encoder_only=True)
-        dsm = dsm_loss(D_x, y, sigma)
-        d = sida_discriminator_loss(logits_real, logits_fake, sigma)
-        loss = (dsm.sum() * s.cfg.ls + d.sum() * s.cfg.lsd) / s.n
-    return loss, logged(loss)
+        keep = finite_rows(D_x, logits_fake, logits_real, keep=keep)  # one mask, as officially
+        dsm = dsm_loss(D_x, y, sigma, keep=keep).sum() * s.cfg.ls / s.n
+        d = sida_discriminator_loss(logits_real, logits_fake, sigma, keep=keep).sum() * s.cfg.lsd
+        d = d / s.n
+    return dsm + d, logged(dsm, d)
 
 def G_sid(s, x_g, x_r, c):
     """SiD: the generator loss against the just-updated f_psi."""
     cfg, aug0 = s.cfg, s.zero_aug
+    x_g, keep = finite_part(x_g)
     with autocast(s):
         sigma = draw_sigma_generator(x_g, cfg.tmax)
         noise = torch.randn_like(x_g)
         x_t = x_g + sigma * noise
         y_phi = s.f_phi(x_t, sigma, c, aug0)
         y_psi = s.f_psi(x_t, sigma, c, aug0)
-        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha).sum() * cfg.lsg / s.n
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha, keep).sum() * cfg.lsg / s.n
     return loss, logged(loss)
 
 def G_sida(s, x_g, x_r, c):
     """SiDA: SiD's loss and the adversarial term from f_psi's one forward (its denoiser and its
     logits), mixed 0.5/0.5 after sida_mix_kimg."""
     cfg, aug0 = s.cfg, s.zero_aug
+    x_g, keep = finite_part(x_g)
     with autocast(s):
         sigma = draw_sigma_generator(x_g, cfg.tmax)
         noise = torch.randn_like(x_g)
         x_t = x_g + sigma * noise
         y_phi = s.f_phi(x_t, sigma, c, aug0)
         y_psi, logits = s.f_psi(x_t, sigma, c, aug0, return_logits=True)
-        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha).sum() * cfg.lsg / s.n
-        gan = sida_generator_gan_loss(logits, x_g, y_phi, y_psi).sum() * cfg.lsg_gan / s.n
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha, keep).sum() * cfg.lsg / s.n
+        gan = sida_generator_gan_loss(logits, x_g, y_phi, y_psi, keep).sum() * cfg.lsg_gan / s.n
     mix = sida_phase(s.cur_nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) == 'mix'
     total = 0.5 * loss + 0.5 * gan if mix else loss
     return total, logged(loss, gan)
@@ -358,6 +387,10 @@ def G_sign(s, x_g, x_r, c):
     def D_phi(v, sigma):
         return s.f_phi(v, sigma, c, aug0)
 
+    def kept(d):  # a term's per-sample distances, zero for dropped samples
+        return torch.where(finite_rows(d[:, None], keep=keep), d, 0)
+
+    x_g, keep = finite_part(x_g)
     with autocast(s):
         sigma = draw_sigma_generator(x_g, cfg.tmax)
         noise = torch.randn_like(x_g)
@@ -366,17 +399,17 @@ def G_sign(s, x_g, x_r, c):
         x_t = x_g + sigma * noise
         y_phi = s.f_phi(x_t, sigma, c, aug0)
         y_psi = s.f_psi(x_t, sigma, c, aug0)
-        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha).sum() * cfg.lsg / s.n
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha, keep).sum() * cfg.lsg / s.n
         D = x_g[0].numel()
         ign = x_g.new_zeros([])
         if cfg.lambda_idem:
-            ign = ign + cfg.lambda_idem * (D * idem_loss(f_bar, x_g)).sum()
+            ign = ign + cfg.lambda_idem * (D * kept(idem_loss(f_bar, x_g))).sum()
         if cfg.lambda_rec and x_r is not None:
             ign = ign + cfg.lambda_rec * (D * rec_loss(f, x_r)).sum()
         if cfg.lambda_flow:
             x_start = x_g.detach() if x_r is None else x_r
             flow = flow_loss(f, f_bar, D_phi, x_start, sigma_f, sigma_f_next, noise_f)
-            ign = ign + cfg.lambda_flow * (D * flow).sum()
+            ign = ign + cfg.lambda_flow * (D * (kept(flow) if x_r is None else flow)).sum()
         ign = ign / s.n
     return loss + ign, logged(loss, ign)
 
@@ -754,15 +787,18 @@ def iterate(s):
         # 3. The EMA of G; the iteration counts `batch` generator images.
         update_ema(s.G_ema, s.G, s.cfg, s.cur_nimg)
         s.cur_nimg += s.cfg.batch
-        yield types.SimpleNamespace(cur_nimg=s.cur_nimg, loss_fake=fake[0], loss_G=gen[0],
-                                    loss_extra=gen[1])
+        # Logged: this process's whole loss of each step (the micro-batches' sum; f_psi's terms
+        # added), and `last`, the terms of its last micro-batch (what the official loops print).
+        yield types.SimpleNamespace(cur_nimg=s.cur_nimg, loss_fake=fake[0].sum(), loss_G=gen[0, 0],
+                                    loss_extra=gen[0, 1], last=torch.cat([fake[1], gen[1]]))
 
 def accumulate(s, phase, net, opt, objective, clip=None):
     """One Adam step of `net` on the whole batch: rounds of batch_gpu images per process, gradients
-    summed, DDP's all-reduce on the last round only. -> the step's two logged losses, summed."""
+    summed, DDP's all-reduce on the last round only. -> the objective's two logged terms [2, 2]:
+    summed over the rounds, and of the last round."""
     cfg = s.cfg
     opt.zero_grad(set_to_none=True)
-    logs = torch.zeros(2, dtype=torch.float64, device=s.device)
+    logs = torch.zeros(2, 2, dtype=torch.float64, device=s.device)
     for r in range(s.rounds):
         reseed(s, phase, r)
         last = r == s.rounds - 1
@@ -776,7 +812,8 @@ def accumulate(s, phase, net, opt, objective, clip=None):
                 x_g = generate(G, z, c, cfg.sigma_init, s.zero_aug).float()
             loss, log = objective(s, x_g, x_r, c)
             loss.backward()
-            logs += log
+            logs[0] += log
+            logs[1] = log
     sanitize_grads_(net.parameters(), clip)
     opt.step()
     return logs

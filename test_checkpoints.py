@@ -4,6 +4,7 @@ import collections
 import io
 import json
 import os
+import pathlib
 import pickle
 import re
 import struct
@@ -23,9 +24,9 @@ import fileio
 import releases
 import runs
 import sid
-from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, fake_edm_modules, net_inputs,
-                      png_bytes, slow, states_equal, tiny_net, write_bytes, write_dataset,
-                      write_edm_pickle)
+from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, detector_file, edm_files,
+                      fake_edm_modules, flip_member_byte, http_server, net_inputs, png_bytes, slow,
+                      states_equal, tiny_net, write_bytes, write_dataset, write_edm_pickle)
 
 
 def assert_same_net(a, b):
@@ -125,10 +126,15 @@ def test_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, name, 
     assert info['release'] == name and info['path'] == cached
     x = runs.sample_images(loaded, [0, 1, 2], releases.SIGMA_INIT, 'cpu')
     assert list(x.shape) == [3, *net.img_shape] and torch.isfinite(x).all()
-    write_bytes(cached, raw[:len(raw) // 2])
+    write_bytes(cached, raw[:len(raw) // 2])  # changed since its hash was recorded at first use
+    with pytest.raises(RuntimeError, match=re.escape(cached) + '.*refusing it') as e:
+        checkpoints.load_checkpoint(name)
+    assert len(str(e.value).splitlines()) == 1
+    os.remove(cached + '.sha256')  # no record: the reader itself refuses what it cannot load
     with pytest.raises(ValueError, match=re.escape(cached)) as e:
         checkpoints.load_checkpoint(name)
     assert len(str(e.value).splitlines()) == 1
+    os.remove(cached + '.sha256')
     write_edm_pickle(cached, net, extra=dict(evil=Evil(os.system, 'true')))
     with pytest.raises(ValueError, match='unsafe .*refusing to load global'):
         checkpoints.load_checkpoint(name)
@@ -176,20 +182,25 @@ class TensorView:  # a view of 250M floats on a storage of 1000: set_() would gr
         return torch._utils._rebuild_tensor_v2, args
 
 
-def zip_bomb(path):
-    """A hand-written ~1 MB zip whose one member inflates to 1 GiB of zeros (one deflate block,
-    repeated)."""
+def zip_bomb(path, name=b'a.png', before=()):
+    """A hand-written ~1 MB zip whose member `name` inflates to 1 GiB of zeros (one deflate block,
+    repeated), after the stored members `before` [(name, bytes)]."""
     c, chunk = zlib.compressobj(9, zlib.DEFLATED, -15), bytes(1 << 20)
     # after a full flush: identical blocks
     first, again = (c.compress(chunk) + c.flush(zlib.Z_FULL_FLUSH) for _ in range(2))
-    data, crc, n = first + again * 1023 + c.flush(), 0, b'a.png'
+    data, crc = first + again * 1023 + c.flush(), 0
     for _ in range(1024):
         crc = zlib.crc32(chunk, crc)
-    local = struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, 8, 0, 0, crc, len(data), 1 << 30,
-                        len(n), 0) + n + data
-    central = struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, 8, 0, 0, crc, len(data),
-                          1 << 30, len(n), 0, 0, 0, 0, 0, 0) + n
-    end = struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, 1, 1, len(central), len(local), 0)
+    members = [(n, 0, zlib.crc32(b), b, len(b)) for n, b in before]
+    members.append((name, 8, crc, data, 1 << 30))
+    local = central = b''
+    for n, method, crc, data, size in members:
+        central += struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, method, 0, 0, crc,
+                               len(data), size, len(n), 0, 0, 0, 0, 0, len(local)) + n
+        local += struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, method, 0, 0, crc, len(data),
+                             size, len(n), 0) + n + data
+    end = struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, len(members), len(members), len(central),
+                      len(local), 0)
     return write_bytes(path, local + central + end)
 
 
@@ -293,9 +304,9 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
      r'zview.pt: .*tensor view \[250000000\].*storage of 1000 elements'),
     ('zip-bomb', 'data', lambda d: zip_bomb(d / 'bomb.zip'),
      r'bomb.zip: member a.png declares 1073741824 bytes'),
-    # 257 members of 256 MiB each (the most one member may declare): 64.25 GiB in all
-    ('zip-total', 'data', lambda d: zip_declaring(d / 'many.zip', 257, 1 << 28),
-     r'many.zip: members declare 68987912192 bytes in all \(limit 68719476736\)'),
+    # 1025 members of 64 MiB each (the most one member may declare): 64.06 GiB in all
+    ('zip-total', 'data', lambda d: zip_declaring(d / 'many.zip', 1025, 1 << 26),
+     r'many.zip: members declare 68786585600 bytes in all \(limit 68719476736\)'),
     ('label-1e8', 'data', lambda d: labels_zip(d, 'big', [[f'{i}.png', 10 ** 8] for i in range(3)]),
      r'big.zip: dataset.json labels must be'),
     ('labels-not-list', 'data', lambda d: labels_zip(d, 'five', 5),
@@ -318,18 +329,200 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
     ('fid-dest', 'fid', lambda d: fid_args('ref', '--data', d / 'bomb.zip', '--dest',
                                            d / 'no' / 'r.npz'), 'cannot write --dest')]
 
-READ_ALL = f"""import contextlib, io, json, resource, signal, sys
+#----------------------------------------------------------------------------
+# The regression table of issues 20 and 22 (items 5-6), read by the same bounded subprocess: what a
+# hostile or unlucky file did before (loaded, allocated GBs, hung, or gave a traceback), now one
+# line and exit code 2. Downloads go to a local HTTP server that the fixture starts and stops.
+
+def tiny_snapshot(path, **kwargs):
+    """One of our snapshots of a tiny DDPM++ generator; kwargs replace stored net_kwargs."""
+    net = tiny_net('cifar10-32x32-uncond-vp', randomize=False, channel_mult=[1, 1],
+                   attn_resolutions=[])
+    torch.save(dict(G_ema=net.state_dict(), net_kwargs=dict(net.init_kwargs, **kwargs), kimg=0.0,
+                    config={}), path)
+    return str(path)
+
+
+def in_folder(d, name, **entries):
+    """A folder d/name with a real 8x8 PNG a.png and entries: name -> 'fifo', a link target, or
+    bytes."""
+    folder = d / name
+    os.makedirs(folder)
+    write_bytes(folder / 'a.png', png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    for entry, what in entries.items():
+        if what == 'fifo':
+            os.mkfifo(folder / entry)
+        elif isinstance(what, bytes):
+            write_bytes(folder / entry, what)
+        else:
+            (folder / entry).symlink_to(what)
+    return str(folder)
+
+
+def state_file(d, name, **fields):
+    base = dict(cur_nimg=0, data_images=0, fid=[], frames=[])
+    return str(torch_file(d / f'{name}.pt', dict(base, **fields)))
+
+
+def npz_file(d, name, **arrays):
+    np.savez(str(d / f'{name}.npz'), **arrays)
+    return str(d / f'{name}.npz')
+
+
+def npy_bytes(array, shape=None):
+    """The .npy bytes of `array`, its header claiming `shape` if given."""
+    buf = io.BytesIO()
+    header = dict(descr=np.lib.format.dtype_to_descr(array.dtype), fortran_order=False,
+                  shape=shape or array.shape)
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + array.tobytes()
+
+
+def many_pngs_zip(path, n, side):
+    """n copies of a black side x side grayscale PNG: a few hundred bytes each, side^2 decoded."""
+    blob = png_bytes(np.zeros((side, side), np.uint8))
+    with zipfile.ZipFile(path, 'w') as zf:
+        for i in range(n):
+            zf.writestr(f'{i:05d}.png', blob)
+    return str(path)
+
+
+def sid_args(*a):  # sid.py's command line
+    return '|'.join(['sid', *map(str, a)])
+
+
+def snapshot_with_flipped(d, name, suffix):
+    return write_bytes(d / name, flip_member_byte(tiny_snapshot(d / f'{name}.orig'), suffix))
+
+
+def refs(d):
+    return str(npz_file(d, 'ref4', mu=np.zeros(4), sigma=np.eye(4)))
+
+
+REGRESSION = [
+    # issue 20: a TorchScript detector is code; known files are pinned
+    ('detector-untrusted', 'fid',
+     lambda d: fid_args('calc', '--images', in_folder(d, 'imgs2', **{'b.png': png_bytes(
+         np.ones((8, 8, 3), np.uint8))}), '--ref', refs(d), '--num', 2, '--detector',
+         detector_file(d / 'det.pt')), "not NVIDIA's Inception detector"),
+    ('download-hash', 'get', lambda d: f'{d.url}/teacher.pkl|{d / "cache"}|{"0" * 64}|',
+     r'sha256 [0-9a-f]{64}, not the known 0{64}'),
+    # issue 20: memory bombs
+    ('snapshot-res-2048', 'sid', lambda d: sid_args('generate', '--ckpt', tiny_snapshot(
+        d / 'res.pt', img_resolution=2048), '--outdir', d / 'out-res'),
+     r'res.pt: network kwarg img_resolution=2048 is unknown or out of range'),
+    ('data-side-4096', 'data', lambda d: write_dataset(d / 'side.zip', {'0.png': open(png_header(
+        d / 'side.png', 4096, 4096), 'rb').read()}, None, 'zip'),
+     r'4096x4096 pixels, larger than 512'),
+    ('data-memory', 'data', lambda d: many_pngs_zip(d / 'mem.zip', 4000, 512),
+     r'mem.zip: 4000 images of \(1, 512, 512\) need 0.98 GiB, but only [0-9.]+ GiB'),
+    ('ref-npz-bomb', 'ref', lambda d: zip_bomb(d / 'rbomb.npz', b'sigma.npy', [(
+        b'mu.npy', npy_bytes(np.zeros(4)))]), r'rbomb.npz: sigma.npy declares 1073741824 bytes'),
+    ('ref-npz-bomb-cli', 'fid', lambda d: fid_args('calc', '--images', d / 'imgs2', '--ref',
+                                                   d / 'rbomb.npz', '--num', 2),
+     r'declares 1073741'),
+    ('ref-claims', 'ref', lambda d: zip_bomb(d / 'claim.npz', b'x.npy', [
+        (b'mu.npy', npy_bytes(np.zeros(4))),
+        (b'sigma.npy', npy_bytes(np.zeros(4), (10 ** 5,) * 2))]),
+     r'claim.npz:sigma: an array of shape \[100000, 100000\] exceeds 16777216 elements'),
+    ('state-storage-bomb', 'state',
+     lambda d: torch_zip(d / 'sbomb.pt', lambda b: b.replace(b'M\xe8\x03t', BIG + b't', 1)),
+     r'sbomb.pt is not a training state.*storage record that does not match'),
+    ('dataset-json-bomb', 'data', lambda d: write_dataset(d / 'jbomb.zip', dict(edm_files(3)[0], **{
+        'dataset.json': b'[' * 100000}), None, 'zip'), r'dataset.json declares 100000 bytes'),
+    # issue 20: corruption that loaded silently or gave a traceback
+    ('snapshot-crc-storage', 'sid', lambda d: sid_args('generate', '--ckpt', snapshot_with_flipped(
+        d, 'crc.pt', '/data/0'), '--outdir', d / 'out-crc'), r'crc.pt: corrupt .*Bad CRC-32'),
+    ('snapshot-crc-pkl', 'sid', lambda d: sid_args('generate', '--ckpt', snapshot_with_flipped(
+        d, 'crcpkl.pt', '/data.pkl'), '--outdir', d / 'out-crcpkl'), r'crcpkl.pt: corrupt .*CRC'),
+    ('state-cur-nimg-str', 'state', lambda d: state_file(d, 'str', cur_nimg='12'),
+     r'cur_nimg must be an int in \[0, 2\^53\], got str 12'),
+    ('state-cur-nimg-tensor', 'state', lambda d: state_file(d, 'ten', cur_nimg=torch.tensor(5)),
+     r'cur_nimg must be an int in \[0, 2\^53\], got Tensor'),
+    ('state-data-negative', 'state', lambda d: state_file(d, 'neg', data_images=-1),
+     r'data_images must be an int in \[0, 2\^53\], got int -1'),
+    ('state-frames', 'state',
+     lambda d: state_file(d, 'frames', frames=[('t', torch.zeros(1))] * 1001),
+     r'frames must be at most 1000'),
+    ('ref-nan', 'ref', lambda d: npz_file(d, 'nan', mu=np.full(4, np.nan), sigma=np.eye(4)),
+     'NaN or infinite'),
+    ('ref-negdef', 'ref', lambda d: npz_file(d, 'negdef', mu=np.zeros(4), sigma=-np.eye(4)),
+     'not positive semi-definite'),
+    ('ref-complex', 'ref', lambda d: npz_file(d, 'cplx', mu=np.zeros(4),
+                                              sigma=np.eye(4, dtype=np.complex128)),
+     'plain numbers only'),
+    # issue 20: bench.py's tracebacks
+    ('bench-batch-0', 'bench', lambda d: 'bench|--batch|0', '--batch must be >= 1'),
+    ('bench-device-tpu', 'bench', lambda d: 'bench|--device|tpu', '--device tpu'),
+    ('bench-json', 'bench', lambda d: 'bench|--fast-fields|{bad', '--fast-fields must be'),
+    # issue 22 item 5: appends never through a link
+    ('stats-symlink', 'append', lambda d: in_folder(d, 'run', **{'stats.jsonl': d / 'victim'}),
+     'stats.jsonl: refusing to append'),
+    # issue 22 item 6: regular files only; downloads bounded in time and size, http(s) only
+    ('data-fifo-png', 'data', lambda d: in_folder(d, 'fifo', **{'b.png': 'fifo'}),
+     r'b.png: not a regular file \(a FIFO'),
+    ('data-fifo-json', 'data', lambda d: in_folder(d, 'fifojson', **{'dataset.json': 'fifo'}),
+     r'dataset.json: not a regular file'),
+    ('data-dev-zero', 'data', lambda d: in_folder(d, 'zero', **{'z.png': '/dev/zero'}),
+     r'z.png: not a regular file'),
+    ('data-link-out', 'data', lambda d: in_folder(d, 'linkout', **{'o.png': d / 'imgs2' / 'a.png'}),
+     r'o.png: a link out of'),
+    ('resume-config-fifo', 'sid',
+     lambda d: sid_args('--resume', in_folder(d, 'resume', **{'config.json': 'fifo'})),
+     r'--resume: no readable config.json'),
+    ('project-fifo', 'sid', lambda d: sid_args('project', '--ckpt', tiny_snapshot(d / 'g.pt'),
+                                               '--input', in_folder(d, 'proj', **{'0.png': 'fifo'}),
+                                               '--outdir', d / 'out-proj'), 'not a regular file'),
+    ('project-npy-claims', 'sid', lambda d: sid_args(
+        'project', '--ckpt', d / 'g.pt', '--input', write_bytes(d / 'pts.npy', npy_bytes(
+            np.zeros(4), (10 ** 9, 2))), '--outdir', d / 'out-npy'),
+     r'pts.npy: an array of shape \[1000000000, 2\] exceeds 20000000 elements'),
+    ('generate-seeds-open', 'sid', lambda d: sid_args('generate', '--ckpt', d / 'g.pt', '--seeds',
+                                                      '0-', '--outdir', d / 'out-open'),
+     "bad --seeds '0-'"),
+    ('generate-batch-huge', 'sid', lambda d: sid_args(
+        'generate', '--ckpt', d / 'g.pt', '--seeds', '0-9999999', '--batch', 1000000, '--outdir',
+        d / 'out-batch'), r'--batch 1000000: at most 5461 images of \[3, 32, 32\] per forward'),
+    ('generate-grid-huge', 'sid', lambda d: sid_args(
+        'generate', '--ckpt', d / 'g.pt', '--seeds', '0-9999999', '--grid', '--outdir',
+        d / 'out-grid'), r'--grid of 10000000 images'),
+    ('project-repeat-huge', 'sid', lambda d: sid_args(
+        'project', '--ckpt', d / 'g.pt', '--input', write_bytes(d / 'p32.png', png_bytes(
+            np.zeros((32, 32, 3), np.uint8))), '--repeat', 1000000000,
+        '--outdir', d / 'out-rep'), r'--repeat in \[1, 1000\], got 0.0 and 1000000000'),
+    ('fid-folder-fifo', 'fid', lambda d: fid_args('calc', '--images', in_folder(
+        d, 'fidfifo', **{'b.png': 'fifo'}), '--ref', refs(d), '--num', 2, '--detector',
+        d / 'det.pt', '--trust-detector'), 'b.png: not a regular file'),
+    ('download-trickle', 'get', lambda d: f'{d.url}/slow.pkl|{d / "cache"}||',
+     r'not done after 2 s'),
+    ('download-endless', 'get', lambda d: f'{d.url}/endless.pkl|{d / "cache"}||1048576',
+     r'more than the 1048576 bytes expected'),
+    ('download-file-url', 'get', lambda d: f'file:///etc/passwd|{d / "cache"}||',
+     'only http\\(s\\) URLs')]
+HOSTILE += REGRESSION
+
+READ_ALL = f"""import contextlib, io, json, resource, signal, sys, time
 resource.setrlimit(resource.RLIMIT_AS, ({1536 << 20}, {1536 << 20}))
-import checkpoints, data, fid, fileio, metrics, runs
+import bench, checkpoints, data, fid, fileio, metrics, runs
 signal.signal(signal.SIGALRM, lambda *a: sys.exit('timeout'))
+
+
+def get(a):  # URL|cache|sha256|max bytes
+    url, cache, sha256, limit = a.split('|')
+    return fileio.download(url, cache, sha256 or None, int(limit) if limit else None)
+
+
 READ = dict(ckpt=checkpoints.load_checkpoint, data=data.load_dataset, image=fileio.read_image,
-            fid=lambda a: fid.main(a.split('|')[1:]),
+            fid=lambda a: fid.main(a.split('|')[1:]), sid=lambda a: runs.main(a.split('|')[1:]),
+            bench=lambda a: bench.main(a.split('|')[1:]), ref=fid.load_ref, get=get,
+            state=lambda a: runs.read_training_state(a, {{}}, 'cpu'),
+            append=lambda a: runs.append_stats(a, dict(kimg=1)),
             npz=lambda a: sum(len(b) for b in metrics.real_image_batches(a, 64)))
 for line in sys.stdin:  # each refusal as the commands report it: one line on stderr, exit code 2
     name, reader, arg = line.split()
-    err, code = io.StringIO(), 0
+    err, code, t0 = io.StringIO(), 0, time.monotonic()
     signal.alarm(60)
-    with contextlib.redirect_stderr(err):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             runs.one_line_errors(lambda: READ[reader](arg))
         except SystemExit as e:  # the refusal, or the alarm
@@ -337,24 +530,35 @@ for line in sys.stdin:  # each refusal as the commands report it: one line on st
         except BaseException as e:  # anything else (MemoryError, ...) fails this file only
             code = repr(e)
     signal.alarm(0)
-    print(json.dumps([name, code, err.getvalue() or str(code)]), flush=True)
+    print(json.dumps([name, code, err.getvalue() or str(code), time.monotonic() - t0]), flush=True)
 """
+
+
+class Folder(type(pathlib.Path())):  # the fixture's folder, and the local server's URL
+    url = ''
 
 
 @pytest.fixture(scope='module')
 def hostile(tmp_path_factory):
-    d = tmp_path_factory.mktemp('hostile')
-    args = {name: str(build(d)) for name, _, build, _ in HOSTILE}
-    assert all(os.path.getsize(a) < 1.1e6 for a in args.values() if os.path.isfile(a))
-    lines = ''.join(f'{n} {reader} {args[n]}\n' for n, reader, _, _ in HOSTILE)
-    r = subprocess.run([sys.executable, '-c', READ_ALL], input=lines, cwd=HERE,
-                       capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    routes = {'/teacher.pkl': b'not the teacher', '/slow.pkl': ('trickle', 1000, 0.5),
+              '/endless.pkl': ('endless',)}
+    with http_server(routes, max_requests=10, max_seconds=10) as (url, _):
+        d = Folder(tmp_path_factory.mktemp('hostile'))
+        d.url = url
+        args = {name: str(build(d)) for name, _, build, _ in HOSTILE}
+        files = [a for a in args.values() if os.path.isfile(a) and not a.endswith('.pt.orig')]
+        assert all(os.path.getsize(a) < 2e6 for a in files)
+        lines = ''.join(f'{n} {reader} {args[n]}\n' for n, reader, _, _ in HOSTILE)
+        r = subprocess.run([sys.executable, '-c', READ_ALL], input=lines, cwd=HERE,
+                           capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS='1', SID_DOWNLOAD_DEADLINE='2',
+                                    SID_CACHE=str(d / 'cache')))
+    assert r.returncode == 0, r.stderr[-3000:]
     return {row[0]: row[1:] for row in map(json.loads, r.stdout.splitlines())}
 
 
 @pytest.mark.parametrize('name,match', [(h[0], h[3]) for h in HOSTILE], ids=[h[0] for h in HOSTILE])
 def test_hostile_file_refused_in_bounded_memory(hostile, name, match):
-    code, err = hostile[name]
+    code, err, _ = hostile[name]
     assert_one_line_error(types.SimpleNamespace(returncode=code, stderr=err), '')
     assert re.search(match, err), err

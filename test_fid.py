@@ -1,14 +1,17 @@
 """Tests of fid: the Frechet distance (closed forms, scipy), streaming statistics, a TorchScript
-detector stand-in, EDM's reference files, the command line."""
+detector stand-in, EDM's reference files, the command line, the detector's trust rule and the
+reference statistics' checks."""
 import os
+from typing import Tuple
 
 import numpy as np
 import pytest
 import torch
 
 import fid
-from conftest import (FidStandIn, detector_file, edm_files, write_bytes, write_dataset,
-                      write_pngs)
+import fileio
+from conftest import (FidStandIn, detector_file, edm_files, flip_member_byte, write_bytes,
+                      write_dataset, write_pngs)
 
 
 def random_cov(rng, d, rank=None, scale=1.0):
@@ -85,7 +88,7 @@ def test_to_uint8_detector_and_generator_fid(tmp_path, monkeypatch):
     # EDM: +128 and truncation (round(x*127.5+127.5) would give 128, 2)
     assert fid.to_uint8(x).tolist() == [0, 128, 255, 0, 255, 100, 128, 129, 3]
     path = detector_file(tmp_path / 'standin.pt')
-    det = fid.load_detector('cpu', path)
+    det = fid.load_detector('cpu', path, trusted=True)
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     features = fid.extract_features(det, images, 'cpu')
     assert features.dtype == torch.float64
@@ -96,6 +99,7 @@ def test_to_uint8_detector_and_generator_fid(tmp_path, monkeypatch):
     with pytest.raises(ValueError):
         fid.extract_features(det, images.float(), 'cpu')
     monkeypatch.setenv('SID_DETECTOR', path)
+    monkeypatch.setenv('SID_TRUST_DETECTOR', '1')
     assert torch.equal(fid.extract_features(fid.load_detector('cpu'), images, 'cpu'), features)
 
     def make(seeds):
@@ -128,7 +132,7 @@ def test_fid_files_and_cli(tmp_path, capsys):
     # EDM's subset rule
     assert fid.list_images(str(tmp_path / 'b'), num=4, seed=0) == [all_b[i] for i in (4, 6, 10, 11)]
     folder, ref = write_pngs(tmp_path / 'imgs', 24), str(tmp_path / 'ref.npz')
-    det = ['--detector', detector_file(tmp_path / 'det.pt')]
+    det = ['--detector', detector_file(tmp_path / 'det.pt'), '--trust-detector']
     fid.main(['ref', '--data', folder, '--dest', ref, *det, '--batch', '5'])
     fid.main(['calc', '--images', folder, '--ref', ref, '--num', '24', *det])
     assert abs(float(capsys.readouterr().out.split()[-1])) < 1e-6  # the reference's own images
@@ -144,7 +148,7 @@ def test_fid_files_and_cli(tmp_path, capsys):
     bad_args = [['ref', '--data', str(tmp_path / d), '--dest', dest, *det]
                 for d in ('missing', 'mixed', 'empty')]
     bad_args += [
-        ['ref', '--data', folder, '--dest', dest, '--detector', ref],
+        ['ref', '--data', folder, '--dest', dest, '--detector', ref, '--trust-detector'],
         # the detector gives 16 features, ref6 has 6
         ['calc', '--images', folder, '--ref', str(tmp_path / 'ref6.npz'), '--num', '4', *det],
         ['calc', '--images', folder, '--ref', ref, '--num', '99', *det]]
@@ -155,3 +159,83 @@ def test_fid_files_and_cli(tmp_path, capsys):
         assert e.value.code == 2 and err.startswith('error: '), (args, err)
         assert len(err.splitlines()) == 1, (args, err)
     assert not os.path.exists(dest)
+
+#----------------------------------------------------------------------------
+# What a file may do: a TorchScript detector is code (it runs when loaded), so only NVIDIA's (by
+# its SHA-256) runs unless the user trusts another; reference statistics are checked numbers.
+
+class WritesAtLoad(torch.nn.Module):
+    """A TorchScript 'detector' whose loading creates a file (torch.from_file, shared)."""
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.touched = 0.0
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool, float]:
+        return (self.marker, self.training, self.touched)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool, float]) -> None:
+        self.marker, self.training = state[0], state[1]
+        self.touched = float(torch.from_file(self.marker, True, 8).sum())
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return img.float().flatten(1)[:, :16] + self.touched
+
+
+def test_only_nvidias_detector_runs_unless_trusted(tmp_path, monkeypatch, capsys):
+    marker, evil = tmp_path / 'marker', str(tmp_path / 'evil.pt')
+    torch.jit.save(torch.jit.script(WritesAtLoad(str(marker))), evil)
+    folder, ref = write_pngs(tmp_path / 'imgs', 4), str(tmp_path / 'ref.npz')
+    fid.save_ref(ref, np.zeros(16), np.eye(16))
+    for env in ({}, {'SID_DETECTOR': evil}):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as e:
+            fid.main(['calc', '--images', folder, '--ref', ref, '--num', '4']
+                     + ([] if env else ['--detector', evil]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1
+        assert "not NVIDIA's Inception detector" in err and 'TorchScript file is code' in err
+    assert not marker.exists()  # refused before it ran
+    fid.load_detector('cpu', evil, trusted=True)  # trusted: it runs, and writes
+    assert marker.exists()
+    standin = detector_file(tmp_path / 'standin.pt')
+    monkeypatch.setattr(fid, 'DETECTOR_SHA256', fileio.sha256_of(standin))  # "NVIDIA's" now
+    assert fid.load_detector('cpu', standin) is not None
+    corrupt = write_bytes(tmp_path / 'corrupt.pt', flip_member_byte(standin, '/data/0'))
+    with pytest.raises(ValueError, match='corrupt.pt: corrupt or unreadable zip.*CRC'):
+        fid.load_detector('cpu', corrupt, trusted=True)
+
+
+def bad_refs(d):
+    """(file, message): reference statistics a Frechet distance must not use."""
+    eye, mu = np.eye(4), np.zeros(4)
+    asym = eye.copy()
+    asym[0, 1] = 0.5
+    cases = [('nan', dict(mu=np.array([np.nan, 0, 0, 0]), sigma=eye), 'NaN or infinite'),
+             ('asym', dict(mu=mu, sigma=asym), 'not symmetric'),
+             ('negdef', dict(mu=mu, sigma=-eye), r'not positive semi-definite \(eigenvalue -1'),
+             ('complex', dict(mu=mu, sigma=eye.astype(np.complex128)), 'plain numbers only'),
+             ('shape', dict(mu=mu, sigma=np.eye(3)), r'mu \(4,\), sigma \(3, 3\)'),
+             ('keys', dict(mean=mu), 'not an .npz file with mu, sigma')]
+    out = []
+    for name, arrays, msg in cases:
+        np.savez(str(d / f'{name}.npz'), **arrays)
+        out.append((str(d / f'{name}.npz'), msg))
+    return out
+
+
+def test_reference_statistics_are_checked(tmp_path, capsys):
+    for path, msg in bad_refs(tmp_path):
+        with pytest.raises(ValueError, match=msg):
+            fid.load_ref(path)
+    # the CLI refuses before it reads an image: one line, exit code 2
+    with pytest.raises(SystemExit) as e:
+        fid.main(['calc', '--images', write_pngs(tmp_path / 'imgs', 2), '--ref',
+                  str(tmp_path / 'nan.npz'), '--num', '2'])
+    assert e.value.code == 2 and 'NaN or infinite' in capsys.readouterr().err
+    mu, sigma = np.zeros(4), np.diag([1.0, 2.0, 0.0, 3.0])  # semi-definite, as EDM's may be
+    fid.save_ref(str(tmp_path / 'ok.npz'), mu, sigma)
+    assert np.array_equal(fid.load_ref(str(tmp_path / 'ok.npz'))[1], sigma)

@@ -319,7 +319,8 @@ def test_precision_switches_do_what_they_say(tmp_path, precision):
 
 def first_losses(cfg, nets):
     """(loss_fake, loss_G) of iteration 0 of a SiD run without augmentation or dropout, from the
-    formulas: f_psi's DSM on G's samples, then SiD's loss against the updated f_psi."""
+    formulas: f_psi's DSM on G's samples, then SiD's loss against the updated f_psi; summed over
+    the micro-batches (ours), and of the last one (the official print)."""
     assert cfg.method == 'sid' and cfg.augment == 0 and cfg.dropout == 0
     f_phi, G, f_psi = (copy.deepcopy(n) for n in nets)
     s = loop_state(cfg, (f_phi, G, f_psi))
@@ -338,6 +339,7 @@ def first_losses(cfg, nets):
     loss_fake = loss_G = 0.0
     with torch.no_grad():
         for r in range(s.rounds):
+            last = loss_fake, loss_G
             c, z = draw(1, r)
             x_g = G0(z, torch.full([len(z), 1, 1, 1], cfg.sigma_init), c)
             sigma = (torch.randn(len(z), 1, 1, 1) * 1.2 - 1.2).exp()
@@ -355,6 +357,7 @@ def first_losses(cfg, nets):
             w = (x_g - y_phi).abs().flatten(1).mean(1).clamp_min(1e-5)
             per = ((y_phi - y_psi) * (y_psi - x_g) + (1 - cfg.alpha) * (y_phi - y_psi) ** 2)
             loss_G += float((per.flatten(1).sum(1) / w).sum()) * cfg.lsg / s.n
+    it.last_expected = [loss_fake - last[0], loss_G - last[1]]  # the last micro-batch's
     return loss_fake, loss_G, it
 
 
@@ -364,6 +367,138 @@ def test_logged_losses_are_the_quantities_they_name(tmp_path):
     assert it.loss_fake.item() == pytest.approx(loss_fake, rel=1e-5)
     assert it.loss_G.item() == pytest.approx(loss_G, rel=1e-4) and it.loss_extra == 0
     assert abs(loss_fake) > 0 and abs(loss_G) > 0
+    # the official print: the last of the 2 micro-batches alone ([f_psi, SiDA's D, G, extra])
+    fake_last, G_last = it.last_expected
+    assert it.last[[1, 3]].tolist() == [0, 0] and abs(fake_last - loss_fake) > 1e-3 * loss_fake
+    assert it.last[0].item() == pytest.approx(fake_last, rel=1e-5)
+    assert it.last[2].item() == pytest.approx(G_last, rel=1e-4)
+
+
+def test_status_line_and_stats_give_both_conventions(tmp_path):
+    """Each tick logs the mean over its iterations of the summed micro-batches (ours, named) and
+    the official print under the official names: the last micro-batch of the tick's last
+    iteration, SiDA's f_psi loss split into its DSM and D terms."""
+    cfg = cfg_for(tmp_path, 'toy', 4, method='sida', sida_warmup_kimg=0, tick_kimg=0.128)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        run, s = runs.start(cfg, nets_for(cfg))
+        lasts = []
+        for it in sid.iterate(s):
+            lasts.append(it.last.tolist())
+            runs.maintain(run, s, it)
+        runs.finish(run, s)
+    stats = read_stats(tmp_path)
+    assert len(stats) == 2 and s.rounds == 2
+    for e, last in zip(stats, (lasts[1], lasts[3])):
+        assert e['loss_convention'] == runs.LOSS_CONVENTION
+        assert e['last_micro_batch'] == dict(loss_fake_score=last[0], loss_D=last[1],
+                                             loss_G=last[2], loss_G_gan=last[3])
+        assert all(v != 0 for v in last)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith('tick ')]
+    assert len(lines) == 2 and all(' batch: loss_fake ' in line for line in lines)
+    assert lines[1].endswith(f"| last micro-batch: loss_fake_score {lasts[3][0]:.4g} loss_D "
+                             f"{lasts[3][1]:.4g} loss_G {lasts[3][2]:.4g} loss_G_gan "
+                             f"{lasts[3][3]:.4g}")
+    assert runs.last_micro_batch('sign', torch.tensor([1.0, 0, 2, 3])) == dict(
+        loss_fake_score=1.0, loss_G=2.0, loss_ign=3.0)
+    assert runs.last_micro_batch('sid', torch.tensor([1.0, 0, 2, 0])) == dict(
+        loss_fake_score=1.0, loss_G=2.0)
+
+#----------------------------------------------------------------------------
+# A non-finite sample of G (official sid_loss.py / sida_loss.py drop it; the reduction keeps
+# dividing by the images per GPU, n): zeroed before any network sees it, so the other samples'
+# gradients stay finite and f_psi's gradient is that of the micro-batch without it, with the same
+# n. (Dropped after the networks, as officially, 0 * NaN in backward makes them all NaN.)
+
+def recording(fn, store):
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        store.append(out)
+        return out
+    return call
+
+
+@pytest.mark.parametrize('method', ['sid', 'sida', 'sign'])
+def test_nan_latent_drops_its_sample_and_f_psi_still_learns(tmp_path, monkeypatch, method):
+    sida = dict(sida_warmup_kimg=0, sida_mix_kimg=0) if method == 'sida' else {}
+    cfg = cfg_for(tmp_path, method=method, batch=4, batch_gpu=4, augment=0.0, dropout=0.0, **sida)
+    f_phi, G, f_psi = nets_for(cfg)
+    s = loop_state(cfg, (f_phi, G, perturb_copy(f_psi, 2, 0.02)))  # f_psi != f_phi: loss_G != 0
+    m = sid.METHODS[method]
+    g = torch.Generator().manual_seed(0)
+    z = cfg.sigma_init * torch.randn([4, *s.G.img_shape], generator=g)
+    z[1, 0, 5, 5] = float('nan')  # one NaN latent: G's sample 1 is NaN everywhere
+    with torch.no_grad():
+        x_g = sid.generate(s.G.eval(), z, None, cfg.sigma_init, s.zero_aug)
+    keep = torch.tensor([True, False, True, True])
+    assert x_g[1].isnan().all() and x_g[keep].isfinite().all()
+    x_r = torch.rand([4, *s.G.img_shape], generator=g) * 2 - 1
+    s.f_psi.train().requires_grad_(True)
+    draws, params = [], list(s.f_psi.parameters())
+    monkeypatch.setattr(sid, 'draw_sigma_fake', recording(sid.draw_sigma_fake, draws))
+    monkeypatch.setattr(torch, 'randn_like', recording(torch.randn_like, draws))
+    loss, logs = m.fake_loss(s, x_g, x_r, None)
+    grads = torch.autograd.grad(loss, params)
+    assert all(gr.isfinite().all() for gr in grads) and logs.isfinite().all()
+    sigma, noise = draws[0][keep], draws[1][keep]  # DSM over the kept samples, / 4 images per GPU
+    with torch.no_grad():
+        D = s.f_psi(x_g[keep] + sigma * noise, sigma, None, s.zero_aug[keep])
+    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    assert logs[0].item() == pytest.approx((lam * (D - x_g[keep]) ** 2).sum().item() / 4, rel=1e-5)
+    # the micro-batch without sample 1, the same draws for the other samples, the same n
+    replay = iter([d[keep] for d in draws])
+    monkeypatch.setattr(sid, 'draw_sigma_fake', lambda x: next(replay))
+    monkeypatch.setattr(torch, 'randn_like', lambda x: next(replay))
+    monkeypatch.setattr(s, 'zero_aug', s.zero_aug[keep])
+    loss_ref, logs_ref = m.fake_loss(s, x_g[keep], x_r[keep], None)
+    grads_ref = torch.autograd.grad(loss_ref, params)
+    assert torch.allclose(logs, logs_ref, rtol=1e-5) and loss_ref.abs() > 0
+    # float32 sums over 4 or 3 samples: ~1e-6 apart (the normalisation by 3 would be 33 %)
+    for gr, ref in zip(grads, grads_ref):
+        err = (gr - ref).norm() / ref.norm().clamp_min(1e-30)
+        assert err < 1e-4 or (ref.norm() == 0 and gr.norm() == 0), err
+    assert sum(ref.norm() for ref in grads_ref) > 0
+    monkeypatch.undo()
+
+    # G's objective logs what it logs on the micro-batch without sample 1 (data-free: SIGN's flow
+    # term then starts at G's samples)
+    draws = []
+    s.f_psi.eval().requires_grad_(False)
+    s.G.eval()
+    for name in ('draw_sigma_generator', 'draw_sigma_flow'):
+        monkeypatch.setattr(sid, name, recording(getattr(sid, name), draws))
+    monkeypatch.setattr(torch, 'randn_like', recording(torch.randn_like, draws))
+    _, logs = m.G_loss(s, x_g, None, None)
+    replay = iter([d[keep] if torch.is_tensor(d) else tuple(t[keep] for t in d) for d in draws])
+    for name in ('draw_sigma_generator', 'draw_sigma_flow', 'randn_like'):
+        monkeypatch.setattr(torch if name == 'randn_like' else sid, name, lambda *a: next(replay))
+    monkeypatch.setattr(s, 'zero_aug', s.zero_aug[keep])
+    _, logs_ref = m.G_loss(s, x_g[keep], None, None)
+    assert logs.isfinite().all() and torch.allclose(logs, logs_ref, rtol=1e-5)
+    assert (logs != 0).sum() == (1 if method == 'sid' else 2)
+    monkeypatch.undo()
+
+    # the loop's step: f_psi moves (finite), G's step logs finite losses (G's own gradient is NaN
+    # inside G, from its NaN sample: nan_to_num zeroes it, as officially)
+    randn = torch.randn
+
+    def nan_latent(size, *args, **kwargs):  # the loop's latents z: sample 1 NaN
+        out = randn(size, *args, **kwargs)
+        if list(size) == [4, *s.G.img_shape]:
+            out[1] = float('nan')
+        return out
+
+    monkeypatch.setattr(torch, 'randn', nan_latent)
+    s = loop_state(cfg)
+    s.data = iter([(x_r, torch.zeros(4, 0))] * 4)  # real images (SiDA's D, SIGN's L_rec)
+    s.cur_nimg = 4  # past SiDA's warm-up
+    psi0 = copy.deepcopy(s.f_psi.state_dict())
+    it = next(sid.iterate(s))
+    moved = [not torch.equal(v, psi0[k]) for k, v in s.f_psi.state_dict().items()
+             if v.is_floating_point()]
+    assert sum(moved) > len(moved) // 2
+    assert all(v.isfinite().all() for v in s.f_psi.state_dict().values())
+    assert it.loss_fake.isfinite() and it.loss_G.isfinite() and it.last.isfinite().all()
+    assert it.loss_G != 0 and (method == 'sid' or it.loss_extra != 0)
 
 #----------------------------------------------------------------------------
 # Resume: interrupted + resumed = uninterrupted, bit for bit (the driver's training state).

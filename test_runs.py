@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import draw
 import edm_nets
 import fid
 import fileio
@@ -771,6 +772,7 @@ def test_one_run_per_folder_then_ctrl_c_then_resume(tmp_path):
 
 def fid_setup(tmp_path, monkeypatch):
     monkeypatch.setenv('SID_DETECTOR', detector_file(tmp_path / 'det.pt', dim=8))
+    monkeypatch.setenv('SID_TRUST_DETECTOR', '1')  # the stand-in is not NVIDIA's detector
     mu_ref, sig_ref = np.full(8, 0.1), np.eye(8) * 0.5
     fid.save_ref(str(tmp_path / 'ref.npz'), mu_ref, sig_ref)
     return mu_ref, sig_ref
@@ -924,6 +926,31 @@ def test_generate_picks_the_best_snapshot_of_a_run(tmp_path):
     r = cli('generate', '--ckpt', run, '--seeds', '0', '--outdir', tmp_path / 'o')
     assert r.returncode == 0
     assert np.abs(read_png(tmp_path / 'o' / '000000.png') - expected_png(best, 0)).max() <= 1
+
+
+def test_generate_toy_in_batches_and_a_bounded_picture(tmp_path, monkeypatch, capsys):
+    """A toy generator's points are drawn --batch seeds at a time (each seed its own stream, so the
+    split changes nothing); samples.png shows the first MAX_PICTURE_POINTS (its energy distance is
+    O(N^2))."""
+    toy = sid.make_config(dict(outdir=str(tmp_path / 't')))
+    G = nets_for(toy)[1].eval()
+    runs.save_snapshot(str(tmp_path / 't.pt'), G, 0, dataclasses.replace(toy, sigma_init=0.7))
+    shown = []
+
+    def picture(x, teacher):
+        shown.append(len(x))
+        return b'a picture'
+
+    monkeypatch.setattr(runs, 'MAX_PICTURE_POINTS', 10)
+    monkeypatch.setattr(draw, 'samples_picture', picture)
+    n = 25
+    runs.main(['generate', '--ckpt', str(tmp_path / 't.pt'), '--seeds', f'0-{n - 1}', '--batch',
+               '7', '--outdir', str(tmp_path / 'g')])
+    out = capsys.readouterr().out
+    assert shown == [10] and f'wrote {n} points' in out and '(the first 10)' in out
+    with torch.no_grad():
+        want = runs.sample_images(G, range(n), 0.7, torch.device('cpu'))
+    assert np.allclose(np.load(tmp_path / 'g' / 'samples.npy'), want.numpy(), atol=1e-6)
 
 
 def test_sign_noise_per_seed_fresh_per_step():
