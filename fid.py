@@ -40,9 +40,11 @@ def load_detector(device, path=None, trusted=False):
     """Load the Inception detector from `path`, $SID_DETECTOR, or the NVIDIA URL (downloaded and
     cached, its SHA-256 checked). TorchScript is code, run when loaded and when called: a file
     other than NVIDIA's detector (by its SHA-256) is refused unless trusted (--trust-detector or
-    $SID_TRUST_DETECTOR=1)."""
-    path = _fetch(path or os.environ.get('SID_DETECTOR') or DETECTOR_URL)
-    trusted = trusted or os.environ.get('SID_TRUST_DETECTOR') == '1'
+    $SID_TRUST_DETECTOR=1). NVIDIA's other detectors the project names (VGG16 for
+    precision/recall) count as trusted: their bytes are checked against KNOWN_FILES."""
+    src = path or os.environ.get('SID_DETECTOR') or DETECTOR_URL
+    path = _fetch(src)
+    trusted = trusted or src in fileio.KNOWN_FILES or os.environ.get('SID_TRUST_DETECTOR') == '1'
     digest = fileio.sha256_of(path)
     if digest != DETECTOR_SHA256 and not trusted:
         raise ValueError(f"{path}: not NVIDIA's Inception detector (sha256 {digest[:16]}...); a "

@@ -356,6 +356,12 @@ KNOWN_FILES = {  # url -> sha256 (None: none published), size in bytes where kno
     **{f'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-{name}.pkl': dict(sha256=None)
        for name in ('cifar10-32x32-cond-vp', 'ffhq-64x64-uncond-vp', 'afhqv2-64x64-uncond-vp',
                     'imagenet-64x64-cond-adm')},
+    # NVIDIA's VGG16 (StyleGAN2-ADA's precision/recall features) and OpenAI's ImageNet 64 reference
+    # batch (guided-diffusion's evaluations): no published hashes; recorded at the first download
+    'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/vgg16.pt': dict(
+        sha256=None),
+    'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/64/'
+    'VIRTUAL_imagenet64_labeled.npz': dict(sha256=None),
     # EDM's FID reference statistics: no published hashes; recorded at the first download
     **{f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{name}.npz': dict(sha256=None)
        for name in ('cifar10-32x32', 'imagenet-64x64', 'ffhq-64x64', 'afhqv2-64x64')},

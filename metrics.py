@@ -280,7 +280,7 @@ def _score_trial(sample, seeds, image_shape, metrics, tools, batch, device, spli
 
 def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, expected_ref=None,
              detector=None, pr_ref=None, pr_detector=None, batch=64, device='cpu', splits=10, k=3,
-             progress=None):
+             progress=None, trusted=False):
     """Scores of `trials` sets of `num` images. Trial t draws seeds t*num .. (t+1)*num - 1 (fresh
     images per trial, as the official 10 trials, but reproducible); sample(seeds) must return
     float images in [-1, 1] [B, *image_shape] (the seeds-to-latents rule of `generate`).
@@ -288,7 +288,8 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
     precision/recall (default: PR_REF_PRESETS of the reference); detector: NVIDIA's Inception, a
     loaded module or a path/URL (default: $SID_DETECTOR or NVIDIA's URL); pr_detector: the
     precision/recall features, likewise (default: the Inception, as SiD; VGG16_URL as
-    StyleGAN2-ADA). Every reference is loaded and checked before the first image is generated.
+    StyleGAN2-ADA); trusted: run TorchScript files other than NVIDIA's. Every reference is
+    loaded and checked before the first image is generated.
     progress(trial, images) after each batch (trial from 1). Returns dict(trials=[{score:
     value}], mean={...}, std={...}) with scores fid, is, is_std (over the splits), precision,
     recall."""
@@ -304,9 +305,9 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
                          'reference batch')
     inception = 'fid' in metrics or 'is' in metrics or pr_detector is None
     if inception and (detector is None or isinstance(detector, str)):
-        detector = fid.load_detector(device, detector)
+        detector = fid.load_detector(device, detector, trusted)
     if isinstance(pr_detector, str) and 'pr' in metrics:
-        pr_detector = fid.load_detector(device, pr_detector)
+        pr_detector = fid.load_detector(device, pr_detector, trusted)
     tools = dict(detector=detector, pr_detector=pr_detector or detector)
     if 'fid' in metrics:
         tools['ref'] = fid.load_ref(ref)

@@ -1130,7 +1130,7 @@ def cmd_evaluate(a):
 
     results = metrics.evaluate(sample, G.img_shape, a.num, names, a.trials, a.ref, expected,
                                a.detector, a.pr_ref, pr_detector, a.batch, device,
-                               progress=progress)
+                               progress=progress, trusted=a.trust_detector)
     print(file=sys.stderr)
     first, last = 0, a.trials * a.num - 1
     print(f'{a.ckpt}: {a.trials} trial(s) of {a.num} images (seeds {first}-{last}), '
@@ -1298,6 +1298,9 @@ def tools_parser(cmd):
                        'TorchScript file (default: inception)')
         p.add_argument('--detector', default=None,
                        help='local Inception .pt (default: $SID_DETECTOR or NVIDIA\'s URL)')
+        p.add_argument('--trust-detector', action='store_true',
+                       help="run TorchScript detectors other than NVIDIA's (TorchScript is code; "
+                       'also $SID_TRUST_DETECTOR=1)')
         p.add_argument('--out', default=None, help='also write the results to this new .json')
     return p
 

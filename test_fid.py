@@ -10,6 +10,7 @@ import torch
 
 import fid
 import fileio
+import metrics
 from conftest import (FidStandIn, detector_file, edm_files, flip_member_byte, write_bytes,
                       write_dataset, write_pngs)
 
@@ -207,6 +208,16 @@ def test_only_nvidias_detector_runs_unless_trusted(tmp_path, monkeypatch, capsys
     corrupt = write_bytes(tmp_path / 'corrupt.pt', flip_member_byte(standin, '/data/0'))
     with pytest.raises(ValueError, match='corrupt.pt: corrupt or unreadable zip.*CRC'):
         fid.load_detector('cpu', corrupt, trusted=True)
+    # NVIDIA's VGG16, named by the project: its bytes are checked against KNOWN_FILES (here the
+    # hash recorded when it was cached), so it runs without --trust-detector; a local copy does not
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    cached = fileio.cache_path(metrics.VGG16_URL)
+    os.makedirs(os.path.dirname(cached))
+    write_bytes(cached, open(standin, 'rb').read())
+    monkeypatch.setattr(fid, 'DETECTOR_SHA256', '0' * 64)
+    assert fid.load_detector('cpu', metrics.VGG16_URL) is not None
+    with pytest.raises(ValueError, match="not NVIDIA's Inception detector"):
+        fid.load_detector('cpu', cached)
 
 
 def bad_refs(d):

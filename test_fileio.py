@@ -149,7 +149,9 @@ def test_every_known_url_is_pinned():
     import data
     import edm_nets
     urls = [p['url'] for p in edm_nets.PRESETS.values()]
+    import metrics
     urls += [fid.DETECTOR_URL, data.CIFAR10_URL, *fid.REF_PRESETS.values()]
+    urls += [metrics.VGG16_URL, *metrics.PR_REF_PRESETS.values()]
     assert set(urls) == set(fileio.KNOWN_FILES)
     for url, pin in fileio.KNOWN_FILES.items():
         assert pin['sha256'] is None or re.fullmatch('[0-9a-f]{64}', pin['sha256'])

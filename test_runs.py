@@ -1060,7 +1060,8 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
     np.savez(tmp_path / 'real.npz', arr_0=rng.integers(0, 256, (15, 32, 32, 3), dtype=np.uint8))
     det = detector_file(tmp_path / 'det.pt')
     common = ['--metrics', 'fid,is,pr', '--num', 12, '--trials', 2, '--ref', tmp_path / 'ref.npz',
-              '--pr-ref', tmp_path / 'real.npz', '--detector', det, '--batch', 5, '--device', 'cpu']
+              '--pr-ref', tmp_path / 'real.npz', '--detector', det, '--trust-detector',
+              '--batch', 5, '--device', 'cpu']
     for sigmas, out in (((), 'one.json'), ((0.5,), 'two.json')):
         steps = ['--steps', 2, '--sigmas', '0.5'] if sigmas else []
         r = cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common, *steps, '--out',
@@ -1073,7 +1074,7 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
 
         expected = metrics.evaluate(sample, G.img_shape, 12, ('fid', 'is', 'pr'), 2,
                                     str(tmp_path / 'ref.npz'), detector=det,
-                                    pr_ref=str(tmp_path / 'real.npz'), batch=5)
+                                    pr_ref=str(tmp_path / 'real.npz'), batch=5, trusted=True)
         assert report['trials'] == expected['trials'] and report['sigmas'] == list(sigmas)
         assert report['authors_fid'] == 1.710 and report['mean'] == expected['mean']
         assert 'trial 2/2: 12/12 images' in r.stderr.splitlines()[-1]
@@ -1087,8 +1088,10 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
     # the reference by default: the release's preset (here primed in the cache), a run's dataset's
     preset = fileio.cache_path(fid.REF_PRESETS['cifar10-32x32'])
     shutil.copy(tmp_path / 'ref.npz', preset)
-    r = cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', '--num', 12, '--detector', det,
-            '--device', 'cpu')
+    default_ref = ['evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', '--num', 12, '--detector', det,
+                   '--device', 'cpu']
+    assert_one_line_error(cli(*default_ref), "not NVIDIA's Inception detector")  # code: refused
+    r = cli(*default_ref, '--trust-detector')
     assert r.returncode == 0 and 'reference cifar10-32x32' in r.stdout.splitlines()[0]
     one_step = json.load(open(tmp_path / 'one.json'))['trials'][0]['fid']
     assert float(r.stdout.splitlines()[1].split()[1]) == pytest.approx(one_step, abs=1e-4)
@@ -1102,7 +1105,11 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
     raw = open(cached, 'rb').read()
     write_bytes(cached, raw[:len(raw) // 3])
     assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
+                          'not the known')  # its hash was recorded at first use
+    write_bytes(cached + '.sha256', fileio.sha256_of(cached).encode())  # as if first seen so
+    assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
                           'unsafe or unreadable pickle')
     write_edm_pickle(cached, G, extra=dict(evil=Evil(os.system, 'true')))
+    write_bytes(cached + '.sha256', fileio.sha256_of(cached).encode())
     assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
                           'refusing to load global')
