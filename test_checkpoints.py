@@ -421,6 +421,11 @@ REGRESSION = [
     ('ref-npz-bomb-cli', 'fid', lambda d: fid_args('calc', '--images', d / 'imgs2', '--ref',
                                                    d / 'rbomb.npz', '--num', 2),
      r'declares 1073741'),
+    ('loop-fid-ref-bomb', 'sid', lambda d: sid_args(
+        '--dataset', 'cifar10', '--teacher', 'random', '--device', 'cpu', '--batch', 2,
+        '--net-overrides', '{"model_channels":8,"channel_mult":[1],"num_blocks":1,'
+        '"attn_resolutions":[]}', '--fid-every-kimg', 1, '--fid-ref', d / 'rbomb.npz',
+        '--outdir', d / 'run-fid'), r'declares 1073741'),
     ('ref-claims', 'ref', lambda d: zip_bomb(d / 'claim.npz', b'x.npy', [
         (b'mu.npy', npy_bytes(np.zeros(4))),
         (b'sigma.npy', npy_bytes(np.zeros(4), (10 ** 5,) * 2))]),
