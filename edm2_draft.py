@@ -26,7 +26,7 @@ def normalize(x, dim=None, eps=1e-4):
     if dim is None:
         dim = list(range(1, x.ndim))
     dims = [dim] if isinstance(dim, int) else list(dim)
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])
     norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
     rms = norm / math.sqrt(n)
     return x / (eps + rms).to(x.dtype)
@@ -95,18 +95,19 @@ class MPFourier(torch.nn.Module):
 #
 # Forced weight normalisation (Config E): in training mode the stored weight itself is projected
 # back to unit-RMS rows, so that its norm cannot grow and the effective learning rate stays fixed.
-# EDM2 writes normalize(w) into the parameter in place on every training-mode forward. SiDA's
+# EDM2 writes normalize(w) into the parameter in place inside every training-mode forward. SiDA's
 # fake-score step calls f_psi twice in training mode (fakes with logits, then reals encoder_only)
 # before one backward; a second in-place write would change a weight saved by the first call's graph
 # and autograd's in-place check fails ("modified by an inplace operation"; it fails the same way in
-# the official SiDA code with force_normalization=1). So the write happens only when the weight has
-# changed since our last write (an optimizer step, a load, a copy): the stamp is (storage address,
-# version counter), the counter being the one autograd's in-place check uses. One call per weight
-# update writes exactly as EDM2 does; further calls reuse the stored, already normalised weight
-# (EDM2 would normalise it again, which changes it only by O(eps) = 1e-4 relative). This also keeps
-# gradient checkpointing (which re-runs forward during backward) legal.
-# force_normalization=False (SiDA's flag, used by its S recipe) skips the write; the function is the
-# same because forward always normalises.
+# the official SiDA code with force_normalization=1). So here force_normalize_ writes only when the
+# weight has changed since its last write (an optimizer step, a load, a copy): the stamp is
+# (storage address, version counter), the counter being the one autograd's in-place check uses.
+# One call per weight update writes exactly what EDM2 writes; further calls reuse the stored,
+# already normalised weight (EDM2 would normalise it again, a change of O(eps) = 1e-4 relative).
+# EDM2Precond.forward calls it for every MPConv before the U-Net runs, so forward itself is a pure
+# function: torch.compile traces blocks without graph breaks, and gradient checkpointing (which
+# re-runs blocks during backward) writes nothing. force_normalization=False (SiDA's flag, used by
+# its S recipe) skips the write; the function is the same because forward always normalises.
 
 class MPConv(torch.nn.Module):
     def __init__(self, in_channels, out_channels, kernel, force_normalization=True):
@@ -124,8 +125,6 @@ class MPConv(torch.nn.Module):
             self._stamp = (self.weight.data_ptr(), self.weight._version)
 
     def forward(self, x, gain=1):
-        if self.training and self.force_normalization:
-            self.force_normalize_()
         w = normalize(self.weight.to(torch.float32))
         w = w * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype)
@@ -329,6 +328,7 @@ class EDM2UNet(torch.nn.Module):
 # Config B's uncertainty head u(sigma) = logvar_linear(MP-Fourier(c_noise)), a log-variance per
 # sigma that the EDM2 loss uses as loss * exp(-u) + u; return_logvar returns it as (N, 1, 1, 1).
 # logvar_channels=0 builds no head: the official SiD/SiDA generators (unet.* only, 200 entries).
+# In training mode it first applies forced weight normalisation to all its MPConvs (see MPConv).
 # Same call convention as sid's EDMPrecond: float32 in and out; use_fp16 runs the U-Net's image
 # path in fp16 on CUDA only (embeddings, logvar and the skip term stay float32). EDM2 takes no
 # augmentation labels; the official recipes train without augmentation.
@@ -361,12 +361,21 @@ class EDM2Precond(torch.nn.Module):
             self.logvar_fourier = MPFourier(logvar_channels)
             self.logvar_linear = MPConv(logvar_channels, 1, kernel=[], **fn)
 
+    @torch.compiler.disable  # Python-side state (the stamps): run eagerly, never traced
+    def force_weight_normalization_(self):
+        """Config E: project every MPConv's stored weight that changed since its last projection."""
+        for m in self.modules():
+            if isinstance(m, MPConv) and m.force_normalization:
+                m.force_normalize_()
+
     def forward(self, x, sigma, class_labels=None, augment_labels=None, force_fp32=False,
                 return_logits=False, encoder_only=False, return_logvar=False):
         if augment_labels is not None:
             raise ValueError('EDM2 networks take no augmentation labels (set augment to 0)')
         if return_logvar and self.logvar_linear is None:
             raise ValueError('this EDM2 network has no logvar head (built with logvar_channels=0)')
+        if self.training:
+            self.force_weight_normalization_()
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:

@@ -196,47 +196,62 @@ def test_magnitude_preservation():
 # Config E, forced weight normalisation, and SiDA's fake-score step (two training-mode calls
 # before one backward, which fails autograd's in-place check with EDM2's write-on-every-call).
 
+def weights(net):
+    return {n: m.weight.detach().clone() for n, m in net.named_modules()
+            if isinstance(m, e2.MPConv)}
+
+
 def test_forced_weight_normalisation_writes_unit_rms_rows_in_training_only():
     torch.manual_seed(4)
     conv = e2.MPConv(6, 5, [3, 3])
-    w0 = conv.weight.detach().clone() * 3
-    with torch.no_grad():
-        conv.weight.copy_(w0)
-    x = torch.randn(2, 6, 5, 5)
-    conv.eval()(x)
-    assert torch.equal(conv.weight, w0)
-    off = e2.MPConv(6, 5, [3, 3], force_normalization=False)
-    with torch.no_grad():
-        off.weight.copy_(w0)
-    off.train()(x)
-    assert torch.equal(off.weight, w0)
-    y = conv.train()(x)
+    w0 = conv.weight.detach().clone()
+    conv.force_normalize_()
     torch.testing.assert_close(conv.weight.detach(), unit_rms(w0))
-    torch.testing.assert_close(y, conv_mp(x, unit_rms(w0)))  # the function uses the new weight
+    x = torch.randn(2, 4, 16, 16)
+    for force in (True, False):
+        net = tiny(force_normalization=force)
+        before = weights(net)
+        assert all(not torch.allclose(w, unit_rms(w), atol=1e-3) for w in before.values())
+        net.eval()(x, 1.0)
+        assert all(torch.equal(w, before[n]) for n, w in weights(net).items())  # eval: no write
+        net.train()(x, 1.0)
+        for n, w in weights(net).items():
+            if force:
+                torch.testing.assert_close(w, unit_rms(before[n]))  # every MPConv, logvar included
+            else:
+                assert torch.equal(w, before[n])
 
 
 def test_two_training_calls_before_one_backward_and_renormalisation_after_a_step():
-    torch.manual_seed(5)
-    conv = e2.MPConv(4, 4, [3, 3]).train()
-    x1 = torch.randn(2, 4, 5, 5)
-    x2 = torch.randn(2, 4, 5, 5)
-    (conv(x1).square().sum() + conv(x2).square().sum()).backward()  # raises if the 2nd call writes
-    g_both = conv.weight.grad.clone()
-    conv.weight.grad = None
-    conv(x1).square().sum().backward()
-    g_1 = conv.weight.grad.clone()
-    conv.weight.grad = None
-    conv(x2).square().sum().backward()
-    torch.testing.assert_close(g_both, g_1 + conv.weight.grad)  # both calls saw the same weight
-    torch.optim.SGD(conv.parameters(), lr=10.0).step()
-    moved = conv.weight.detach().clone()
-    assert not torch.allclose(moved, unit_rms(moved), atol=1e-3)
-    conv(x1)  # the first call after a step projects the updated weight back
-    torch.testing.assert_close(conv.weight.detach(), unit_rms(moved))
-    loaded = conv.weight.detach().clone() * 2
-    conv.load_state_dict({'weight': loaded})
-    conv(x1)  # and so does the first call after a load
-    torch.testing.assert_close(conv.weight.detach(), unit_rms(loaded))
+    net = tiny(dropout=0.0).train()
+    x1 = torch.randn(2, 4, 16, 16)
+    x2 = torch.randn(2, 4, 16, 16)
+    w = net.unet.enc['16x16_block0'].conv_res0.weight
+    (net(x1, 1.0).square().sum() + net(x2, 2.0).square().sum()).backward()  # 2nd call: no write
+    g_both = w.grad.clone()
+    net.zero_grad(set_to_none=True)
+    net(x1, 1.0).square().sum().backward()
+    g_1 = w.grad.clone()
+    net.zero_grad(set_to_none=True)
+    net(x2, 2.0).square().sum().backward()
+    torch.testing.assert_close(g_both, g_1 + w.grad)  # both calls saw the same weights
+    torch.optim.SGD(net.parameters(), lr=10.0).step()
+    moved = weights(net)
+    assert not torch.allclose(w, unit_rms(w), atol=1e-3)
+    stepped = {n for n, m in net.named_modules() if isinstance(m, e2.MPConv) and
+               m.weight.grad is not None}
+    assert 'logvar_linear' not in stepped  # no gradient, so SGD left it alone
+    net(x1, 1.0)  # the first call after a step projects the updated weights back, only those
+    for n, w_n in weights(net).items():
+        if n in stepped:
+            torch.testing.assert_close(w_n, unit_rms(moved[n]))
+        else:
+            assert torch.equal(w_n, moved[n])
+    loaded = {k: v * 2 for k, v in net.state_dict().items()}
+    net.load_state_dict(loaded)
+    net(x1, 1.0)  # and so does the first call after a load
+    key = 'unet.enc.16x16_block0.conv_res0.weight'
+    torch.testing.assert_close(w.detach(), unit_rms(loaded[key]))
 
 
 def test_sida_fake_score_step_runs_in_training_mode():
