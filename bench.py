@@ -106,7 +106,7 @@ def bench_nets(args):
         labels = None
         if net.label_dim:
             labels = torch.eye(net.label_dim, device=device)[torch.arange(B) % net.label_dim]
-        aug = torch.zeros(B, 9, device=device) if net.model.map_augment is not None else None
+        aug = torch.zeros(B, 9, device=device) if net.init_kwargs.get('augment_dim') else None
 
         def forward():
             with torch.no_grad(), amp:
@@ -548,8 +548,9 @@ def main():
     add('--batch', type=int, default=2, help='images per call (default: 2)')
     add('--repeat', type=int, default=3,
         help='timed repeats after one warm-up; median reported (default: 3)')
-    add('--presets', nargs='+', default=list(edm_nets.PRESETS), choices=list(edm_nets.PRESETS),
-        metavar='NAME', help='teacher presets (default: all five)')
+    edm = [n for n in edm_nets.PRESETS if not n.startswith('edm2-')]
+    add('--presets', nargs='+', default=edm, choices=list(edm_nets.PRESETS),
+        metavar='NAME', help="teacher presets (default: EDM's five; EDM2's: edm2-img512-xs ...)")
     add('--amp', choices=['none', 'bf16'], default='none', help='bf16 autocast (default: none)')
     add('--threads', type=int, default=None, help='CPU threads (default: torch default)')
     add('--batch-gpu', type=int, nargs='+', default=None,

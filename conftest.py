@@ -6,6 +6,7 @@ first.
 """
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import math
@@ -90,6 +91,12 @@ def objective_state(cfg=None, **kw):
 # Tiny runs: a config, networks, a whole run with its console captured, the command line.
 
 NET = json.dumps(dict(model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[]))
+# a tiny EDM2 teacher on 4x8x8 latents (64x64 pixels through a VAE), 1000 classes, logvar head
+EDM2_NET = json.dumps(dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                           attn_resolutions=[4], channels_per_head=16, logvar_channels=8))
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec('diffusers') is None,
+                                     reason='diffusers not installed (optional: pip install '
+                                            'diffusers)')
 
 
 def cfg_for(outdir, kind='cifar10', iters=2, **kw):
@@ -130,6 +137,16 @@ def nets_for(cfg, perturb=True):
         G.load_state_dict(f_phi.state_dict())
         f_psi.load_state_dict(f_phi.state_dict())
     return f_phi, G, f_psi
+
+
+def edm2_nets(cfg, perturb=True):
+    """(f_phi, G, f_psi) of an EDM2 config; perturb: the teacher's weights shaken first (EDM2
+    zero-inits its gains, which would hide the weights), then G and f_psi rebuilt from it."""
+    f_phi, G, f_psi = nets = runs.load_networks(cfg, None, torch.device('cpu'))
+    if perturb:
+        teacher = perturb_copy(f_phi, 1, 0.05)
+        nets = sid.build_networks(cfg, teacher, torch.device('cpu'), runs.net_overrides(cfg))
+    return nets
 
 
 def loop_state(cfg, nets=None):
@@ -213,7 +230,9 @@ def sigmoid(v):
 # NCSN++ (EDM's ncsnpp architecture) on top of a DDPM++ preset
 NCSNPP = dict(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
               resample_filter=[1, 3, 3, 1])
-TINY = {name: dict(model_channels=16, num_blocks=1) for name in edm_nets.PRESETS}
+EDM_PRESETS = [n for n, p in edm_nets.PRESETS.items()
+               if p['kwargs']['model_type'] != 'EDM2UNet']
+TINY = {name: dict(model_channels=16, num_blocks=1) for name in EDM_PRESETS}
 # >= 64 channels: one attention head
 TINY['imagenet-64x64-cond-adm'] = dict(model_channels=64, num_blocks=1, img_resolution=32)
 
@@ -224,6 +243,24 @@ def tiny_net(name, seed=0, randomize=True, **overrides):
     torch.manual_seed(seed)
     net = edm_nets.build_preset(name, **{**TINY[name], **overrides}).eval()
     return perturb_copy(net, seed) if randomize else net
+
+
+EDM2_TINY = dict(img_resolution=16, img_channels=4, label_dim=10, use_fp16=False,
+                 model_type='EDM2UNet', model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                 attn_resolutions=[8], channels_per_head=16, logvar_channels=8)
+
+
+def tiny_edm2(**kw):
+    """A tiny EDM2 net: 16x16x4 inputs, levels 16 and 8 (so SiDA's logits are 8x8), 10 classes,
+    attention at 8x8 with 2 heads of 16 channels (channels_per_head must not exceed the narrowest
+    attention width, else 0 heads, as upstream), and every gain made non-zero."""
+    torch.manual_seed(0)
+    net = edm_nets.EDM2Precond(**{**EDM2_TINY, **kw})
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim == 0:
+                p.fill_(0.7)
+    return net
 
 
 def net_inputs(net, batch=2, seed=1):
@@ -276,6 +313,23 @@ def write_dataset(path, files, meta=None, kind='folder'):
         os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
         write_bytes(os.path.join(path, name), blob)
     return str(path)
+
+
+def npy_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def latent_files(n=5, res=8, seed=1):
+    """{name: .npy bytes} as EDM2's dataset_tool.py encode writes them (posterior mean and std,
+    float32 [8, res, res]) and the arrays [n, 8, res, res]."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(0, 4, (n, 4, res, res))
+    std = rng.uniform(0.05, 0.5, (n, 4, res, res))
+    arrs = np.concatenate([mean, std], 1).astype(np.float32)
+    return {f'{i:08d}'[:5] + f'/img-mean-std-{i:08d}.npy': npy_bytes(a)
+            for i, a in enumerate(arrs)}, arrs
 
 
 def write_pngs(folder, n, size=8):

@@ -1,7 +1,9 @@
-"""Tests of checkpoints: the reader on fixtures in EDM's persistence format, our own snapshots,
-refusals, network-kwargs checks, and hostile files of every reader in one bounded subprocess."""
+"""Tests of checkpoints: the reader on fixtures in EDM's and EDM2's persistence formats, our own
+snapshots, refusals, network-kwargs checks, and hostile files of every reader in one bounded
+subprocess."""
 import collections
 import contextlib
+import copy
 import io
 import json
 import os
@@ -24,7 +26,7 @@ import edm_nets
 import runs
 import sid
 from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, net_inputs, png_bytes, slow,
-                      states_equal, tiny_net, write_bytes, write_dataset)
+                      states_equal, tiny_edm2, tiny_net, write_bytes, write_dataset)
 
 #----------------------------------------------------------------------------
 # Fixtures in EDM's persistence format, written without EDM's code: a fake
@@ -180,6 +182,196 @@ def test_official_cifar_teacher_loads_and_samples():  # the real checkpoint (~22
     z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     x = edm_nets.edm_sampler(net, z)
     assert torch.isfinite(x).all() and -1.5 < x.min() and x.max() < 1.5 and 0.2 < x.std() < 0.8
+
+#----------------------------------------------------------------------------
+# EDM2's pickles (Karras et al. 2024; official SiD sida branch), written in their format without
+# their code: NVIDIA's teachers (Precond, every tensor float16, with `encoder`, `loss_fn` and
+# `dataset_kwargs`) and the official SiD/SiDA generators (EDM_2_Precond_Generator, float32, `ema`
+# only; with use_gan=1 and force_normalization=1 every MPConv holds its weight-normalisation hook,
+# pickled as the bound method getattr(mpconv, '_apply_forced_weight_normalization')).
+
+EDM2_NAMES = {'teacher': dict(EDM2Precond='Precond', EDM2UNet='UNet'),
+              'generator': dict(EDM2Precond='EDM_2_Precond_Generator',
+                                EDM2UNet='UNet_EncoderDecoder')}
+HOOK = '_apply_forced_weight_normalization'
+
+
+class Record:
+    """Another persistent object of the pickle (the encoder, the loss): class name and state."""
+    def __init__(self, class_name, state):
+        self.class_name, self.state = class_name, state
+
+
+class BoundMethod:
+    """Pickles as getattr(obj, name), as Python pickles a bound method."""
+    def __init__(self, obj, name=HOOK):
+        self.obj, self.name = obj, name
+
+
+def encoder_record(scale=None, bias=None, vae_name='stabilityai/sd-vae-ft-mse'):
+    """EDM2's StabilityVAEEncoder as its training loop pickles it (its default statistics)."""
+    raw_mean = np.array([5.81, 3.25, 0.12, -2.15], np.float32)
+    raw_std = np.array([4.17, 4.62, 3.71, 3.28], np.float32)
+    default_scale = np.float32(0.5) / raw_std
+    state = dict(vae_name=vae_name, scale=default_scale if scale is None else scale,
+                 bias=-raw_mean * default_scale if bias is None else bias, batch_size=8,
+                 _vae=None, _init_args=(), _init_kwargs={})
+    return Record('StabilityVAEEncoder', state)
+
+
+def write_edm2_pickle(path, net, kind='teacher', hooks=False, use_gan=1, force_normalization=1,
+                      extra=None, kwargs=None):
+    """An EDM2 .pkl of `net` (an EDM2Precond): kind 'teacher' as NVIDIA's (float16, four keys),
+    'generator' as the official SiD's (`ema` only); hooks: each MPConv's pickled pre-hook."""
+    net = copy.deepcopy(net).half() if kind == 'teacher' else net
+    names = EDM2_NAMES[kind]
+    init = {k: v for k, v in net.init_kwargs.items() if k != 'model_type'}
+    if kind == 'generator':
+        init.pop('logvar_channels')
+        init.update(use_gan=use_gan, force_normalization=force_normalization)
+    states = {}  # one state per module, as persistence pickles the module's own __dict__
+
+    with fake_edm_modules() as (reconstruct, EasyDict):
+        def reduce(obj):
+            if isinstance(obj, BoundMethod):
+                return getattr, (obj.obj, obj.name)
+            if isinstance(obj, Record):
+                meta = dict(type='class', version=6, module_src='# encoders.py\n',
+                            class_name=obj.class_name, state=obj.state)
+                return reconstruct, (meta,)
+            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
+                return NotImplemented
+            if id(obj) not in states:
+                state = {k: v for k, v in obj.__dict__.items()
+                         if k not in ('init_kwargs', '_stamp')}
+                top = isinstance(obj, edm_nets.EDM2Precond)
+                state.update(_init_args=(), _init_kwargs=dict(kwargs or init) if top else {})
+                if hooks and isinstance(obj, edm_nets.MPConv):
+                    state['_forward_pre_hooks'] = collections.OrderedDict({0: BoundMethod(obj)})
+                states[id(obj)] = state
+            meta = dict(type='class', version=6, module_src='# networks_edm2.py\n',
+                        class_name=names.get(type(obj).__name__, type(obj).__name__),
+                        state=states[id(obj)])
+            return reconstruct, (meta,)
+
+        snapshot = dict(ema=net)
+        if kind == 'teacher':
+            loss = Record('EDM2Loss', dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5))
+            snapshot.update(encoder=encoder_record(), loss_fn=loss, dataset_kwargs=EasyDict(
+                class_name='training.dataset.ImageFolderDataset', path='img512-sd.zip',
+                use_labels=True))
+        snapshot.update(extra or {})
+        buf = io.BytesIO()
+        pickler = type('P', (pickle.Pickler,),
+                       dict(reducer_override=lambda self, obj: reduce(obj)))
+        pickler(buf, protocol=4).dump(snapshot)
+    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def assert_same_edm2(a, b):
+    """The same outputs: denoiser, SiDA's logits and (with a head) the log-variance."""
+    x, labels = torch.randn(2, 4, 16, 16), torch.eye(10)[[3, 7]]
+    sigma = torch.tensor([0.4, 2.5])
+    with torch.no_grad():
+        head = a.logvar_channels and b.logvar_channels
+        for kw in (dict(), dict(return_logits=True), dict(return_logvar=True) if head else {}):
+            out_a, out_b = a(x, sigma, labels, **kw), b(x, sigma, labels, **kw)
+            for u, v in zip(out_a if isinstance(out_a, tuple) else [out_a],
+                            out_b if isinstance(out_b, tuple) else [out_b]):
+                assert torch.equal(u, v)
+
+
+def test_edm2_teacher_in_nvidias_format_loads_in_float32(tmp_path):
+    net = tiny_edm2().eval()
+    raw = write_edm2_pickle(tmp_path / 't.pkl', net)
+    assert b'HalfStorage' in raw and b'EDM2Loss' in raw  # written as NVIDIA's: float16
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 't.pkl'))
+    assert isinstance(loaded, edm_nets.EDM2Precond) and not loaded.training
+    assert all(v.dtype == torch.float32 for v in loaded.state_dict().values())
+    assert loaded.init_kwargs == net.init_kwargs and info['class_name'] == 'Precond'
+    rounded = copy.deepcopy(net).half().float()  # NVIDIA's float16, then our float32
+    assert states_equal(loaded, rounded) and not states_equal(loaded, net)
+    assert_same_edm2(loaded, rounded)
+    assert info['encoder']['vae_name'] == 'stabilityai/sd-vae-ft-mse'
+    assert np.allclose(info['encoder']['scale'], [0.11990407, 0.10822511, 0.13477089, 0.15243903])
+
+
+@pytest.mark.parametrize('use_gan,fn,forced', [(1, 1, True), (1, 0, False), (0, 0, True),
+                                               (True, False, False)])
+def test_edm2_official_generator_loads_hooks_inert(tmp_path, use_gan, fn, forced):
+    """The official generators: 200 unet.* entries (here the tiny net's), float32, the flags mapped
+    to forced weight normalisation, the pickled hooks read as inert markers."""
+    G = tiny_edm2(logvar_channels=0).eval()
+    raw = write_edm2_pickle(tmp_path / 'g.pkl', G, 'generator', hooks=bool(use_gan and fn),
+                            use_gan=use_gan, force_normalization=fn)
+    assert (b'getattr' in raw) == bool(use_gan and fn)
+    marker = tmp_path / 'ran'
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 'g.pkl'))
+    assert info['class_name'] == 'EDM_2_Precond_Generator' and info['encoder'] is None
+    assert loaded.logvar_channels == 0 and loaded.init_kwargs['force_normalization'] is forced
+    assert 'use_gan' not in loaded.init_kwargs and states_equal(loaded, G)
+    assert_same_edm2(loaded, G)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(extra=dict(encoder=encoder_record(scale=np.ones(4, np.float32)))),
+     "latent encoder .* is not EDM2's stabilityai/sd-vae-ft-mse"),
+    (dict(extra=dict(encoder=encoder_record(vae_name='other/vae'))), 'other/vae'),
+    (dict(extra=dict(encoder=Record('Evil', {}))), 'not an EDM2 latent encoder'),
+    (dict(kind='generator', use_gan=2), 'use_gan=2 is not a flag'),
+    (dict(kind='generator', force_normalization='yes'), 'force_normalization=yes is not a flag'),
+    (dict(kwargs=dict(img_resolution=16, img_channels=4, evil=1)), 'network kwarg evil=1 is'),
+    (dict(kwargs=dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=16,
+                      channel_mult=[1, 2], resample_filter=[1, 3, 3, 1])), 'resample_filter'),
+    (dict(kwargs=dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=768)),
+     r'parameters \(limit 2e\+09\)')])
+def test_edm2_pickles_refused_in_one_line(tmp_path, change, match):
+    net = tiny_edm2(logvar_channels=0 if change.get('kind') == 'generator' else 8).eval()
+    write_edm2_pickle(tmp_path / 'x.pkl', net, **change)
+    with pytest.raises(ValueError, match=f'x.pkl: .*{match}'):
+        checkpoints.load_checkpoint(str(tmp_path / 'x.pkl'))
+
+
+@pytest.mark.parametrize('make,global_name', [
+    (lambda m: Evil(os.system, f'touch {m}'), f'{os.system.__module__}.system'),
+    (lambda m: BoundMethod('text', 'upper'), 'builtins.getattr'),  # getattr on anything else
+    (lambda m: BoundMethod(Record('Block', {})), 'builtins.getattr'),
+    (lambda m: BoundMethod(Record('MPConv', {}), 'register_forward_hook'), 'builtins.getattr'),
+    (lambda m: Evil(torch.save, {}, str(m)), 'torch.serialization.save')])
+def test_edm2_loader_refuses_unsafe_globals_anywhere(tmp_path, make, global_name):
+    marker, net = tmp_path / 'marker', tiny_edm2().eval()
+    for extra in (dict(evil=make(marker)),
+                  dict(encoder=Record('StabilityVAEEncoder', dict(scale=make(marker))))):
+        write_edm2_pickle(tmp_path / 'evil.pkl', net, extra=extra)
+        with pytest.raises(ValueError, match=f'evil.pkl: unsafe .*refusing to load global '
+                                             f'{global_name}'):
+            checkpoints.load_checkpoint(str(tmp_path / 'evil.pkl'))
+        assert not marker.exists()
+
+
+def test_edm2_network_kwargs_and_own_snapshots(tmp_path):
+    kw = dict(edm_nets.PRESETS['edm2-img512-xs']['kwargs'], logvar_channels=0, channels_per_head=64,
+              channel_mult_noise=None, clip_act=None, force_normalization=False)
+    assert checkpoints.check_net_kwargs(kw, 'f') == kw
+    for bad, match in [(dict(force_normalization=1), 'force_normalization=1'),
+                       (dict(logvar_channels=-1), 'logvar_channels'),
+                       (dict(attn_balance=2), 'attn_balance'), (dict(clip_act='x'), 'clip_act'),
+                       (dict(sigma_min=0.1), None)]:
+        if match is None:  # an EDM argument: allowed by the common table, refused when building
+            continue
+        with pytest.raises(ValueError, match=f'f: network kwarg {match}'):
+            checkpoints.check_net_kwargs(dict(kw, **bad), 'f')
+    G = tiny_edm2(logvar_channels=0).eval()
+    runs.save_snapshot(str(tmp_path / 's.pt'), G, 4, sid.Config())
+    loaded, _ = checkpoints.load_checkpoint(str(tmp_path / 's.pt'))
+    assert isinstance(loaded, edm_nets.EDM2Precond) and states_equal(loaded, G)
+    assert_same_edm2(loaded, G)
+    torch.save({'G_ema': G.state_dict(), 'net_kwargs': dict(G.init_kwargs, sigma_min=0.0)},
+               tmp_path / 'b.pt')
+    with pytest.raises(ValueError, match="b.pt: cannot build the network .*sigma_min"):
+        checkpoints.load_checkpoint(str(tmp_path / 'b.pt'))
 
 #----------------------------------------------------------------------------
 # Hostile files (a few bytes to ~1 MB each), all read in ONE subprocess under RLIMIT_AS = 1.5 GB:

@@ -1,13 +1,14 @@
 """Tests of fid: the Frechet distance (closed forms, scipy), streaming statistics, a TorchScript
 detector stand-in, EDM's reference files, the command line."""
 import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
 import fid
-from conftest import (FidStandIn, detector_file, edm_files, write_bytes, write_dataset,
+from conftest import (Evil, FidStandIn, detector_file, edm_files, write_bytes, write_dataset,
                       write_pngs)
 
 
@@ -155,3 +156,32 @@ def test_fid_files_and_cli(tmp_path, capsys):
         assert e.value.code == 2 and err.startswith('error: '), (args, err)
         assert len(err.splitlines()) == 1, (args, err)
     assert not os.path.exists(dest)
+
+
+def test_edm2_reference_pickle_and_uint8_generators(tmp_path):
+    """EDM2's img512.pkl layout (a plain pickle: num_images, fid {mu, sigma}, fd_dinov2 {...}) reads
+    as an .npz does, through the bounded unpickler; a generator may hand over uint8 images (EDM2's
+    decoded latents) as well as floats in [-1, 1]."""
+    rng = np.random.default_rng(0)
+    mu, a = rng.normal(size=16), rng.normal(size=(16, 16))
+    ref = dict(num_images=50, fid=dict(mu=mu, sigma=a @ a.T),
+               fd_dinov2=dict(mu=np.zeros(4), sigma=np.eye(4)))
+    path = write_bytes(tmp_path / 'img512.pkl', pickle.dumps(ref, protocol=4))
+    got_mu, got_sigma = fid.load_ref(path)
+    assert np.array_equal(got_mu, mu) and np.array_equal(got_sigma, a @ a.T)
+    assert fid.REF_PRESETS['img512'].endswith('/edm2/dataset-refs/img512.pkl')
+    for bad, match in ((dict(fid=dict(mu=mu)), 'not reference statistics'), ([1], 'not reference'),
+                       (dict(fid=dict(mu=mu, sigma=Evil(os.system, 'true'))),
+                        'refusing to load global')):
+        with pytest.raises(ValueError, match=match):
+            fid.load_ref(write_bytes(tmp_path / 'bad.pkl', pickle.dumps(bad, protocol=2)))
+    det = fid.load_detector('cpu', detector_file(tmp_path / 'standin.pt'))
+
+    def floats(seeds):
+        return torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1
+                            for s in seeds])
+
+    mu, sigma = fid.compute_stats_from_images([fid.to_uint8(floats(range(20)))], det, 'cpu')
+    as_uint8 = fid.fid_of_generator(lambda s: fid.to_uint8(floats(s)), 20, mu, sigma, det, 'cpu',
+                                    batch=6)
+    assert as_uint8 == pytest.approx(0, abs=1e-9)

@@ -1,4 +1,4 @@
-# EDM2's latent space (draft): raw <-> final latents and the Stable Diffusion VAE decoder to pixels.
+# EDM2's latent space: raw <-> final latents, the SD VAE (decode, encode), real latents for SiDA.
 #
 # EDM2 (Karras et al. 2024, github.com/NVlabs/edm2, training/encoders.py) trains on ImageNet-512 in
 # the latent space of Stability AI's VAE sd-vae-ft-mse, run through diffusers' AutoencoderKL. Its
@@ -11,9 +11,16 @@
 # VAE decoder and reads its output as pixels in [0, 1]. diffusers is an optional dependency,
 # imported only when a VAE is built; missing software or weights give one ValueError line saying
 # what to do.
+#
+#     python latents.py encode --source img512.zip --dest img512-sd.zip  # EDM2's dataset_tool
 
+import argparse
+import io
+import json
 import os
+import sys
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -39,6 +46,13 @@ def latent_scale_bias(raw_mean=RAW_MEAN, raw_std=RAW_STD, final_mean=FINAL_MEAN,
 
 
 SCALE, BIAS = latent_scale_bias()
+
+
+def is_latent(net):
+    """Whether a network works in this latent space: an EDM2 network with 4 channels (EDM2's
+    ImageNet-512 ones; its 3-channel ImageNet-64 ones work on pixels in [-1, 1], as EDM's)."""
+    kwargs = getattr(net, 'init_kwargs', {})
+    return kwargs.get('model_type') == 'EDM2UNet' and kwargs.get('img_channels') == 4
 
 
 def _per_channel(values, like):
@@ -101,6 +115,24 @@ def vae_from_config(config):
     return vae.eval().requires_grad_(False)
 
 
+# 'random': a tiny untrained VAE of the SD VAE's layout (4 latent channels, 8x down/upsampling), to
+# check a setup without the weights. Its images mean nothing.
+RANDOM_VAE = dict(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 4,
+                  up_block_types=['UpDecoderBlock2D'] * 4, block_out_channels=[8, 8, 16, 16],
+                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
+
+
+def open_vae(name='', device='cpu'):
+    """A run's VAE: '' -> sd-vae-ft-mse; a folder or a Hugging Face name (load_vae); 'random' ->
+    RANDOM_VAE, the same weights every time (seed 0; the caller's random state is untouched)."""
+    if name == 'random':
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vae = vae_from_config(RANDOM_VAE)
+        return vae.to(device)
+    return load_vae(name or VAE_NAME, device)
+
+
 def load_vae(name_or_path=VAE_NAME, device='cpu', allow_download=True):
     """sd-vae-ft-mse (eval, frozen, float32 on `device`) from a local folder holding config.json and
     diffusion_pytorch_model.safetensors, or from a Hugging Face repository name: the local cache
@@ -156,3 +188,93 @@ def decode(vae, x, batch_size=8):
         y = vae.decode(z).sample
         images.append(y.clamp(0, 1).mul(255).to(torch.uint8).cpu())
     return torch.cat(images)
+
+
+@torch.no_grad()
+def encode_pixels(vae, images, batch_size=8):
+    """uint8 RGB (N, 3, H, W) -> raw latents (N, 8, H/8, W/8) float32 on the CPU, as EDM2's encoder:
+    the VAE posterior's mean and std of the pixels divided by 255 (in [0, 1])."""
+    device = next(vae.parameters()).device
+    raw = []
+    for chunk in images.split(batch_size):
+        d = vae.encode(chunk.to(device).float() / 255).latent_dist
+        raw.append(torch.cat([d.mean, d.std], dim=1).float().cpu())
+    return torch.cat(raw)
+
+#----------------------------------------------------------------------------
+# Real latents for SiDA: a fresh posterior sample every time a real latent is used (EDM2's loop
+# re-draws per batch), each batch from its own generator, (seed, rank, batch index), so that a
+# resumed run draws the same samples as an uninterrupted one.
+
+def posterior_samples(batches, seed, rank=0, start=0):
+    """(final latents, labels) for each (raw latents, labels) of `batches`; start: the index of its
+    first batch (resume)."""
+    for i, (raw, c) in enumerate(batches, start):
+        key = np.random.SeedSequence(seed, spawn_key=(rank, i)).generate_state(1, np.uint64)[0]
+        yield encode_latents(raw, torch.Generator().manual_seed(int(key))), c
+
+#----------------------------------------------------------------------------
+# `python latents.py encode`: EDM2's dataset_tool.py encode. An EDM-layout zip or folder of images
+# of one size (e.g. img512.zip from dataset_tool.py convert) -> a zip of raw latents,
+# {idx:08d}[:5]/img-mean-std-{idx:08d}.npy float32 [8, H/8, W/8], with dataset.json labels (null
+# without). Images are read and encoded a batch at a time; the zip is written atomically.
+
+def encode_dataset(source, dest, vae, batch_size=8, max_images=None, log=print):
+    import data  # images and labels in EDM's layout (data.py does not import this module)
+    import fileio
+    if os.path.exists(dest):
+        raise ValueError(f'--dest {dest} exists: choose a new name (nothing is overwritten)')
+    files, ys, read = data.image_members(source)
+    files = files[:max_images]
+    log(f'encoding {len(files)} images of {source} into {dest}')
+    labels = []
+    with fileio.atomic_write(dest) as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as zf:
+        shape = None
+        for i in range(0, len(files), batch_size):
+            images = []
+            for name in files[i:i + batch_size]:
+                a = fileio.read_image(read(name), f'{source}:{name}')
+                a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
+                shape = shape or a.shape
+                if a.shape != shape:
+                    raise ValueError(f'{source}:{name} is {a.shape} (C,H,W) but {files[0]} is '
+                                     f'{shape}')
+                images.append(torch.from_numpy(a))
+            raw = encode_pixels(vae, torch.stack(images), batch_size)
+            for j, r in enumerate(raw, i):
+                member = f'{j:08d}'[:5] + f'/img-mean-std-{j:08d}.npy'
+                buf = io.BytesIO()
+                np.save(buf, r.numpy())
+                zf.writestr(member, buf.getvalue())
+                if ys is not None:
+                    labels.append([member, ys[j]])
+        meta = dict(labels=labels if ys is not None else None)
+        zf.writestr('dataset.json', json.dumps(meta))
+    log(f'wrote {dest}: {len(files)} latents of shape {list(raw.shape[1:])}')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='latents.py', description="EDM2's latent datasets.")
+    sub = p.add_subparsers(dest='cmd', required=True)
+    e = sub.add_parser('encode', help="images -> raw latents (EDM2's dataset_tool.py encode)")
+    e.add_argument('--source', required=True,
+                   help='EDM-layout zip or folder of images of one size, optional dataset.json')
+    e.add_argument('--dest', required=True, help='the new latent .zip')
+    e.add_argument('--vae', default='', help="folder, Hugging Face name or 'random' (default: "
+                   f'{VAE_NAME})')
+    e.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    e.add_argument('--batch', type=int, default=8, help='images per VAE call (default: 8)')
+    e.add_argument('--max-images', type=int, default=None, help='the first N images only')
+    a = p.parse_args(argv)
+    try:
+        if a.batch < 1 or (a.max_images is not None and a.max_images < 1):
+            raise ValueError('--batch and --max-images must be >= 1')
+        vae = open_vae(a.vae, a.device)
+        encode_dataset(a.source, a.dest, vae, a.batch, a.max_images)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,20 +1,20 @@
-"""Tests of latents_draft.py: EDM2's latent scale/bias and raw <-> final conversion against the
-formulas, and decoding through a tiny randomly initialised AutoencoderKL (no download; skipped if
-diffusers, an optional dependency, is not installed)."""
-import importlib.util
+"""Tests of latents.py: EDM2's latent scale/bias and raw <-> final conversion against the
+formulas, decoding and encoding through a tiny randomly initialised AutoencoderKL (no download;
+skipped if diffusers, an optional dependency, is not installed), posterior samples, and the encode
+command."""
+import json
 import math
 import pickle
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-import latents_draft as lat
+import latents as lat
+from conftest import needs_diffusers
 
-needs_diffusers = pytest.mark.skipif(importlib.util.find_spec('diffusers') is None,
-                                     reason='diffusers not installed (optional: pip install '
-                                            'diffusers)')
 
 # A tiny AutoencoderKL: 2 levels (one 2x upsampling), 4 latent channels like the SD VAE.
 TINY = dict(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 2,
@@ -183,3 +183,82 @@ def test_pickled_weights_are_never_read(tmp_path):
         lat.load_vae(str(tmp_path))
     one_line(e)
     assert not planted.exists()
+
+#----------------------------------------------------------------------------
+# The run's VAE, real latents for SiDA (a posterior sample per use, reproducible per batch), and
+# `python latents.py encode` (EDM2's dataset_tool.py encode) read back by data.LatentDataset.
+
+def test_is_latent_and_the_random_vae():
+    import edm_nets
+    assert lat.is_latent(edm_nets.build_preset('edm2-img512-xs', model_channels=8,
+                                               channel_mult=[1], attn_resolutions=[]))
+    img64 = dict(img_resolution=8, img_channels=3, model_type='EDM2UNet', model_channels=8,
+                 channel_mult=[1], attn_resolutions=[])
+    assert not lat.is_latent(edm_nets.EDM2Precond(**img64))  # EDM2's pixel nets
+    assert not lat.is_latent(edm_nets.build_preset('cifar10-32x32-uncond-vp', model_channels=8))
+
+
+@needs_diffusers
+def test_random_vae_is_fixed_and_leaves_the_random_state_alone():
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    a = lat.open_vae('random')
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = lat.open_vae('random')
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    x = lat.decode(a, torch.randn(2, 4, 4, 4))
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8  # the SD VAE's 8x, 3 channels
+
+
+def test_posterior_samples_are_fresh_per_batch_and_reproducible():
+    raw = torch.cat([torch.randn(3, 4, 2, 2), torch.rand(3, 4, 2, 2) + 0.5], 1)
+    stream = [(raw, 'c')] * 4
+    xs = [x for x, c in lat.posterior_samples(stream, seed=1)]
+    assert not torch.equal(xs[0], xs[1])  # a fresh sample every time a latent is used
+    resumed = [x for x, _ in lat.posterior_samples(stream[2:], seed=1, start=2)]
+    assert all(torch.equal(a, b) for a, b in zip(xs[2:], resumed))
+    other_rank = next(lat.posterior_samples(stream, seed=1, rank=1))[0]
+    assert not torch.equal(xs[0], other_rank)
+    key = np.random.SeedSequence(1, spawn_key=(0, 3)).generate_state(1, np.uint64)[0]
+    want = lat.encode_latents(raw, torch.Generator().manual_seed(int(key)))
+    assert torch.equal(xs[3], want)
+
+
+@needs_diffusers
+def test_encode_pixels_is_the_posterior_of_pixels_in_0_1():
+    vae = tiny_vae()
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    raw = lat.encode_pixels(vae, images, batch_size=2)
+    with torch.no_grad():
+        d = vae.encode(images.float() / 255).latent_dist
+    assert raw.shape == (3, 8, 8, 8)
+    torch.testing.assert_close(raw, torch.cat([d.mean, d.std], 1), rtol=1e-5, atol=1e-6)
+
+
+@needs_diffusers
+def test_encode_command_writes_edm2s_layout(tmp_path, capsys):
+    import data
+    from conftest import edm_files, write_dataset
+    files, arrs, ys = edm_files(n=3, size=32)
+    src = write_dataset(tmp_path / 'img.zip', files, {'labels': [[n, y] for n, y in
+                                                                 zip(files, ys)]}, 'zip')
+    dest = tmp_path / 'img-sd.zip'
+    lat.main(['encode', '--source', src, '--dest', str(dest), '--vae', 'random', '--device', 'cpu',
+              '--batch', '2'])
+    with zipfile.ZipFile(dest) as zf:
+        names = sorted(zf.namelist())
+        meta = json.loads(zf.read('dataset.json'))
+    npys = ['00000/img-mean-std-00000000.npy', '00000/img-mean-std-00000001.npy',
+            '00000/img-mean-std-00000002.npy']
+    assert names == npys + ['dataset.json']
+    assert meta == {'labels': [[n, y] for n, y in zip(npys, ys)]}
+    ds = data.LatentDataset(dest)
+    raw = lat.encode_pixels(lat.open_vae('random'), torch.from_numpy(arrs), batch_size=2)
+    assert ds.shape == (8, 4, 4)
+    torch.testing.assert_close(ds.batch(range(3)), raw, rtol=1e-5, atol=1e-5)  # oneDNN rounding
+    for args, msg in (([], 'exists'), (['--max-images', '0'], '>= 1')):
+        with pytest.raises(SystemExit) as e:
+            lat.main(['encode', '--source', src, '--dest', str(dest), '--vae', 'random', *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error:') and msg in err
+        assert err.count('\n') == 1
