@@ -732,8 +732,9 @@ def train_command(argv):
         defaults = sid.Config(**sid.preset(**vars(pre.parse_known_args(argv)[0])))
     except ValueError:
         defaults = sid.Config()
-    description = ('SiD / SiDA / SIGN distillation of an EDM teacher into a one-step generator '
-                   f'(defaults for --dataset {defaults.dataset} --method {defaults.method}).')
+    description = ('SiD / SiDA / SIGN distillation of an EDM or EDM2 teacher into a one-step '
+                   f'generator (defaults for --dataset {defaults.dataset} --method '
+                   f'{defaults.method}).')
     args = vars(options_parser(defaults, 'sid.py', EXAMPLES, description).parse_args(argv))
     dry = args.pop('dry_run')
     cfg = resolve_config(args)

@@ -25,8 +25,14 @@ Notation (paper -> code):
     SiDA's discriminator logits (f_psi's encoder)    logits
     SIGN / IGN: f_theta, its frozen copy f_theta'    f, f_bar (G at sigma_init, G_bar)
     lambda_idem, lambda_rec, lambda_flow             cfg.lambda_idem, lambda_rec, lambda_flow
+    EDM2: u(sigma), f_psi's log-variance head        u, logvar (cfg.logvar)
 The official option names are kept: ls, lsg (f_psi's and G's loss scales), lsd, lsg_gan (SiDA's
 discriminator and adversarial scales); lr is f_psi's Adam learning rate, glr G's.
+
+EDM2 teachers (Karras et al., CVPR 2024; ImageNet 512x512 in Stable Diffusion VAE latents, the
+imagenet512-* presets) run the same losses and loop; where the official EDM2 code differs from its
+EDM code, a Config field names the difference: P_mean/P_std (f_psi's levels), logvar (EDM2's
+uncertainty weighting), clip_psi (SiDA's f_psi clip), force_normalization (EDM2's networks).
 
 Where we differ from the official code, and why (the README lists them with more detail):
   - NaN samples get a zero loss instead of being dropped: the same sums, no host synchronisation.
@@ -39,6 +45,7 @@ Where we differ from the official code, and why (the README lists them with more
   - bf16 autocast, channels_last, fused Adam, compiled or checkpointed U-Net blocks are ours
     (off by default); fp32 with TF32 off and EDM's fp16 casting are the official settings.
   - SIGN is our reconstruction; L_flow in particular is a stand-in (README, SIGN).
+  - EDM2: the README's EDM2 section lists where we differ from the official EDM2 scripts.
 """
 import copy
 import dataclasses
@@ -507,7 +514,7 @@ class Config:
                            'output', gt=0)
     fid_every_kimg: float = opt(0, 'FID of G_ema every this many kimg (0: off)', 'output', ge=0)
     fid_num: int = opt(50000, 'images per FID', 'output', ge=2)
-    fid_ref: str = opt('', "FID reference .npz or preset ('': the dataset's EDM reference)",
+    fid_ref: str = opt('', "FID reference .npz (EDM2's: .pkl) or preset ('': the dataset's)",
                        'output')
     vae: str = opt('', "EDM2: the VAE to pixels ('': stabilityai/sd-vae-ft-mse; a folder, a "
                    "Hugging Face name; 'random': a tiny untrained one, for checks)", 'output')

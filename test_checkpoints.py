@@ -514,7 +514,25 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
     ('fid-num', 'fid', lambda d: fid_args('calc', '--images', d, '--ref', 'x', '--num', 1),
      '--num must be >= 2'),
     ('fid-dest', 'fid', lambda d: fid_args('ref', '--data', d / 'bomb.zip', '--dest',
-                                           d / 'no' / 'r.npz'), 'cannot write --dest')]
+                                           d / 'no' / 'r.npz'), 'cannot write --dest'),
+    # EDM2 pickles: an XXL-sized claim on tiny weights, getattr other than the hooks', code in the
+    # encoder record
+    ('edm2-param-budget', 'ckpt',
+     lambda d: write_edm2_path(d / 'p2.pkl', kwargs=dict(img_resolution=64, img_channels=4,
+                                                           label_dim=1000, model_channels=768)),
+     r'p2.pkl: .*parameters \(limit 2e\+09\)'),
+    ('edm2-getattr', 'ckpt',
+     lambda d: write_edm2_path(d / 'ga.pkl', extra=dict(x=BoundMethod('text', 'upper'))),
+     r'ga.pkl: .*refusing to load global builtins.getattr'),
+    ('edm2-encoder-code', 'ckpt',
+     lambda d: write_edm2_path(d / 'enc.pkl', extra=dict(encoder=Record(
+         'StabilityVAEEncoder', dict(scale=Evil(os.system, 'touch x'))))),
+     r'enc.pkl: .*refusing to load global (posix|nt).system')]
+
+
+def write_edm2_path(path, **kw):
+    write_edm2_pickle(path, tiny_edm2().eval(), **kw)
+    return path
 
 READ_ALL = f"""import contextlib, io, json, resource, signal, sys
 resource.setrlimit(resource.RLIMIT_AS, ({1536 << 20}, {1536 << 20}))
