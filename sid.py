@@ -184,7 +184,7 @@ def dsm_loss(D_x, x, sigma, sigma_data=0.5, logvar=None):
     """EDM's denoising score matching, lambda(sigma) * sum_pixels (D_x - x)^2 per sample, with
     D_x = f_psi(x + sigma n): f_psi learns the score of the images x (SiD: G's samples).
     logvar (EDM2 with --logvar): EDM2's learned uncertainty weighting (Karras et al. 2024, Config
-    B, after Kendall & Gal 2017), u = logvar = f_psi's log-variance head u(sigma), [B, 1, 1, 1]:
+    B, after Kendall et al. 2018), u = logvar = f_psi's log-variance head u(sigma), [B, 1, 1, 1]:
         sum_pixels [lambda(sigma) / e^u (D_x - x)^2 + u],
     u added to every pixel, as EDM2's loss; the best u is the log of the mean over pixels of
     lambda (D_x - x)^2, where the loss is that mean's log plus 1, times the pixel count."""

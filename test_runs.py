@@ -28,7 +28,7 @@ import sid
 from conftest import (HERE, SLOW, slow, Stub, NET, EDM2_NET, cfg_for, perturb_copy, nets_for,
                       run_quiet, cli, assert_one_line_error, states_equal, read_stats, load_state,
                       edm_files, latent_files, needs_diffusers, write_bytes, write_dataset,
-                      write_pngs, FidStandIn, detector_file, edm2_nets)
+                      write_pngs, FidStandIn, detector_file, edm2_nets, loop_state)
 
 #----------------------------------------------------------------------------
 # Presets and the command line: the official scripts' values, every field an option, --help,
@@ -795,3 +795,28 @@ def test_edm2_vae_errors_are_one_line(tmp_path, monkeypatch):
     r = cli('generate', '--ckpt', tmp_path / 'g.pt', '--outdir', tmp_path / 'o', '--device', 'cpu')
     assert_one_line_error(r, 'pip install diffusers')
     assert sorted(os.listdir(tmp_path)) == ['g.pt']
+
+
+def test_edm2_real_latents_are_fresh_posterior_samples_of_the_shard(tmp_path):
+    """SiDA's real batches: the zip's members of this rank's shard, each a posterior sample
+    mean + std * eps scaled and shifted by EDM2's statistics, eps from the batch's own generator
+    (seed, rank, batch index), so the stream restarts exactly at a saved position."""
+    path = latent_zip(tmp_path / 'sd.zip')
+    cfg = edm2_cfg(tmp_path / 'r', 'sida', 1, data=path, seed=5)
+    s = loop_state(cfg, edm2_nets(cfg, perturb=False))
+    run = runs.Run(cfg=cfg, log=print)
+    stream = runs.open_data(run, s)
+    got = [next(stream) for _ in range(3)]
+    _, arrs = latent_files(n=6, res=8)
+    order = [b for b, _ in zip(runs.data.shard_indices(6, 2, 5), range(3))]  # the images' order
+    scale = torch.tensor([0.5 / v for v in (4.17, 4.62, 3.71, 3.28)]).reshape(1, 4, 1, 1)
+    bias = -torch.tensor([5.81, 3.25, 0.12, -2.15]).reshape(1, 4, 1, 1) * scale
+    for i, ((x, c), idx) in enumerate(zip(got, order)):
+        raw = torch.from_numpy(arrs[idx.numpy()])
+        key = np.random.SeedSequence(5, spawn_key=(0, i)).generate_state(1, np.uint64)[0]
+        eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(int(key)))
+        torch.testing.assert_close(x, (raw[:, :4] + eps * raw[:, 4:]) * scale + bias)
+        assert c.shape == (2, 1000) and c.sum() == 2
+    s.data_batches = 2  # a resumed run: the third batch again
+    x, _ = next(runs.open_data(run, s))
+    assert torch.equal(x, got[2][0])

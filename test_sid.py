@@ -526,7 +526,8 @@ class EDM2Stub(nn.Module):
 def edm2_state(**cfg):
     base = dict(logvar=True, alpha=1.0, P_mean=-0.4, P_std=1.0, lsg=1.0, lsg_gan=1.0, lsd=1.0)
     psi = EDM2Stub(0.9, 0.01)
-    return objective_state(sid.Config(**{**base, **cfg}), n=1, f_phi=EDM2Stub(1.0), f_psi=psi,
+    teacher = EDM2Stub(1.0, c=0.3)  # its u must never be used (officially f_psi's weights G)
+    return objective_state(sid.Config(**{**base, **cfg}), n=1, f_phi=teacher, f_psi=psi,
                            psi_ddp=psi, cur_nimg=10 ** 7)
 
 
