@@ -1,4 +1,4 @@
-# Checkpoints of sid: network-kwargs checks, the EDM/EDM2/SiD .pkl reader, the torch.save reader.
+# Checkpoints of sid: network-kwargs checks, the EDM/EDM2/SiD .pkl and torch.save readers, names.
 #
 # Reads the official checkpoints of EDM (Karras et al. 2022, github.com/NVlabs/edm: the `ema`
 # network of its training snapshots, pickled by torch_utils.persistence), of EDM2 (Karras et al.
@@ -6,18 +6,21 @@
 # (Zhou et al. 2024, same format; its EDM2 generators too), and sid's own torch.save snapshots,
 # into an EDMPrecond or EDM2Precond with strict state-dict loading.
 # Nothing from a file is executed: pickles go through unpickle.bounded_unpickle, and every shape
-# and size is checked before the network is built for real.
+# and size is checked before the network is built for real. Names: the EDM teachers of
+# edm_nets.PRESETS and the released SiD/SiDA/SiD²A generators of releases.RELEASES.
 
 import io
 import json
 import math
 import os
+import re
 import zipfile
 
 import numpy as np
 import torch
 
 import latents
+import releases
 from edm_nets import PRESETS, build_net
 from fileio import download
 from unpickle import (EDM_GLOBALS, STORAGE_GLOBALS, Refused, StorageType, bounded_unpickle,
@@ -301,11 +304,23 @@ def _latent_encoder(rec, source):
 #----------------------------------------------------------------------------
 # The one checkpoint reader.
 
+def _looks_like_release(src):  # a misspelt name gets the names like it, not 'no such file'
+    shaped = re.fullmatch(r'(sid|sida|sid2a)-[a-z0-9-]+-a[0-9.]+', src) is not None
+    return src in releases.RELEASES or (shaped and not os.path.exists(src))
+
+
 def load_checkpoint(src):
     """(eval-mode frozen EDMPrecond or EDM2Precond, info) from an EDM/EDM2/SiD .pkl (its `ema`) or
     our torch.save file ({'G_ema' or 'ema': state_dict, 'net_kwargs': dict, 'config': dict,
-    'kimg'}); src: a path, URL or PRESETS name. info = dict(path, config ({} for .pkl), kimg; for
-    .pkl: class_name, module_src_sha1, encoder: EDM2's latent statistics or None). Nothing from the
-    file is executed."""
-    path = download(PRESETS[src]['url'] if src in PRESETS else src)
-    return _load_torch_file(path) if zipfile.is_zipfile(path) else _load_edm_file(path)
+    'kimg'}); src: a path, URL, PRESETS name (a teacher) or releases.RELEASES name (a released
+    generator, downloaded into the cache). info = dict(path, config ({} for .pkl), kimg, release
+    (its name or None); for .pkl: class_name, module_src_sha1, encoder: EDM2's latent statistics
+    or None). Nothing from the file is executed."""
+    src = os.fspath(src)
+    release = releases.resolve(src) if _looks_like_release(src) else None
+    if release is not None:
+        path = download(release.url, sha256=release.sha256)
+    else:
+        path = download(PRESETS[src]['url'] if src in PRESETS else src)
+    net, info = _load_torch_file(path) if zipfile.is_zipfile(path) else _load_edm_file(path)
+    return net, dict(info, release=release and release.name)

@@ -4,6 +4,7 @@ and one command-line helper, and small file builders (datasets, a detector stand
 Test files import what they need from here (`from conftest import Stub, cli`); pytest loads it
 first.
 """
+import collections
 import contextlib
 import copy
 import importlib.util
@@ -11,6 +12,7 @@ import io
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import types
@@ -339,19 +341,169 @@ def write_pngs(folder, n, size=8):
 
 
 class FidStandIn(nn.Module):
-    """forward(img uint8, return_features) like NVIDIA's .pt: float cast, fixed resize, (x-128)/128,
-    features."""
-    def __init__(self, dim=16):
+    """forward(img uint8, return_features, no_output_bias) like NVIDIA's .pt: float cast, fixed
+    resize, (x-128)/128, features; else softmax class probabilities (output bias optional)."""
+    def __init__(self, dim=16, classes=10):
         super().__init__()
         proj = torch.randn(48, dim, generator=torch.Generator().manual_seed(0))
         self.proj = nn.Parameter(proj, requires_grad=False)
+        g = torch.Generator().manual_seed(1)
+        self.out_w = nn.Parameter(3 * torch.randn(classes, dim, generator=g), requires_grad=False)
+        self.out_b = nn.Parameter(torch.randn(classes, generator=g), requires_grad=False)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d((img.to(torch.float32) - 128) / 128, 4).flatten(1)
-        features = torch.tanh(x @ self.proj)
-        return features if return_features else features.sum(1, keepdim=True)
+    def forward(self, img: torch.Tensor, return_features: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d((img.to(torch.float32) - 128) / 128, 4).flatten(1)
+        features = torch.tanh(pooled @ self.proj)
+        if return_features:
+            return features
+        logits = features @ self.out_w.T
+        if not no_output_bias:
+            logits = logits + self.out_b
+        return torch.softmax(logits, dim=1)
 
 
 def detector_file(path, dim=16):
     torch.jit.save(torch.jit.script(FidStandIn(dim)), str(path))
     return str(path)
+
+#----------------------------------------------------------------------------
+# Checkpoints in EDM's persistence format (EDM's and the official SiD/SiDA .pkl), written without
+# EDM's code: a fake torch_utils.persistence exists only while pickling; our modules reduce to
+# (_reconstruct_persistent_obj, (meta,)) as EDM's persistent classes do.
+
+@contextlib.contextmanager
+def fake_edm_modules():
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('only used as a pickle reference')
+
+    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    EasyDict = type('EasyDict', (dict,), dict(__module__='dnnlib.util'))
+    names = ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')
+    fakes = {k: types.ModuleType(k) for k in names}
+    fakes['torch_utils.persistence']._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    fakes['dnnlib.util'].EasyDict = EasyDict
+    saved = {k: sys.modules.get(k) for k in fakes}
+    sys.modules.update(fakes)
+    try:
+        yield _reconstruct_persistent_obj, EasyDict
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n', protocol=4,
+                     extra=None):
+    """EDM's .pkl layout: our modules reduce to (_reconstruct_persistent_obj, (meta,)) with the
+    class name and state."""
+    with fake_edm_modules() as (reconstruct, EasyDict):
+        def reduce(obj):
+            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
+                return NotImplemented
+            state = {**obj.__dict__, '_init_args': (),
+                     '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
+            state.pop('init_kwargs', None)
+            if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
+                state['skip_scale'] = np.float64(state['skip_scale'])
+            meta = dict(type='class', version=6, module_src=module_src,
+                        class_name=type(obj).__name__, state=state)
+            return reconstruct, (meta,)
+
+        dataset_kwargs = EasyDict(path='x.zip', arr=np.arange(3.0))
+        snapshot = {**dict(ema=ema, augment_pipe=None, dataset_kwargs=dataset_kwargs),
+                    **(extra or {})}  # extra may replace the ema record
+        buf = io.BytesIO()
+        pickler = type('P', (pickle.Pickler,),
+                       dict(reducer_override=lambda self, obj: reduce(obj)))
+        pickler(buf, protocol=protocol).dump(snapshot)
+    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+#----------------------------------------------------------------------------
+# EDM2's pickles (Karras et al. 2024; official SiD sida branch), written in their format without
+# their code: NVIDIA's teachers (Precond, every tensor float16, with `encoder`, `loss_fn` and
+# `dataset_kwargs`) and the official SiD/SiDA generators (EDM_2_Precond_Generator, float32, `ema`
+# only; with use_gan=1 and force_normalization=1 every MPConv holds its weight-normalisation hook,
+# pickled as the bound method getattr(mpconv, '_apply_forced_weight_normalization')).
+
+EDM2_NAMES = {'teacher': dict(EDM2Precond='Precond', EDM2UNet='UNet'),
+              'generator': dict(EDM2Precond='EDM_2_Precond_Generator',
+                                EDM2UNet='UNet_EncoderDecoder')}
+HOOK = '_apply_forced_weight_normalization'
+
+
+class Record:
+    """Another persistent object of the pickle (the encoder, the loss): class name and state."""
+    def __init__(self, class_name, state):
+        self.class_name, self.state = class_name, state
+
+
+class BoundMethod:
+    """Pickles as getattr(obj, name), as Python pickles a bound method."""
+    def __init__(self, obj, name=HOOK):
+        self.obj, self.name = obj, name
+
+
+def encoder_record(scale=None, bias=None, vae_name='stabilityai/sd-vae-ft-mse'):
+    """EDM2's StabilityVAEEncoder as its training loop pickles it (its default statistics)."""
+    raw_mean = np.array([5.81, 3.25, 0.12, -2.15], np.float32)
+    raw_std = np.array([4.17, 4.62, 3.71, 3.28], np.float32)
+    default_scale = np.float32(0.5) / raw_std
+    state = dict(vae_name=vae_name, scale=default_scale if scale is None else scale,
+                 bias=-raw_mean * default_scale if bias is None else bias, batch_size=8,
+                 _vae=None, _init_args=(), _init_kwargs={})
+    return Record('StabilityVAEEncoder', state)
+
+
+def write_edm2_pickle(path, net, kind='teacher', hooks=False, use_gan=1, force_normalization=1,
+                      extra=None, kwargs=None):
+    """An EDM2 .pkl of `net` (an EDM2Precond): kind 'teacher' as NVIDIA's (float16, four keys),
+    'generator' as the official SiD's (`ema` only); hooks: each MPConv's pickled pre-hook."""
+    net = copy.deepcopy(net).half() if kind == 'teacher' else net
+    names = EDM2_NAMES[kind]
+    init = {k: v for k, v in net.init_kwargs.items() if k != 'model_type'}
+    if kind == 'generator':
+        init.pop('logvar_channels')
+        init.update(use_gan=use_gan, force_normalization=force_normalization)
+    states = {}  # one state per module, as persistence pickles the module's own __dict__
+
+    with fake_edm_modules() as (reconstruct, EasyDict):
+        def reduce(obj):
+            if isinstance(obj, BoundMethod):
+                return getattr, (obj.obj, obj.name)
+            if isinstance(obj, Record):
+                meta = dict(type='class', version=6, module_src='# encoders.py\n',
+                            class_name=obj.class_name, state=obj.state)
+                return reconstruct, (meta,)
+            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
+                return NotImplemented
+            if id(obj) not in states:
+                state = {k: v for k, v in obj.__dict__.items()
+                         if k not in ('init_kwargs', '_stamp')}
+                top = isinstance(obj, edm_nets.EDM2Precond)
+                state.update(_init_args=(), _init_kwargs=dict(kwargs or init) if top else {})
+                if hooks and isinstance(obj, edm_nets.MPConv):
+                    state['_forward_pre_hooks'] = collections.OrderedDict({0: BoundMethod(obj)})
+                states[id(obj)] = state
+            meta = dict(type='class', version=6, module_src='# networks_edm2.py\n',
+                        class_name=names.get(type(obj).__name__, type(obj).__name__),
+                        state=states[id(obj)])
+            return reconstruct, (meta,)
+
+        snapshot = dict(ema=net)
+        if kind == 'teacher':
+            loss = Record('EDM2Loss', dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5))
+            snapshot.update(encoder=encoder_record(), loss_fn=loss, dataset_kwargs=EasyDict(
+                class_name='training.dataset.ImageFolderDataset', path='img512-sd.zip',
+                use_labels=True))
+        snapshot.update(extra or {})
+        buf = io.BytesIO()
+        pickler = type('P', (pickle.Pickler,),
+                       dict(reducer_override=lambda self, obj: reduce(obj)))
+        pickler(buf, protocol=4).dump(snapshot)
+    write_bytes(path, buf.getvalue())
+    return buf.getvalue()

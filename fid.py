@@ -52,17 +52,21 @@ def to_uint8(x):
     rounding)."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
-def extract_features(detector, images, device):
-    """uint8 NCHW images (1 or 3 channels, any size) -> float64 features [N, D] (D = 2048 for
-    Inception)."""
+def detector_input(images, device):
+    """Checked uint8 NCHW RGB on `device`: what NVIDIA's detectors take (grayscale repeated, as
+    EDM); the networks resize (Inception: 299x299) and normalise inside their own graphs."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f'detector expects uint8 NCHW images with 1 or 3 channels, '
                          f'got {images.dtype} {tuple(images.shape)}')
     if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)  # grayscale -> RGB, as EDM
-    # the network resizes to 299x299 and maps (x-128)/128 inside its own graph
+        images = images.repeat(1, 3, 1, 1)
+    return images.to(device)
+
+def extract_features(detector, images, device):
+    """uint8 NCHW images (1 or 3 channels, any size) -> float64 features [N, D] (D = 2048 for
+    Inception)."""
     with torch.no_grad():
-        features = detector(images.to(device), return_features=True)  # (N, D)
+        features = detector(detector_input(images, device), return_features=True)  # (N, D)
     return features.to(torch.float64)
 
 #----------------------------------------------------------------------------
@@ -194,7 +198,8 @@ def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 #----------------------------------------------------------------------------
-# Image folders (the output of a sampler): sorted recursive file list, streamed in batches.
+# Image folders (the output of a sampler): sorted recursive file list, streamed in batches; and
+# any image set fid.py reads (folder or dataset archive) as batches.
 
 def list_images(folder, num=None, seed=0):
     """Sorted image files under `folder`; with more than `num`, a seeded random subset (EDM's
@@ -229,12 +234,9 @@ def iterate_image_files(files, batch):
             arrays.append(a)
         yield torch.from_numpy(np.stack(arrays))
 
-#----------------------------------------------------------------------------
-# Command line: `ref` writes reference statistics for a dataset, `calc` prints the FID of an image
-# folder.
-
-def _dataset_batches(path, batch):
-    # a PNG folder is streamed; archives go through the training data loader
+def dataset_batches(path, batch):
+    """(count, uint8 batches) of a PNG folder (streamed) or an archive (the training data
+    loader)."""
     if os.path.isdir(path):
         files = list_images(path)
         return len(files), iterate_image_files(files, batch)
@@ -242,6 +244,10 @@ def _dataset_batches(path, batch):
         raise FileNotFoundError(f'no such file or folder: {path}')
     images, _ = data.load_dataset(path)  # uint8 [N, C, H, W]
     return len(images), (images[i:i + batch] for i in range(0, len(images), batch))
+
+#----------------------------------------------------------------------------
+# Command line: `ref` writes reference statistics for a dataset, `calc` prints the FID of an image
+# folder.
 
 def _check_writable(path):
     """Fail before hours of feature extraction if the destination cannot be written (or is a
@@ -279,7 +285,7 @@ def main(argv=None):
             raise ValueError('--batch must be >= 1')
         if args.cmd == 'ref':
             _check_writable(args.dest)
-            num, batches = _dataset_batches(args.data, args.batch)
+            num, batches = dataset_batches(args.data, args.batch)
             print(f'computing reference statistics of {num} images from {args.data}')
             detector = load_detector(args.device, args.detector)
             mu, sigma = compute_stats_from_images(batches, detector, args.device)

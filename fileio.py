@@ -143,6 +143,16 @@ def read_image(data_or_path, name=''):
 # Download with a cache keyed on the whole URL (so two URLs with one file name never collide);
 # atomic, optionally checked against a sha256.
 
+def cache_path(url, cache_dir=None):
+    """Where `download` keeps a URL: `cache_dir`, $SID_CACHE or ~/.cache/sid, then the first 16
+    hex digits of the URL's sha256 and its file name."""
+    cache_dir = (cache_dir or os.environ.get('SID_CACHE')
+                 or os.path.join(os.path.expanduser('~'), '.cache', 'sid'))
+    base = os.path.basename(urllib.parse.urlparse(url).path)
+    base = re.sub(r'[^A-Za-z0-9._-]', '_', base) or 'download'
+    return os.path.join(cache_dir, f'{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}')
+
+
 def download(url, cache_dir=None, sha256=None):
     """Local path of a file; URLs are fetched once into `cache_dir` or $SID_CACHE (default
     ~/.cache/sid)."""
@@ -151,11 +161,8 @@ def download(url, cache_dir=None, sha256=None):
         if not os.path.isfile(src):
             raise FileNotFoundError(f'no such file: {src}')
         return src
-    cache_dir = (cache_dir or os.environ.get('SID_CACHE')
-                 or os.path.join(os.path.expanduser('~'), '.cache', 'sid'))
-    base = os.path.basename(urllib.parse.urlparse(src).path)
-    base = re.sub(r'[^A-Za-z0-9._-]', '_', base) or 'download'
-    path = os.path.join(cache_dir, f'{hashlib.sha256(src.encode()).hexdigest()[:16]}-{base}')
+    path = cache_path(src, cache_dir)
+    cache_dir = os.path.dirname(path)
     if os.path.isfile(path):
         _check_sha256(path, sha256)
         return path

@@ -55,6 +55,12 @@ def is_latent(net):
     return kwargs.get('model_type') == 'EDM2UNet' and kwargs.get('img_channels') == 4
 
 
+def pixel_resolution(latent_resolution):
+    """The side of the images that latents of this side decode to: the SD VAE's decoder upsamples
+    8x (three 2x stages; EDM2's 64x64 latents are 512x512 images)."""
+    return 8 * latent_resolution
+
+
 def _per_channel(values, like):
     return torch.as_tensor(values, dtype=torch.float32, device=like.device).reshape(1, -1, 1, 1)
 

@@ -1,9 +1,9 @@
-"""The run driver above sid.py: command line, run folders, ticks, FID, snapshots, resume, generate.
+"""The run driver above sid.py: command line, run folders, ticks, FID, snapshots, resume, tools.
 
 sid.py's loop yields after every iteration; this file logs and saves (smalldiffusion's pattern): the
 command line and its one-line errors, the options from presets and resume, the run folder, status
-lines and stats.jsonl, FID, snapshots and training states, the toys' reports, and the `generate`
-and `project` commands. `python sid.py ...` hands over to `main` here.
+lines and stats.jsonl, FID, snapshots and training states, the toys' reports, and the `generate`,
+`project` and `evaluate` commands. `python sid.py ...` hands over to `main` here.
 """
 import argparse
 import dataclasses
@@ -25,6 +25,8 @@ import edm_nets
 import fid
 import fileio
 import latents
+import metrics
+import releases
 import sid
 import toy
 
@@ -293,6 +295,10 @@ def load_networks(cfg, world, device):
     else:
         teacher = checkpoints.load_checkpoint(cfg.teacher or preset_name)[0]
     G_state = None
+    release = releases.RELEASES.get(cfg.init_generator)
+    if release is not None and release.preset != preset_name:
+        raise ValueError(f'--init-generator {release.name} was distilled from {release.preset}, '
+                         f'this run\'s teacher is {preset_name}')
     if cfg.init_generator:
         G_state = checkpoints.load_checkpoint(snapshot_path(cfg.init_generator))[0].state_dict()
     return sid.build_networks(cfg, teacher, device, over, G_state)
@@ -548,27 +554,29 @@ def parse_sigmas(text, steps):
                          f'{len(sigmas)}')
     return sigmas
 
-def open_generator(a):
-    """(G on its device, the run's sigma_init, device) for --ckpt, after the cheap checks."""
-    if a.device.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f'--device {a.device}: CUDA is not available here')
-    if os.path.isdir(a.outdir) and os.listdir(a.outdir):
-        raise ValueError(f'--outdir {a.outdir} is not empty: choose a new folder (nothing is '
+def open_generator(ckpt, device, outdir=None, class_idx=None):
+    """(G on its device, its sigma_init, device, load_checkpoint's info) for --ckpt, after the cheap
+    checks. sigma_init: the run's; SiD's 2.5 for the official files."""
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'--device {device}: CUDA is not available here')
+    if outdir is not None and os.path.isdir(outdir) and os.listdir(outdir):
+        raise ValueError(f'--outdir {outdir} is not empty: choose a new folder (nothing is '
                          'overwritten)')
-    G, info = checkpoints.load_checkpoint(snapshot_path(a.ckpt))
-    if a.class_idx is not None and not 0 <= a.class_idx < G.label_dim:
+    G, info = checkpoints.load_checkpoint(snapshot_path(ckpt))
+    if class_idx is not None and not 0 <= class_idx < G.label_dim:
         if G.label_dim:
-            raise ValueError(f'--class-idx {a.class_idx}: this generator has classes 0..'
+            raise ValueError(f'--class-idx {class_idx}: this generator has classes 0..'
                              f'{G.label_dim - 1}')
-        raise ValueError(f'--class-idx {a.class_idx}: this generator is unconditional')
-    device = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    return G.to(device), info.get('config', {}).get('sigma_init', 2.5), device
+        raise ValueError(f'--class-idx {class_idx}: this generator is unconditional')
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    sigma_init = info.get('config', {}).get('sigma_init', releases.SIGMA_INIT)
+    return G.to(device), sigma_init, device, info
 
 def cmd_generate(a):
     seeds, sigmas = parse_seeds(a.seeds), parse_sigmas(a.sigmas, a.steps)
     if a.batch < 1:
         raise ValueError(f'--batch must be >= 1, got {a.batch}')
-    G, sigma_init, device = open_generator(a)
+    G, sigma_init, device, _ = open_generator(a.ckpt, a.device, a.outdir, a.class_idx)
     vae = latents.open_vae(a.vae, device) if latents.is_latent(G) else None
     os.makedirs(a.outdir, exist_ok=True)
     if not G.img_resolution:  # the 2-D toy: points and a picture
@@ -608,7 +616,7 @@ def cmd_project(a):
                          f'{a.repeat}')
     if not os.path.exists(a.input):
         raise FileNotFoundError(f'--input not found: {a.input}')
-    G, sigma_init, device = open_generator(a)
+    G, sigma_init, device, _ = open_generator(a.ckpt, a.device, a.outdir, a.class_idx)
     if latents.is_latent(G):
         raise ValueError('project works on pixels: EDM2 latent generators are not supported')
     gen = torch.Generator(device).manual_seed(a.seed)
@@ -662,24 +670,97 @@ def project_points(a, G, sigma_init, device, gen):
     print(f'wrote {len(x)} projected points to {a.outdir}/projected.npy')
 
 #----------------------------------------------------------------------------
-# The command line: `python sid.py [options]` trains; `python sid.py generate|project` use a trained
-# generator. Training options come from sid.Config, grouped, with the chosen preset's defaults.
+# `python sid.py evaluate`: the papers' metrics of a generator, its images made and scored in memory
+# (metrics.evaluate); `python sid.py --list`: the released generators (releases.RELEASES).
+
+def generator_reference(info):
+    """The FID reference preset a generator belongs to: a release's, else its run's --fid-ref or
+    its dataset's; None when unknown (an EDM .pkl, a run with a reference file of its own)."""
+    if info.get('release'):
+        return releases.RELEASES[info['release']].ref
+    cfg = info.get('config') or {}
+    ref = cfg.get('fid_ref') or sid.PRESETS.get(cfg.get('dataset'), {}).get('fid_ref')
+    return ref if ref in fid.REF_PRESETS else None
+
+def cmd_evaluate(a):
+    names = [m.strip() for m in a.metrics.split(',') if m.strip()]
+    metrics.check_options(names, a.num, a.trials, a.batch)  # before anything is downloaded
+    sigmas = parse_sigmas(a.sigmas, a.steps)
+    if a.out and os.path.exists(a.out):
+        raise ValueError(f'--out {a.out} exists: choose a new file (nothing is overwritten)')
+    release = releases.RELEASES.get(a.ckpt)
+    if release is not None and 'fid' in names:  # before downloading
+        size = edm_nets.PRESETS[release.preset]['kwargs']['img_resolution']
+        size = latents.pixel_resolution(size) if release.network == 'edm2' else size
+        metrics.check_reference(a.ref or release.ref, size, release.ref)
+    G, sigma_init, device, info = open_generator(a.ckpt, a.device)
+    if not G.img_resolution:
+        raise ValueError(f'--ckpt {a.ckpt}: a 2-D toy generator; evaluate scores images')
+    vae = latents.open_vae(a.vae, device) if latents.is_latent(G) else None
+    image_shape = G.img_shape
+    if vae is not None:  # EDM2: scored on the VAE's images, as the official metrics
+        side = latents.pixel_resolution(G.img_resolution)
+        image_shape = [3, side, side]
+    expected = generator_reference(info)
+    pr_detector = {'inception': None, 'vgg16': metrics.VGG16_URL}.get(a.pr_detector, a.pr_detector)
+    start = time.time()
+
+    def progress(trial, images):
+        done = (trial - 1) * a.num + images
+        rate = done / max(time.time() - start, 1e-9)
+        eta = (a.trials * a.num - done) / rate
+        print(f'\rtrial {trial}/{a.trials}: {images}/{a.num} images  {rate:.0f} img/s  '
+              f'eta {fmt_time(eta)}   ', end='', file=sys.stderr, flush=True)
+
+    def sample(seeds):
+        x = sample_images(G, seeds, sigma_init, device, None, sigmas)
+        return x if vae is None else to_pixels(x, vae)
+
+    results = metrics.evaluate(sample, image_shape, a.num, names, a.trials, a.ref, expected,
+                               a.detector, a.pr_ref, pr_detector, a.batch, device,
+                               progress=progress)
+    print(file=sys.stderr)
+    first, last = 0, a.trials * a.num - 1
+    print(f'{a.ckpt}: {a.trials} trial(s) of {a.num} images (seeds {first}-{last}), '
+          f'reference {a.ref or expected}, {fmt_time(time.time() - start)}')
+    for line in metrics.summary_lines(results):
+        print(line)
+    if release is not None and release.fid is not None:
+        print(f"the authors' FID of this file: {release.fid:.3f} (SiD README)")
+    elif release is not None and release.method != 'SiD':
+        print(f"the authors' best FID on {release.dataset} (SiDA README, whichever file): "
+              f'{release.best_fid:.3f}')
+    if a.out:
+        report = dict(ckpt=a.ckpt, num=a.num, metrics=names, ref=a.ref or expected,
+                      sigmas=sigmas, authors_fid=release and release.fid, **results)
+        with fileio.atomic_write(a.out) as f:
+            f.write(json.dumps(report, indent=2).encode())
+
+#----------------------------------------------------------------------------
+# The command line: `python sid.py [options]` trains; `python sid.py generate|project|evaluate` use
+# a trained generator. Training options come from sid.Config, grouped, with the chosen preset's
+# defaults.
 
 EXAMPLES = """examples:
   python sid.py --dataset toy                                  # 2-D toy, exact teacher, CPU, ~15 s
   python sid.py --dataset toy --method sign --dry-run          # print the resolved options and stop
   torchrun --nproc_per_node=4 sid.py --dataset cifar10 --fast  # SiD on EDM's CIFAR-10 teacher, GPU
   python sid.py --dataset cifar10 --method sida --init-generator runs/00001-cifar10-sid   # SiD²A
+  python sid.py --dataset cifar10 --method sida --init-generator sid-cifar10-uncond-a1.2  # SiD²A
   python sid.py --resume runs/00001-cifar10-sid --duration-mimg 600         # continue, for longer
-  python sid.py generate --help ; python sid.py project --help              # a trained generator"""
+  python sid.py generate --help ; python sid.py evaluate --help             # a trained generator
+  python sid.py --list                         # the released SiD/SiDA/SiD²A generators, by name"""
 
-TOOLS = """Use a trained generator: samples per seed as EDM's generate.py, SIGN's multi-step
-sampling and projection.
+TOOLS = """Use a trained generator (a run, a snapshot, an official .pkl, or a released generator's
+name: python sid.py --list): samples per seed as EDM's generate.py, SIGN's multi-step sampling
+and projection, and the papers' metrics computed in memory.
 
     python sid.py generate --ckpt RUN --seeds 0-49999 --outdir out/c10       # one PNG per seed
-    python sid.py generate --ckpt RUN --seeds 0-63 --grid --outdir out/grid   # one grid.png
+    python sid.py generate --ckpt sid-cifar10-uncond-a1.2 --seeds 0-63 --grid --outdir out/g
     python sid.py generate --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps
     python sid.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/p   # f(y + sigma eps)
+    python sid.py evaluate --ckpt sid-cifar10-uncond-a1.2 --metrics fid,is --trials 10
+    python sid.py evaluate --ckpt sid-imagenet64-a1.2 --metrics fid,pr        # PR: OpenAI's batch
 """
 
 METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN',
@@ -750,17 +831,14 @@ def tools_parser(cmd):
     p = argparse.ArgumentParser(prog=f'sid.py {cmd}', description=head, epilog=examples,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', required=True,
-                   help='run folder (best, else latest snapshot), network-snapshot-*.pt or EDM/SiD '
-                   '.pkl')
-    p.add_argument('--outdir', required=True, help='new or empty output folder')
-    p.add_argument('--class-idx', type=int, default=None,
-                   help='class of a conditional generator (generate: else random per seed)')
+                   help='run folder (best, else latest snapshot), network-snapshot-*.pt, EDM/SiD '
+                   '.pkl, or a released generator (python sid.py --list)')
     p.add_argument('--device', default='', help="cuda | cpu ('': cuda if available)")
-    if cmd == 'generate':
-        p.add_argument('--seeds', default='0-63',
-                       help='seeds, e.g. 0-49999 or 1,5,10-19 (default: 0-63)')
-        p.add_argument('--grid', action='store_true',
-                       help='one grid.png instead of one PNG per seed')
+    if cmd in ('generate', 'project'):
+        p.add_argument('--outdir', required=True, help='new or empty output folder')
+        p.add_argument('--class-idx', type=int, default=None,
+                       help='class of a conditional generator (generate: else random per seed)')
+    if cmd in ('generate', 'evaluate'):
         p.add_argument('--steps', type=int, default=0,
                        help='SIGN: number of steps, with steps-1 --sigmas (default: 1)')
         p.add_argument('--sigmas', default='',
@@ -770,22 +848,52 @@ def tools_parser(cmd):
         p.add_argument('--vae', default='',
                        help="EDM2 latents: the VAE ('': stabilityai/sd-vae-ft-mse; a folder, a "
                        "Hugging Face name, or 'random' for checks)")
-    else:
+    if cmd == 'generate':
+        p.add_argument('--seeds', default='0-63',
+                       help='seeds, e.g. 0-49999 or 1,5,10-19 (default: 0-63)')
+        p.add_argument('--grid', action='store_true',
+                       help='one grid.png instead of one PNG per seed')
+    elif cmd == 'project':
         p.add_argument('--input', required=True,
                        help='an image, a folder of images, or a 2-D toy .npy of points [N, 2]')
         p.add_argument('--sigma', type=float, default=0.0,
                        help='noise added before each projection (default: 0, plain f(y))')
         p.add_argument('--repeat', type=int, default=1, help='projections in a row (default: 1)')
         p.add_argument('--seed', type=int, default=0, help='seed of the added noise (default: 0)')
+    else:
+        p.add_argument('--metrics', default='fid',
+                       help='comma-separated: fid, is (Inception Score, 10 splits), pr '
+                       '(precision/recall, k=3) (default: fid)')
+        p.add_argument('--num', type=int, default=50000,
+                       help='images per trial; trial t uses seeds t*num .. (t+1)*num-1 '
+                       '(default: 50000)')
+        p.add_argument('--trials', type=int, default=1,
+                       help='trials of fresh images, reported as mean and std (official: 10; '
+                       'default: 1)')
+        p.add_argument('--ref', default=None,
+                       help="FID reference: preset or .npz (default: the generator's dataset's)")
+        p.add_argument('--pr-ref', default=None,
+                       help="real images for pr: OpenAI .npz batch, dataset or folder "
+                       "(default: OpenAI's batch for ImageNet 64)")
+        p.add_argument('--pr-detector', default='inception',
+                       help='features for pr: inception (as SiD), vgg16 (as StyleGAN2-ADA) or a '
+                       'TorchScript file (default: inception)')
+        p.add_argument('--detector', default=None,
+                       help='local Inception .pt (default: $SID_DETECTOR or NVIDIA\'s URL)')
+        p.add_argument('--out', default=None, help='also write the results to this new .json')
     return p
 
 def main(argv=None):
-    """`python sid.py [options]` trains; `python sid.py generate|project ...` use a generator."""
+    """`python sid.py [options]` trains; `python sid.py generate|project|evaluate ...` use a
+    generator; `python sid.py --list` lists the released generators."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    if argv[:1] in (['generate'], ['project']):
+    if argv == ['--list']:
+        print('\n'.join(releases.table()))
+        return
+    if argv[:1] in (['generate'], ['project'], ['evaluate']):
         cmd = argv.pop(0)
         args = tools_parser(cmd).parse_args(argv)
-        command = cmd_project if cmd == 'project' else cmd_generate
+        command = dict(generate=cmd_generate, project=cmd_project, evaluate=cmd_evaluate)[cmd]
         one_line_errors(lambda: command(args))
         return
     one_line_errors(lambda: train_command(argv))

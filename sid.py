@@ -254,7 +254,8 @@ def refresh_frozen_(G_bar, G):
     included (an eval-mode copy would be another function, and idempotence would hold for it, not
     for f)."""
     dst = list(G_bar.parameters()) + list(G_bar.buffers())
-    torch._foreach_copy_(dst, list(G.parameters()) + list(G.buffers()))
+    for a, b in zip(dst, list(G.parameters()) + list(G.buffers())):
+        a.copy_(b)
     G_bar.train(G.training)
 
 def d_mse(a, b):
@@ -880,20 +881,20 @@ def next_batch(s):
 def sanitize_grads_(params, clip_value=None):
     """As the official loops: NaN -> 0, +-inf -> +-1e5; SiDA also clips f_psi's gradients
     element-wise to +-1 (clip_grad_value_, not a norm clip)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    for g in grads:
-        g.nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
+    params = list(params)  # a generator would be spent by the first pass
+    for p in params:
+        if p.grad is not None:
+            p.grad.nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
     if clip_value is not None:
-        torch._foreach_clamp_min_(grads, -clip_value)
-        torch._foreach_clamp_max_(grads, clip_value)
+        torch.nn.utils.clip_grad_value_(params, clip_value)
 
 @torch.no_grad()
 def update_ema(G_ema, G, cfg, cur_nimg):
     """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5^(batch / h), half-life h = min(ema_mimg,
     5 % of the images seen before this step): a ramp-up from beta = 0 (official)."""
     beta = 0.5 ** (cfg.batch / max(min(cfg.ema_mimg * 1e6, 0.05 * cur_nimg), 1e-8))
-    ema = list(G_ema.parameters())
-    torch._foreach_copy_(ema, torch._foreach_lerp([p.detach() for p in G.parameters()], ema, beta))
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        p_ema.copy_(torch.lerp(p.detach(), p_ema, beta))
 
 if __name__ == '__main__':  # `python sid.py ...`: the run driver parses the command line
     import runs

@@ -2,7 +2,6 @@
 snapshots, refusals, network-kwargs checks, and hostile files of every reader in one bounded
 subprocess."""
 import collections
-import contextlib
 import copy
 import io
 import json
@@ -19,70 +18,17 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import checkpoints
 import edm_nets
+import fileio
+import releases
 import runs
 import sid
-from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, net_inputs, png_bytes, slow,
-                      states_equal, tiny_edm2, tiny_net, write_bytes, write_dataset)
-
-#----------------------------------------------------------------------------
-# Fixtures in EDM's persistence format, written without EDM's code: a fake
-# torch_utils.persistence exists only while pickling; our modules reduce to
-# (_reconstruct_persistent_obj, (meta,)) as EDM's persistent classes do.
-
-@contextlib.contextmanager
-def fake_edm_modules():
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError('only used as a pickle reference')
-
-    _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
-    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
-    EasyDict = type('EasyDict', (dict,), dict(__module__='dnnlib.util'))
-    names = ('torch_utils', 'torch_utils.persistence', 'dnnlib', 'dnnlib.util')
-    fakes = {k: types.ModuleType(k) for k in names}
-    fakes['torch_utils.persistence']._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    fakes['dnnlib.util'].EasyDict = EasyDict
-    saved = {k: sys.modules.get(k) for k in fakes}
-    sys.modules.update(fakes)
-    try:
-        yield _reconstruct_persistent_obj, EasyDict
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
-def write_edm_pickle(path, ema, module_src='# networks.py source would be here\n', protocol=4,
-                     extra=None):
-    """EDM's .pkl layout: our modules reduce to (_reconstruct_persistent_obj, (meta,)) with the
-    class name and state."""
-    with fake_edm_modules() as (reconstruct, EasyDict):
-        def reduce(obj):
-            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
-                return NotImplemented
-            state = {**obj.__dict__, '_init_args': (),
-                     '_init_kwargs': obj.__dict__.get('init_kwargs', {})}
-            state.pop('init_kwargs', None)
-            if 'skip_scale' in state:  # EDM stores np.float64 here, exercising the numpy globals
-                state['skip_scale'] = np.float64(state['skip_scale'])
-            meta = dict(type='class', version=6, module_src=module_src,
-                        class_name=type(obj).__name__, state=state)
-            return reconstruct, (meta,)
-
-        dataset_kwargs = EasyDict(path='x.zip', arr=np.arange(3.0))
-        snapshot = {**dict(ema=ema, augment_pipe=None, dataset_kwargs=dataset_kwargs),
-                    **(extra or {})}  # extra may replace the ema record
-        buf = io.BytesIO()
-        pickler = type('P', (pickle.Pickler,),
-                       dict(reducer_override=lambda self, obj: reduce(obj)))
-        pickler(buf, protocol=protocol).dump(snapshot)
-    write_bytes(path, buf.getvalue())
-    return buf.getvalue()
+from conftest import (HERE, NCSNPP, BoundMethod, Evil, Record, assert_one_line_error,
+                      encoder_record, fake_edm_modules, net_inputs, png_bytes, slow, states_equal,
+                      tiny_edm2, tiny_net, write_bytes, write_dataset, write_edm2_pickle,
+                      write_edm_pickle)
 
 
 def assert_same_net(a, b):
@@ -92,7 +38,8 @@ def assert_same_net(a, b):
     assert torch.equal(a(x, sigma, labels, aug), b(x, sigma, labels, aug))
 
 #----------------------------------------------------------------------------
-# The reader: round trips, refusals of code in the file, strict errors, our own snapshots.
+# The reader: round trips, refusals of code in the file, strict errors, our own snapshots, released
+# generators by name.
 
 @pytest.mark.parametrize('name,overrides,spelling', [
     ('cifar10-32x32-cond-vp', {}, ''), ('ffhq-64x64-uncond-vp', NCSNPP, ''),
@@ -163,6 +110,42 @@ def test_loader_strict_errors_and_own_checkpoints(tmp_path):
     assert info['config']['sigma_init'] == 1.5
 
 
+
+@pytest.mark.parametrize('name,preset', [('sid-cifar10-cond-a1.2', 'cifar10-32x32-cond-vp'),
+                                         ('sid2a-imagenet64-a1.2', 'imagenet-64x64-cond-adm'),
+                                         ('sida-afhqv2-64-a1', 'afhqv2-64x64-uncond-vp')])
+def test_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, name, preset):
+    """A file in the official format where the cache keeps the release's URL loads by name (no
+    network) and generates; a hostile or truncated file there is refused with one line."""
+    monkeypatch.setenv('SID_CACHE', str(tmp_path))
+    release = releases.resolve(name)
+    cached = fileio.cache_path(release.url)
+    assert cached.startswith(str(tmp_path)) and cached.endswith('-' + release.file)
+    net = tiny_net(preset)
+    raw = write_edm_pickle(cached, net)
+    loaded, info = checkpoints.load_checkpoint(name)
+    assert_same_net(net, loaded)
+    assert info['release'] == name and info['path'] == cached
+    x = runs.sample_images(loaded, [0, 1, 2], releases.SIGMA_INIT, 'cpu')
+    assert list(x.shape) == [3, *net.img_shape] and torch.isfinite(x).all()
+    write_bytes(cached, raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=re.escape(cached)) as e:
+        checkpoints.load_checkpoint(name)
+    assert len(str(e.value).splitlines()) == 1
+    write_edm_pickle(cached, net, extra=dict(evil=Evil(os.system, 'true')))
+    with pytest.raises(ValueError, match='unsafe .*refusing to load global'):
+        checkpoints.load_checkpoint(name)
+
+
+def test_unknown_release_names_refused_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    near = 'sid-cifar10-uncond-a1.2, sid-cifar10-uncond-a1'
+    for name, msg in (('sid-img512-xxs-a1', 'unknown released generator "sid-img512-xxs-a1"'),
+                      ('sid-cifar10-uncond-a1.1', f'unknown released generator .*e.g. {near}')):
+        with pytest.raises(ValueError, match=msg):
+            checkpoints.load_checkpoint(name)
+    assert not os.path.exists(tmp_path / 'cache')
+
 def test_network_kwargs_exact_allow_list_and_ranges():
     base = dict(edm_nets.PRESETS['cifar10-32x32-cond-vp']['kwargs'])
     assert checkpoints.check_net_kwargs(base, 'f') == base
@@ -184,90 +167,8 @@ def test_official_cifar_teacher_loads_and_samples():  # the real checkpoint (~22
     assert torch.isfinite(x).all() and -1.5 < x.min() and x.max() < 1.5 and 0.2 < x.std() < 0.8
 
 #----------------------------------------------------------------------------
-# EDM2's pickles (Karras et al. 2024; official SiD sida branch), written in their format without
-# their code: NVIDIA's teachers (Precond, every tensor float16, with `encoder`, `loss_fn` and
-# `dataset_kwargs`) and the official SiD/SiDA generators (EDM_2_Precond_Generator, float32, `ema`
-# only; with use_gan=1 and force_normalization=1 every MPConv holds its weight-normalisation hook,
-# pickled as the bound method getattr(mpconv, '_apply_forced_weight_normalization')).
-
-EDM2_NAMES = {'teacher': dict(EDM2Precond='Precond', EDM2UNet='UNet'),
-              'generator': dict(EDM2Precond='EDM_2_Precond_Generator',
-                                EDM2UNet='UNet_EncoderDecoder')}
-HOOK = '_apply_forced_weight_normalization'
-
-
-class Record:
-    """Another persistent object of the pickle (the encoder, the loss): class name and state."""
-    def __init__(self, class_name, state):
-        self.class_name, self.state = class_name, state
-
-
-class BoundMethod:
-    """Pickles as getattr(obj, name), as Python pickles a bound method."""
-    def __init__(self, obj, name=HOOK):
-        self.obj, self.name = obj, name
-
-
-def encoder_record(scale=None, bias=None, vae_name='stabilityai/sd-vae-ft-mse'):
-    """EDM2's StabilityVAEEncoder as its training loop pickles it (its default statistics)."""
-    raw_mean = np.array([5.81, 3.25, 0.12, -2.15], np.float32)
-    raw_std = np.array([4.17, 4.62, 3.71, 3.28], np.float32)
-    default_scale = np.float32(0.5) / raw_std
-    state = dict(vae_name=vae_name, scale=default_scale if scale is None else scale,
-                 bias=-raw_mean * default_scale if bias is None else bias, batch_size=8,
-                 _vae=None, _init_args=(), _init_kwargs={})
-    return Record('StabilityVAEEncoder', state)
-
-
-def write_edm2_pickle(path, net, kind='teacher', hooks=False, use_gan=1, force_normalization=1,
-                      extra=None, kwargs=None):
-    """An EDM2 .pkl of `net` (an EDM2Precond): kind 'teacher' as NVIDIA's (float16, four keys),
-    'generator' as the official SiD's (`ema` only); hooks: each MPConv's pickled pre-hook."""
-    net = copy.deepcopy(net).half() if kind == 'teacher' else net
-    names = EDM2_NAMES[kind]
-    init = {k: v for k, v in net.init_kwargs.items() if k != 'model_type'}
-    if kind == 'generator':
-        init.pop('logvar_channels')
-        init.update(use_gan=use_gan, force_normalization=force_normalization)
-    states = {}  # one state per module, as persistence pickles the module's own __dict__
-
-    with fake_edm_modules() as (reconstruct, EasyDict):
-        def reduce(obj):
-            if isinstance(obj, BoundMethod):
-                return getattr, (obj.obj, obj.name)
-            if isinstance(obj, Record):
-                meta = dict(type='class', version=6, module_src='# encoders.py\n',
-                            class_name=obj.class_name, state=obj.state)
-                return reconstruct, (meta,)
-            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
-                return NotImplemented
-            if id(obj) not in states:
-                state = {k: v for k, v in obj.__dict__.items()
-                         if k not in ('init_kwargs', '_stamp')}
-                top = isinstance(obj, edm_nets.EDM2Precond)
-                state.update(_init_args=(), _init_kwargs=dict(kwargs or init) if top else {})
-                if hooks and isinstance(obj, edm_nets.MPConv):
-                    state['_forward_pre_hooks'] = collections.OrderedDict({0: BoundMethod(obj)})
-                states[id(obj)] = state
-            meta = dict(type='class', version=6, module_src='# networks_edm2.py\n',
-                        class_name=names.get(type(obj).__name__, type(obj).__name__),
-                        state=states[id(obj)])
-            return reconstruct, (meta,)
-
-        snapshot = dict(ema=net)
-        if kind == 'teacher':
-            loss = Record('EDM2Loss', dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5))
-            snapshot.update(encoder=encoder_record(), loss_fn=loss, dataset_kwargs=EasyDict(
-                class_name='training.dataset.ImageFolderDataset', path='img512-sd.zip',
-                use_labels=True))
-        snapshot.update(extra or {})
-        buf = io.BytesIO()
-        pickler = type('P', (pickle.Pickler,),
-                       dict(reducer_override=lambda self, obj: reduce(obj)))
-        pickler(buf, protocol=4).dump(snapshot)
-    write_bytes(path, buf.getvalue())
-    return buf.getvalue()
-
+# EDM2's pickles (Karras et al. 2024; official SiD sida branch): NVIDIA's teachers and the official
+# SiD/SiDA generators, written by conftest.write_edm2_pickle in their format without their code.
 
 def assert_same_edm2(a, b):
     """The same outputs: denoiser, SiDA's logits and (with a head) the log-variance."""
@@ -313,6 +214,30 @@ def test_edm2_official_generator_loads_hooks_inert(tmp_path, use_gan, fn, forced
     assert 'use_gan' not in loaded.init_kwargs and states_equal(loaded, G)
     assert_same_edm2(loaded, G)
     assert not marker.exists()
+
+
+
+@pytest.mark.parametrize('name', ['sida-img512-xs-a1', 'sid-img512-xxl-a1'])
+def test_edm2_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, name):
+    """An EDM2 release: the official generator file (EDM_2_Precond_Generator, `ema` only, the
+    pickled weight-normalisation hooks of a SiDA run) where the cache keeps its URL loads by name
+    with no network, and generates latents; a hostile file there is refused with one line."""
+    monkeypatch.setenv('SID_CACHE', str(tmp_path))
+    release = releases.resolve(name)
+    assert release.network == 'edm2' and release.preset.startswith('edm2-img512-')
+    cached = fileio.cache_path(release.url)
+    G = tiny_edm2(logvar_channels=0).eval()
+    raw = write_edm2_pickle(cached, G, 'generator', hooks=True)
+    assert b'EDM_2_Precond_Generator' in raw and b'getattr' in raw
+    loaded, info = checkpoints.load_checkpoint(name)
+    assert isinstance(loaded, edm_nets.EDM2Precond) and states_equal(loaded, G)
+    assert info['release'] == name and info['path'] == cached
+    assert_same_edm2(loaded, G)
+    x = runs.sample_images(loaded, [0, 1], releases.SIGMA_INIT, 'cpu')
+    assert list(x.shape) == [2, 4, 16, 16] and torch.isfinite(x).all()
+    write_edm2_pickle(cached, G, 'generator', extra=dict(evil=Evil(os.system, 'true')))
+    with pytest.raises(ValueError, match='unsafe .*refusing to load global'):
+        checkpoints.load_checkpoint(name)
 
 
 @pytest.mark.parametrize('change,match', [
@@ -456,6 +381,15 @@ def torch_file(path, obj):
     return path
 
 
+def npz_declaring(path, count):
+    """An .npz whose arr_0 header says `count` uint8 images [64, 64, 3] and which holds one."""
+    with zipfile.ZipFile(path, 'w') as zf, zf.open('arr_0.npy', 'w') as f:
+        header = dict(descr='|u1', fortran_order=False, shape=(count, 64, 64, 3))
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(64 * 64 * 3))
+    return path
+
+
 def fid_args(*a):  # fid.py's command line
     return '|'.join(['fid', *map(str, a)])
 
@@ -509,6 +443,9 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
      r'big12000.png: unreadable image \(DecompressionBombWarning'),
     ('png-100000', 'image', lambda d: png_header(d / 'big100000.png', 100000, 100000),
      r'big100000.png:.*(exceeds|bomb)'),
+    # an OpenAI-style reference batch whose arr_0 header declares 10^9 images of 64x64
+    ('npz-count', 'npz', lambda d: npz_declaring(d / 'ref.npz', 10 ** 9),
+     r'ref.npz: arr_0 declares 1000000000 images but holds 12288 bytes'),
     ('fid-ref-labels', 'fid', lambda d: fid_args('ref', '--data', d / 'big.zip', '--dest',
                                                  d / 'r.npz'), 'labels must be'),
     ('fid-num', 'fid', lambda d: fid_args('calc', '--images', d, '--ref', 'x', '--num', 1),
@@ -536,10 +473,11 @@ def write_edm2_path(path, **kw):
 
 READ_ALL = f"""import contextlib, io, json, resource, signal, sys
 resource.setrlimit(resource.RLIMIT_AS, ({1536 << 20}, {1536 << 20}))
-import checkpoints, data, fid, fileio, runs
+import checkpoints, data, fid, fileio, metrics, runs
 signal.signal(signal.SIGALRM, lambda *a: sys.exit('timeout'))
 READ = dict(ckpt=checkpoints.load_checkpoint, data=data.load_dataset, image=fileio.read_image,
-            fid=lambda a: fid.main(a.split('|')[1:]))
+            fid=lambda a: fid.main(a.split('|')[1:]),
+            npz=lambda a: sum(len(b) for b in metrics.real_image_batches(a, 64)))
 for line in sys.stdin:  # each refusal as the commands report it: one line on stderr, exit code 2
     name, reader, arg = line.split()
     err, code = io.StringIO(), 0

@@ -76,3 +76,20 @@ def test_download_local_path_and_cache_keyed_on_url(tmp_path):
                                            r'.*c2/[0-9a-f]{16}-edm\.pkl$'):
         fileio.download(b.as_uri(), str(tmp_path / 'c2'), sha256='0' * 64)
     assert os.listdir(tmp_path / 'c2') == []  # no partial or temporary file left
+
+
+def test_truncated_download_leaves_nothing(tmp_path, monkeypatch):
+    """A connection that ends before its Content-Length: one error line, no file in the cache."""
+    class Response(io.BytesIO):
+        headers = {'Content-Length': '10'}
+
+    def urlopen(url, timeout):
+        return Response(b'12345')
+
+    monkeypatch.setattr(fileio.urllib.request, 'urlopen', urlopen)
+    cache, url = tmp_path / 'cache', 'https://example.invalid/models/gen.pkl'
+    with pytest.raises(RuntimeError, match='truncated download, got 5 of 10 bytes') as e:
+        fileio.download(url, str(cache))
+    assert len(str(e.value).splitlines()) == 1
+    assert fileio.cache_path(url, str(cache)) in str(e.value)  # where to put it by hand
+    assert os.listdir(cache) == []

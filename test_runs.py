@@ -23,12 +23,16 @@ import torch.nn.functional as F
 import checkpoints
 import edm_nets
 import fid
+import fileio
+import metrics
+import releases
 import runs
 import sid
 from conftest import (HERE, SLOW, slow, Stub, NET, EDM2_NET, cfg_for, perturb_copy, nets_for,
                       run_quiet, cli, assert_one_line_error, states_equal, read_stats, load_state,
                       edm_files, latent_files, needs_diffusers, write_bytes, write_dataset,
-                      write_pngs, FidStandIn, detector_file, edm2_nets, loop_state)
+                      write_pngs, FidStandIn, detector_file, edm2_nets, loop_state, tiny_net,
+                      write_edm_pickle, write_edm2_pickle, Evil)
 
 #----------------------------------------------------------------------------
 # Presets and the command line: the official scripts' values, every field an option, --help,
@@ -163,6 +167,10 @@ def GEN(t, *a):
     return ['generate', '--ckpt', t / 'g.pt', '--outdir', t / 'o', *a]
 
 
+def EVAL(ckpt, *a):
+    return ['evaluate', '--ckpt', ckpt, '--num', 20, '--device', 'cpu', *a]
+
+
 def TINY(t, out, *a):
     return ['--dataset', 'cifar10', *TINY_ARGS, '--outdir', t / out, *a]
 
@@ -229,7 +237,7 @@ BAD = [  # (name, args(t), message)
      '--augment: EDM2 networks take no augmentation labels'),
     ('edm2-sign', lambda t: ['--dataset', 'imagenet512-m', '--method', 'sign'],
      '--method sign is not wired for EDM2 latents'),
-    ('edm2-no-head', lambda t: TINY2(t, 'n6', '--net-overrides', '{"logvar_channels": 0, '
+    ('edm2-no-head', lambda t: TINY2(t, 'n10', '--net-overrides', '{"logvar_channels": 0, '
                                      '"img_resolution": 8, "model_channels": 16}'),
      '--logvar: this teacher has no log-variance head'),
     ('edm2-labels-sida', lambda t: TINY2(t, 'n7', '--method', 'sida', '--data', t / 'labels.json'),
@@ -239,6 +247,23 @@ BAD = [  # (name, args(t), message)
     ('edm2-vae-missing', lambda t: TINY2(t, 'n9', '--vae', t / 'no-vae'), 'VAE'),
     ('edm2-project', lambda t: ['project', '--ckpt', t / 'g2.pt', '--input', t / 'png32',
                                 '--outdir', t / 'o'], 'EDM2 latent generators are not supported'),
+    ('init-generator-release', lambda t: TINY(t, 'n6', '--init-generator', 'sid-ffhq64-a1.2'),
+     'sid-ffhq64-a1.2 was distilled from ffhq-64x64-uncond-vp'),
+    ('init-generator-edm2', lambda t: TINY(t, 'n11', '--init-generator', 'sid-img512-xs-a1'),
+     'sid-img512-xs-a1 was distilled from edm2-img512-xs'),
+    ('eval-metric', lambda t: EVAL(t / 'g.pt', '--metrics', 'fid,kid'),
+     "unknown metric(s) ['kid']"),
+    ('eval-num', lambda t: EVAL(t / 'g.pt', '--num', 1), 'need at least 2 images'),
+    ('eval-no-ref', lambda t: EVAL(t / 'g.pt'), 'no reference statistics'),
+    ('eval-ref-size', lambda t: EVAL(t / 'g.pt', '--ref', 'imagenet-64x64'),
+     'reference imagenet-64x64 is of 64x64 images, the generator makes 32x32'),
+    ('eval-out-exists', lambda t: EVAL(t / 'g.pt', '--out', t / 'full'), 'exists: choose a new'),
+    # released generators: refused before anything is downloaded
+    ('eval-release-ref', lambda t: EVAL('sid-cifar10-uncond-a1.2', '--ref', 'ffhq-64x64'),
+     'reference ffhq-64x64 is of 64x64 images, the generator makes 32x32'),
+    ('eval-release-edm2-ref', lambda t: EVAL('sida-img512-xs-a1', '--ref', 'imagenet-64x64'),
+     'reference imagenet-64x64 is of 64x64 images, the generator makes 512x512'),
+    ('eval-release-name', lambda t: EVAL('sid-cifar10-a1.2'), 'unknown released generator'),
 ]
 
 
@@ -820,3 +845,147 @@ def test_edm2_real_latents_are_fresh_posterior_samples_of_the_shard(tmp_path):
     s.data_batches = 2  # a resumed run: the third batch again
     x, _ = next(runs.open_data(run, s))
     assert torch.equal(x, got[2][0])
+
+#----------------------------------------------------------------------------
+# Released generators by name (a primed download cache: no network) and `evaluate`.
+
+def prime_release(cache, name, net):
+    """The file a release's URL would download, in the official pickle format, in the cache."""
+    path = fileio.cache_path(releases.resolve(name).url, str(cache))
+    os.makedirs(cache, exist_ok=True)
+    write_edm_pickle(path, net)
+    return path
+
+
+def test_released_generators_listed_and_generated_by_name(tmp_path, monkeypatch):
+    listing = cli('--list').stdout
+    assert all(f'\n{name} ' in listing for name in releases.RELEASES)
+    assert 'python sid.py --list' in cli('generate', '--help').stdout
+    assert 'python sid.py --list' in cli('evaluate', '--help').stdout
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    G = tiny_net('cifar10-32x32-cond-vp')
+    prime_release(tmp_path / 'cache', 'sid-cifar10-cond-a1.2', G)
+    r = cli('generate', '--ckpt', 'sid-cifar10-cond-a1.2', '--seeds', '0-3', '--outdir',
+            tmp_path / 'o')
+    assert r.returncode == 0, r.stderr
+    x = fid.to_uint8(runs.sample_images(G, range(4), releases.SIGMA_INIT, 'cpu')).numpy()
+    for s in range(4):  # SiD's sigma_init 2.5, a class per seed
+        png = read_png(tmp_path / 'o' / f'{s:06d}.png')
+        assert np.abs(png - x[s].transpose(1, 2, 0)).max() <= 1
+
+
+def test_init_generator_by_name(tmp_path, monkeypatch):
+    """SiD²A from a released SiD generator: G starts from the file the name downloads."""
+    monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
+    cfg = cfg_for(tmp_path / 'a')
+    sid_G = perturb_copy(nets_for(cfg, perturb=False)[1], 4, 0.1).eval()
+    prime_release(tmp_path / 'cache', 'sid-cifar10-uncond-a1.2', sid_G)
+    cfg2 = dataclasses.replace(cfg, method='sida', init_generator='sid-cifar10-uncond-a1.2')
+    f_phi, G, f_psi = runs.load_networks(cfg2, None, torch.device('cpu'))
+    assert states_equal(G, sid_G) and not states_equal(f_psi, sid_G)
+
+
+def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
+    """`evaluate` on a released name: the scores of metrics.evaluate on the same generator, the
+    progress line, the authors' number beside ours, a JSON report; SIGN's steps; refusals of
+    files and references with one line, a wrong reference before anything is downloaded."""
+    cache = tmp_path / 'cache'
+    monkeypatch.setenv('SID_CACHE', str(cache))
+    G = tiny_net('cifar10-32x32-cond-vp')
+    cached = prime_release(cache, 'sid-cifar10-cond-a1.2', G)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 16))
+    fid.save_ref(str(tmp_path / 'ref.npz'), rng.standard_normal(16) * 0.1, a @ a.T / 16)
+    np.savez(tmp_path / 'real.npz', arr_0=rng.integers(0, 256, (15, 32, 32, 3), dtype=np.uint8))
+    det = detector_file(tmp_path / 'det.pt')
+    common = ['--metrics', 'fid,is,pr', '--num', 12, '--trials', 2, '--ref', tmp_path / 'ref.npz',
+              '--pr-ref', tmp_path / 'real.npz', '--detector', det, '--batch', 5, '--device', 'cpu']
+    for sigmas, out in (((), 'one.json'), ((0.5,), 'two.json')):
+        steps = ['--steps', 2, '--sigmas', '0.5'] if sigmas else []
+        r = cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common, *steps, '--out',
+                tmp_path / out)
+        assert r.returncode == 0, r.stderr
+        report = json.load(open(tmp_path / out))
+
+        def sample(seeds):
+            return runs.sample_images(G, seeds, 2.5, 'cpu', None, sigmas)
+
+        expected = metrics.evaluate(sample, G.img_shape, 12, ('fid', 'is', 'pr'), 2,
+                                    str(tmp_path / 'ref.npz'), detector=det,
+                                    pr_ref=str(tmp_path / 'real.npz'), batch=5)
+        assert report['trials'] == expected['trials'] and report['sigmas'] == list(sigmas)
+        assert report['authors_fid'] == 1.710 and report['mean'] == expected['mean']
+        assert 'trial 2/2: 12/12 images' in r.stderr.splitlines()[-1]
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith('sid-cifar10-cond-a1.2: 2 trial(s) of 12 images (seeds 0-23)')
+        assert [line.split()[0] for line in lines[1:6]] == ['fid', 'is', 'is_std', 'precision',
+                                                           'recall']
+        assert lines[-1] == "the authors' FID of this file: 1.710 (SiD README)"
+    assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common, '--out',
+                              tmp_path / 'one.json'), 'one.json exists')
+    # the reference by default: the release's preset (here primed in the cache), a run's dataset's
+    preset = fileio.cache_path(fid.REF_PRESETS['cifar10-32x32'])
+    shutil.copy(tmp_path / 'ref.npz', preset)
+    r = cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', '--num', 12, '--detector', det,
+            '--device', 'cpu')
+    assert r.returncode == 0 and 'reference cifar10-32x32' in r.stdout.splitlines()[0]
+    one_step = json.load(open(tmp_path / 'one.json'))['trials'][0]['fid']
+    assert float(r.stdout.splitlines()[1].split()[1]) == pytest.approx(one_step, abs=1e-4)
+    run64, _ = tiny_snapshot(tmp_path, 'ffhq64', 'f.pt')
+    assert_one_line_error(cli('evaluate', '--ckpt', run64, '--ref', 'afhqv2-64x64'),
+                          "afhqv2-64x64 is of another dataset than the generator's (ffhq-64x64)")
+    before = sorted(os.listdir(cache))
+    r = cli('evaluate', '--ckpt', 'sid2a-cifar10-cond-a1', '--ref', 'afhqv2-64x64')
+    assert_one_line_error(r, 'reference afhqv2-64x64 is of 64x64 images, the generator makes 32')
+    assert sorted(os.listdir(cache)) == before  # nothing was downloaded
+    raw = open(cached, 'rb').read()
+    write_bytes(cached, raw[:len(raw) // 3])
+    assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
+                          'unsafe or unreadable pickle')
+    write_edm_pickle(cached, G, extra=dict(evil=Evil(os.system, 'true')))
+    assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
+                          'refusing to load global')
+
+
+@needs_diffusers
+def test_edm2_release_by_name_generates_evaluates_and_starts_sid2a(tmp_path, monkeypatch):
+    """An EDM2 release in the official generator format, primed in the cache (no network):
+    `generate` writes its decoded PNGs, `evaluate` scores the decoded images as metrics.evaluate
+    does and names the authors' best FID of the size, and SiD²A starts G from it by name."""
+    import latents
+    name = 'sida-img512-xs-a1'
+    cache = tmp_path / 'cache'
+    monkeypatch.setenv('SID_CACHE', str(cache))
+    cfg = edm2_cfg(tmp_path / 'x', 'sida', 1)
+    G = perturb_copy(edm2_nets(cfg, perturb=False)[1], 3, 0.1).eval()
+    os.makedirs(cache)
+    write_edm2_pickle(fileio.cache_path(releases.resolve(name).url), G, 'generator', hooks=True)
+    vae = latents.open_vae('random')
+
+    def sample(seeds):
+        return latents.decode(vae, runs.sample_images(G, seeds, 2.5, 'cpu'))
+
+    r = cli('generate', '--ckpt', name, '--seeds', '0-2', '--vae', 'random', '--device', 'cpu',
+            '--outdir', tmp_path / 'gen')
+    assert r.returncode == 0, r.stderr
+    want = sample(range(3))
+    for s in range(3):  # SiD's sigma_init 2.5, a random class per seed, 64x64 decoded
+        png = read_png(tmp_path / 'gen' / f'{s:06d}.png')
+        assert np.abs(png - want[s].permute(1, 2, 0).numpy()).max() <= 1
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 16))
+    fid.save_ref(str(tmp_path / 'ref.npz'), rng.standard_normal(16) * 0.1, a @ a.T / 16)
+    det = detector_file(tmp_path / 'det.pt')
+    r = cli('evaluate', '--ckpt', name, '--metrics', 'fid,is', '--num', 10, '--ref',
+            tmp_path / 'ref.npz', '--detector', det, '--vae', 'random', '--batch', 5, '--device',
+            'cpu', '--out', tmp_path / 'e.json')
+    assert r.returncode == 0, r.stderr
+    expected = metrics.evaluate(sample, [3, 64, 64], 10, ('fid', 'is'), 1,
+                                str(tmp_path / 'ref.npz'), detector=det, batch=5)
+    report = json.load(open(tmp_path / 'e.json'))
+    assert report['trials'] == expected['trials']
+    assert r.stdout.splitlines()[-1] == ("the authors' best FID on img512-xs (SiDA README, "
+                                         "whichever file): 2.156")
+    f_phi, G2, f_psi = runs.load_networks(dataclasses.replace(cfg, init_generator=name), None,
+                                          torch.device('cpu'))
+    assert states_equal(G2, G)  # the release's weights (G is perturbed: not the teacher's)
