@@ -1,6 +1,7 @@
 # Benchmarks for sid (not tests): time and peak memory of the EDM teacher networks, per preset, of
 # one training iteration, and the faithful path against the fast path.
 #   python bench.py --what nets --device cpu --batch 2 --presets cifar10-32x32-uncond-vp
+#   python bench.py --what sid --dataset imagenet512-xs --methods sid --settings fp16 --batch-gpu 64
 # Peak memory: CUDA -> torch.cuda.max_memory_allocated above the weights; CPU -> peak resident set
 # size (Linux VmHWM, reset before each measurement) above the resident size before it.
 
@@ -108,7 +109,7 @@ def bench_nets(args):
         labels = None
         if net.label_dim:
             labels = torch.eye(net.label_dim, device=device)[torch.arange(B) % net.label_dim]
-        aug = torch.zeros(B, 9, device=device) if net.model.map_augment is not None else None
+        aug = torch.zeros(B, 9, device=device) if net.init_kwargs.get('augment_dim') else None
 
         def forward():
             with torch.no_grad(), amp:
@@ -169,17 +170,24 @@ def setting_fields(setting):
     return dict(precision=precision, **{o: 1 for o in opts})
 
 
-def sid_iterations(method, setting, batch, device, workdir, net_overrides=''):
+def sid_iterations(method, setting, batch, device, workdir, net_overrides='', dataset='cifar10'):
     """sid.iterate() for one setting ('bf16+channels_last+...' or a dict of sid.Config fields): the
     training loop itself, one accumulation round, never reaching a tick or snapshot, SiDA straight
     in its 0.5/0.5 phase on random stand-in real images. net_overrides: JSON network kwargs as
-    sid's --net-overrides (tests use a tiny net)."""
+    sid's --net-overrides (tests use a tiny net). dataset: a preset of sid.py; the EDM2 ones
+    (imagenet512-*) data-free SiD only, their VAE the random stand-in (it decodes no image here)."""
     import PIL.Image
     import runs
     import sid
     fields = dict(setting) if isinstance(setting, dict) else setting_fields(setting)
     tag = setting if isinstance(setting, str) else '+'.join(f'{k}={v}' for k, v in fields.items())
-    data = ''
+    data, extra = '', {}
+    if dataset.startswith('imagenet512'):
+        if method != 'sid':
+            raise ValueError(f'{dataset}: only --methods sid is benchmarked (SiDA needs latents)')
+        extra = dict(vae='random')
+    elif dataset != 'cifar10':
+        raise ValueError(f'--dataset {dataset}: cifar10 or imagenet512-xs|s|m|l|xl|xxl')
     if method == 'sida':  # a folder of random 32x32 PNGs stands in for CIFAR-10 (same cost)
         data = os.path.join(workdir, 'real')
         os.makedirs(data, exist_ok=True)
@@ -187,11 +195,11 @@ def sid_iterations(method, setting, batch, device, workdir, net_overrides=''):
         for i in range(2 * batch):
             pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
             PIL.Image.fromarray(pixels).save(os.path.join(data, f'{i:04d}.png'))
-    cfg = sid.make_config(dict(dataset='cifar10', method=method, teacher='random', batch=batch,
+    cfg = sid.make_config(dict(dataset=dataset, method=method, teacher='random', batch=batch,
                                batch_gpu=batch, device=device.type, net_overrides=net_overrides,
                                data=data, outdir=os.path.join(workdir, f'{method}-{tag}-{batch}'),
                                duration_mimg=1e6, tick_kimg=1e9, snap_kimg=1e9, sida_warmup_kimg=0,
-                               sida_mix_kimg=0, **fields))
+                               sida_mix_kimg=0, **extra, **fields))
     with contextlib.redirect_stdout(io.StringIO()):  # the driver's start-up lines
         _, state = runs.start(cfg)
     return cfg, sid.iterate(state)
@@ -217,7 +225,7 @@ def bench_sid(args):
     name = device_name(device)
     peaks = next((p for key, p in PEAK_TFLOPS if key in name), None) if cuda else None
     ctx = dict(device=device, workdir=tempfile.mkdtemp(prefix='sid-bench-'),
-               net_overrides=args.net_overrides or '')
+               net_overrides=args.net_overrides or '', dataset=args.dataset)
     runs = [measure(s, setting_fields(s), method, B, args, ctx)
             for B in batches for method in args.methods for s in settings]
     # model FLOPs (eager runs only: compiled kernels bypass the counter, checkpointing's recompute
@@ -233,7 +241,8 @@ def bench_sid(args):
         rows.append([method, setting, str(B), f'{t * 1e3:.0f}', f'{t_cpu:.1f}', f'{B / t:.3g}',
                      f"{r['resident']:.0f}", f"{r['peak']:.0f}", f'{f / 1e9:.0f}',
                      f'{f / t / 1e12:.3f}', f'{100 * mfu:.1f}' if mfu == mfu else '-'])
-    print(f'device={name}, torch {torch.__version__}, CIFAR-10 DDPM++ (random weights), one '
+    net = 'CIFAR-10 DDPM++' if args.dataset == 'cifar10' else f'{args.dataset} EDM2 U-Net'
+    print(f'device={name}, torch {torch.__version__}, {net} (random weights), one '
           f'accumulation round, median of {args.repeat} after warm-up')
     print('img/s counts generator images (kimg); each iteration also generates batch images for '
           'f_psi (SiDA: plus batch real images). Peak = above resident (weights, Adam states). '
@@ -284,7 +293,8 @@ def measure(label, fields, method, B, args, ctx, track=0, profile=False):
     from torch.utils.flop_counter import FlopCounterMode
     device, t0 = ctx['device'], time.perf_counter()
     cfg, it = sid_iterations(method, fields, B, device, ctx['workdir'],
-                             net_overrides=ctx['net_overrides'])
+                             net_overrides=ctx['net_overrides'],
+                             dataset=ctx.get('dataset', 'cifar10'))
     r = dict(label=label, method=method, B=B, precision=cfg.precision, compiled=bool(cfg.compile),
              losses=[])
     try:
@@ -553,6 +563,10 @@ def check_options(args):
     for name, v in counts.items():
         if v is not None and v < 1:
             raise ValueError(f'--{name} must be >= 1, got {v}')
+    edm2 = [name for name in sid.PRESETS if name.startswith('imagenet512-')]
+    if args.dataset not in ['cifar10', *edm2]:
+        raise ValueError(f'--dataset {args.dataset}: cifar10 or an EDM2 preset '
+                         f'({", ".join(edm2)})')
     if not re.fullmatch(r'cpu|cuda(:\d+)?', args.device):
         raise ValueError(f'--device {args.device}: use cpu, cuda or cuda:N')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -590,8 +604,9 @@ def main(argv=None):
     add('--batch', type=int, default=2, help='images per call (default: 2)')
     add('--repeat', type=int, default=3,
         help='timed repeats after one warm-up; median reported (default: 3)')
-    add('--presets', nargs='+', default=list(edm_nets.PRESETS), choices=list(edm_nets.PRESETS),
-        metavar='NAME', help='teacher presets (default: all five)')
+    edm = [n for n in edm_nets.PRESETS if not n.startswith('edm2-')]
+    add('--presets', nargs='+', default=edm, choices=list(edm_nets.PRESETS),
+        metavar='NAME', help="teacher presets (default: EDM's five; EDM2's: edm2-img512-xs ...)")
     add('--amp', choices=['none', 'bf16'], default='none', help='bf16 autocast (default: none)')
     add('--threads', type=int, default=None, help='CPU threads (default: torch default)')
     add('--batch-gpu', type=int, nargs='+', default=None,
@@ -613,7 +628,10 @@ def main(argv=None):
     add('--sections', default=None, metavar='LIST',
         help='compare: only these sections, e.g. 5,6,x (x = extras; 7/8 need 1 and 2; default: '
         'all)')
-    add('--net-overrides', default=None, metavar='JSON', help='compare: network kwargs (as sid.py)')
+    add('--net-overrides', default=None, metavar='JSON',
+        help='sid, compare: network kwargs (as sid.py)')
+    add('--dataset', default='cifar10',
+        help='sid: cifar10 (default) or an EDM2 preset, e.g. imagenet512-xs (SiD only)')
     args = parser.parse_args(argv)
     import runs
     runs.one_line_errors(lambda: check_options(args))

@@ -1,9 +1,10 @@
-# Checkpoints of sid: network-kwargs checks, the EDM/SiD .pkl and torch.save readers, names.
+# Checkpoints of sid: network-kwargs checks, the EDM/EDM2/SiD .pkl and torch.save readers, names.
 #
 # Reads the official checkpoints of EDM (Karras et al. 2022, github.com/NVlabs/edm: the `ema`
-# network of its training snapshots, pickled by torch_utils.persistence) and of SiD (Zhou et al.
-# 2024, same format), and sid's own torch.save snapshots, into an EDMPrecond with strict
-# state-dict loading.
+# network of its training snapshots, pickled by torch_utils.persistence), of EDM2 (Karras et al.
+# 2024, github.com/NVlabs/edm2: the post-hoc EMA reconstructions, same format, float16) and of SiD
+# (Zhou et al. 2024, same format; its EDM2 generators too), and sid's own torch.save snapshots,
+# into an EDMPrecond or EDM2Precond with strict state-dict loading.
 # Nothing from a file is executed: pickles go through unpickle.bounded_unpickle, and every shape
 # and size is checked before the network is built for real. Names: the EDM teachers of
 # edm_nets.PRESETS and the released SiD/SiDA/SiD²A generators of releases.RELEASES.
@@ -15,10 +16,12 @@ import os
 import re
 import zipfile
 
+import numpy as np
 import torch
 
+import latents
 import releases
-from edm_nets import PRESETS, EDMPrecond
+from edm_nets import PRESETS, build_net
 from fileio import MAX_RESOLUTION, check_zip, download, open_regular
 from unpickle import (EDM_GLOBALS, STORAGE_GLOBALS, Refused, StorageType, bounded_unpickle,
                       check_view, ordered_dict)
@@ -49,6 +52,10 @@ def _one_of(*choices):
     return lambda v: isinstance(v, str) and v in choices
 
 
+def _or_none(check):  # None or what `check` accepts
+    return lambda v: v is None or check(v)
+
+
 _UNET_KWARGS = dict(augment_dim=_int_in(0, 64), model_channels=_int_in(1, 4096),
                     channel_mult=_ints_in(1, 64, 8), channel_mult_emb=_int_in(1, 64),
                     num_blocks=_int_in(1, 64), attn_resolutions=_ints_in(1, 4096, 16),
@@ -66,6 +73,15 @@ NET_KWARGS = {  # None: EDMPrecond's own arguments; then one table per model_typ
                      resample_filter=_ints_in(1, 1 << 16, 8)),
     'DhariwalUNet': dict(_UNET_KWARGS),
     'ToyMLP': dict(hidden=_int_in(1, 1 << 16), depth=_int_in(1, 64), dropout=_num_in(0, 1)),
+    'EDM2UNet': dict(  # EDM2Precond's own, then its U-Net's, then its blocks' arguments
+        logvar_channels=_int_in(0, 4096), model_channels=_int_in(1, 4096),
+        channel_mult=_ints_in(1, 64, 8), channel_mult_noise=_or_none(_int_in(1, 64)),
+        channel_mult_emb=_or_none(_int_in(1, 64)), num_blocks=_int_in(1, 64),
+        attn_resolutions=_ints_in(1, 4096, 16), label_balance=_num_in(0, 1),
+        concat_balance=_num_in(0, 1), resample_filter=lambda v: v == [1, 1],
+        channels_per_head=_int_in(1, 4096), dropout=_num_in(0, 1), res_balance=_num_in(0, 1),
+        attn_balance=_num_in(0, 1), clip_act=_or_none(_num_in(0, math.inf)),
+        force_normalization=lambda v: type(v) is bool),
 }
 
 
@@ -104,8 +120,8 @@ def parse_net_overrides(text, preset=None):
 
 
 def _build_checked(kwargs, state_dict, source):
-    """An eval-mode frozen EDMPrecond with `state_dict`, built for real only after the meta-device
-    check."""
+    """An eval-mode frozen EDMPrecond or EDM2Precond (by model_type) with `state_dict`, built for
+    real only after the meta-device check."""
     kwargs = check_net_kwargs(kwargs, source)
     tensors = isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor)
                                                    for v in state_dict.values())
@@ -113,7 +129,7 @@ def _build_checked(kwargs, state_dict, source):
         raise ValueError(f'{source}: the weights are not a dict of tensors')
     try:
         with torch.device('meta'):
-            meta = EDMPrecond(**kwargs)
+            meta = build_net(**kwargs)
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
         raise ValueError(f'{source}: cannot build the network from its stored kwargs '
                          f'({str(e).splitlines()[0]})') from None
@@ -130,7 +146,7 @@ def _build_checked(kwargs, state_dict, source):
         if state_dict[k].shape != t.shape:
             raise ValueError(f'{source}: {k} has shape {list(state_dict[k].shape)}, '
                              f'the network needs {list(t.shape)}')
-    net = EDMPrecond(**kwargs)
+    net = build_net(**kwargs)
     net.load_state_dict(state_dict, strict=True)
     return net.eval().requires_grad_(False)
 
@@ -218,17 +234,77 @@ def _load_edm_file(path):
     state = rec['state']
     if state.get('_init_args'):
         raise ValueError(f'{path}: positional constructor arguments are not supported')
-    if str(rec['class_name']).rsplit('.', 1)[-1] != 'EDMPrecond':
+    class_name = str(rec['class_name']).rsplit('.', 1)[-1]
+    kwargs, weights, encoder = state.get('_init_kwargs', {}), _flatten_state(rec), None
+    if class_name in EDM2_CLASSES:
+        kwargs = _edm2_kwargs(kwargs, class_name, path)
+        weights = {k: v.float() for k, v in weights.items()}  # EDM2 pickles hold float16
+        encoder = _latent_encoder(data.get('encoder'), path)
+    elif class_name != 'EDMPrecond':
         raise ValueError(f'{path}: unsupported network class "{rec["class_name"]}" '
-                         f'(only EDMPrecond)')
-    net = _build_checked(state.get('_init_kwargs', {}), _flatten_state(rec), path)
+                         f'(EDMPrecond or EDM2\'s {", ".join(EDM2_CLASSES)})')
+    net = _build_checked(kwargs, weights, path)
     for attr in ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min',
                  'sigma_max', 'sigma_data'):
-        if attr in state and state[attr] != getattr(net, attr):
+        if attr in state and state[attr] != getattr(net, attr, None):
             raise ValueError(f'{path}: {attr}={state[attr]} in the pickle but '
-                             f'{getattr(net, attr)} after rebuilding')
+                             f'{getattr(net, attr, None)} after rebuilding')
     return net, dict(path=str(path), config={}, kimg=None, class_name=rec['class_name'],
-                     module_src_sha1=rec['module_src_sha1'])
+                     module_src_sha1=rec['module_src_sha1'], encoder=encoder)
+
+#----------------------------------------------------------------------------
+# EDM2 .pkl: NVIDIA's teachers (`ema`: Precond, float16, with the logvar head; `encoder`: the latent
+# encoder's statistics) and the official SiD/SiDA/SiD²A generators (`ema` only:
+# EDM_2_Precond_Generator, float32, no logvar head; sida branch, sida_networks_edm2.py).
+
+EDM2_CLASSES = ('Precond', 'EDM_2_Precond_EncoderDecoder', 'EDM_2_Precond_Generator')
+
+
+def _edm2_kwargs(kwargs, class_name, source):
+    """An EDM2 record's constructor kwargs -> EDM2Precond's (checked afterwards as any net's): the
+    generators have no logvar head, and the official generators' flags (use_gan,
+    force_normalization) mean forced weight normalisation iff not use_gan or force_normalization
+    (sida: networks_edm2_modified.py)."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'{source}: network kwargs are not a dict of names')
+    kwargs = dict(kwargs, model_type='EDM2UNet')
+    if class_name == 'EDM_2_Precond_Generator':
+        kwargs['logvar_channels'] = 0
+    flags = {k: kwargs.pop(k) for k in ('use_gan', 'force_normalization') if k in kwargs}
+    for k, v in flags.items():
+        if type(v) not in (bool, int) or v not in (0, 1):
+            raise ValueError(f'{source}: network kwarg {k}={str(v)[:60]} is not a flag (0 or 1)')
+    if flags:
+        kwargs['force_normalization'] = not flags.get('use_gan') or bool(
+            flags.get('force_normalization', True))
+    return kwargs
+
+
+def _latent_encoder(rec, source):
+    """EDM2's `encoder` record: StabilityVAEEncoder's stored statistics (vae_name, scale, bias),
+    which must be latents.py's (we decode with those; other statistics would give wrong pixels), or
+    StandardRGBEncoder (pixels). -> dict(class_name, vae_name, scale, bias) or None (no encoder:
+    the official generators)."""
+    if rec is None:
+        return None
+    name = str(rec.get('class_name')) if isinstance(rec, dict) and 'state' in rec else ''
+    if name.rsplit('.', 1)[-1] == 'StandardRGBEncoder':
+        return dict(class_name=name)
+    if name.rsplit('.', 1)[-1] != 'StabilityVAEEncoder':
+        raise ValueError(f'{source}: "encoder" is not an EDM2 latent encoder record ({name[:60]})')
+    state = rec['state']
+    stats = [state.get(k) for k in ('scale', 'bias')]
+    plain = all(isinstance(a, np.ndarray) and a.shape == (4,) and a.dtype.kind == 'f'
+                for a in stats)
+    ok = (plain and state.get('vae_name') == latents.VAE_NAME
+          and np.allclose(stats[0], latents.SCALE, rtol=1e-6, atol=0)
+          and np.allclose(stats[1], latents.BIAS, rtol=1e-6, atol=0))
+    if not ok:
+        raise ValueError(f'{source}: its latent encoder ({str(state.get("vae_name"))[:60]}, '
+                         f'scale/bias) is not EDM2\'s {latents.VAE_NAME} with the statistics '
+                         'sid decodes with')
+    return dict(class_name=name, vae_name=latents.VAE_NAME, scale=stats[0].tolist(),
+                bias=stats[1].tolist())
 
 #----------------------------------------------------------------------------
 # The one checkpoint reader.
@@ -239,16 +315,14 @@ def _looks_like_release(src):  # a misspelt name gets the names like it, not 'no
 
 
 def load_checkpoint(src):
-    """(eval-mode frozen EDMPrecond, info) from an EDM/SiD .pkl (its `ema`) or our torch.save file
-    ({'G_ema' or 'ema': state_dict, 'net_kwargs': dict, 'config': dict, 'kimg'}); src: a path,
-    URL, PRESETS name (a teacher) or releases.RELEASES name (a released generator, downloaded into
-    the cache). info = dict(path, config ({} for .pkl), kimg, release (its name or None)). Nothing
-    from the file is executed."""
+    """(eval-mode frozen EDMPrecond or EDM2Precond, info) from an EDM/EDM2/SiD .pkl (its `ema`) or
+    our torch.save file ({'G_ema' or 'ema': state_dict, 'net_kwargs': dict, 'config': dict,
+    'kimg'}); src: a path, URL, PRESETS name (a teacher) or releases.RELEASES name (a released
+    generator, downloaded into the cache). info = dict(path, config ({} for .pkl), kimg, release
+    (its name or None); for .pkl: class_name, module_src_sha1, encoder: EDM2's latent statistics
+    or None). Nothing from the file is executed."""
     src = os.fspath(src)
     release = releases.resolve(src) if _looks_like_release(src) else None
-    if release is not None and release.network != 'edm':
-        raise ValueError(f'{src}: this released generator needs the {release.network.upper()} '
-                         f'network, which sid does not have yet')
     if release is not None:
         path = download(release.url, sha256=release.sha256)
     else:

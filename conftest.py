@@ -4,8 +4,10 @@ and one command-line helper, and small file builders (datasets, a detector stand
 Test files import what they need from here (`from conftest import Stub, cli`); pytest loads it
 first.
 """
+import collections
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import math
@@ -92,6 +94,12 @@ def objective_state(cfg=None, **kw):
 # Tiny runs: a config, networks, a whole run with its console captured, the command line.
 
 NET = json.dumps(dict(model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[]))
+# a tiny EDM2 teacher on 4x8x8 latents (64x64 pixels through a VAE), 1000 classes, logvar head
+EDM2_NET = json.dumps(dict(img_resolution=8, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                           attn_resolutions=[4], channels_per_head=16, logvar_channels=8))
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec('diffusers') is None,
+                                     reason='diffusers not installed (optional: pip install '
+                                            'diffusers)')
 
 
 def cfg_for(outdir, kind='cifar10', iters=2, **kw):
@@ -132,6 +140,16 @@ def nets_for(cfg, perturb=True):
         G.load_state_dict(f_phi.state_dict())
         f_psi.load_state_dict(f_phi.state_dict())
     return f_phi, G, f_psi
+
+
+def edm2_nets(cfg, perturb=True):
+    """(f_phi, G, f_psi) of an EDM2 config; perturb: the teacher's weights shaken first (EDM2
+    zero-inits its gains, which would hide the weights), then G and f_psi rebuilt from it."""
+    f_phi, G, f_psi = nets = runs.load_networks(cfg, None, torch.device('cpu'))
+    if perturb:
+        teacher = perturb_copy(f_phi, 1, 0.05)
+        nets = sid.build_networks(cfg, teacher, torch.device('cpu'), runs.net_overrides(cfg))
+    return nets
 
 
 def loop_state(cfg, nets=None):
@@ -215,7 +233,9 @@ def sigmoid(v):
 # NCSN++ (EDM's ncsnpp architecture) on top of a DDPM++ preset
 NCSNPP = dict(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
               resample_filter=[1, 3, 3, 1])
-TINY = {name: dict(model_channels=16, num_blocks=1) for name in edm_nets.PRESETS}
+EDM_PRESETS = [n for n, p in edm_nets.PRESETS.items()
+               if p['kwargs']['model_type'] != 'EDM2UNet']
+TINY = {name: dict(model_channels=16, num_blocks=1) for name in EDM_PRESETS}
 # >= 64 channels: one attention head
 TINY['imagenet-64x64-cond-adm'] = dict(model_channels=64, num_blocks=1, img_resolution=32)
 
@@ -226,6 +246,24 @@ def tiny_net(name, seed=0, randomize=True, **overrides):
     torch.manual_seed(seed)
     net = edm_nets.build_preset(name, **{**TINY[name], **overrides}).eval()
     return perturb_copy(net, seed) if randomize else net
+
+
+EDM2_TINY = dict(img_resolution=16, img_channels=4, label_dim=10, use_fp16=False,
+                 model_type='EDM2UNet', model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                 attn_resolutions=[8], channels_per_head=16, logvar_channels=8)
+
+
+def tiny_edm2(**kw):
+    """A tiny EDM2 net: 16x16x4 inputs, levels 16 and 8 (so SiDA's logits are 8x8), 10 classes,
+    attention at 8x8 with 2 heads of 16 channels (channels_per_head must not exceed the narrowest
+    attention width, else 0 heads, as upstream), and every gain made non-zero."""
+    torch.manual_seed(0)
+    net = edm_nets.EDM2Precond(**{**EDM2_TINY, **kw})
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim == 0:
+                p.fill_(0.7)
+    return net
 
 
 def net_inputs(net, batch=2, seed=1):
@@ -278,6 +316,23 @@ def write_dataset(path, files, meta=None, kind='folder'):
         os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
         write_bytes(os.path.join(path, name), blob)
     return str(path)
+
+
+def npy_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def latent_files(n=5, res=8, seed=1):
+    """{name: .npy bytes} as EDM2's dataset_tool.py encode writes them (posterior mean and std,
+    float32 [8, res, res]) and the arrays [n, 8, res, res]."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(0, 4, (n, 4, res, res))
+    std = rng.uniform(0.05, 0.5, (n, 4, res, res))
+    arrs = np.concatenate([mean, std], 1).astype(np.float32)
+    return {f'{i:08d}'[:5] + f'/img-mean-std-{i:08d}.npy': npy_bytes(a)
+            for i, a in enumerate(arrs)}, arrs
 
 
 def write_pngs(folder, n, size=8):
@@ -442,3 +497,87 @@ def http_server(routes, max_requests=20, max_seconds=20.0):
             os.environ.pop('no_proxy', None)
         else:
             os.environ['no_proxy'] = old
+#----------------------------------------------------------------------------
+# EDM2's pickles (Karras et al. 2024; official SiD sida branch), written in their format without
+# their code: NVIDIA's teachers (Precond, every tensor float16, with `encoder`, `loss_fn` and
+# `dataset_kwargs`) and the official SiD/SiDA generators (EDM_2_Precond_Generator, float32, `ema`
+# only; with use_gan=1 and force_normalization=1 every MPConv holds its weight-normalisation hook,
+# pickled as the bound method getattr(mpconv, '_apply_forced_weight_normalization')).
+
+EDM2_NAMES = {'teacher': dict(EDM2Precond='Precond', EDM2UNet='UNet'),
+              'generator': dict(EDM2Precond='EDM_2_Precond_Generator',
+                                EDM2UNet='UNet_EncoderDecoder')}
+HOOK = '_apply_forced_weight_normalization'
+
+
+class Record:
+    """Another persistent object of the pickle (the encoder, the loss): class name and state."""
+    def __init__(self, class_name, state):
+        self.class_name, self.state = class_name, state
+
+
+class BoundMethod:
+    """Pickles as getattr(obj, name), as Python pickles a bound method."""
+    def __init__(self, obj, name=HOOK):
+        self.obj, self.name = obj, name
+
+
+def encoder_record(scale=None, bias=None, vae_name='stabilityai/sd-vae-ft-mse'):
+    """EDM2's StabilityVAEEncoder as its training loop pickles it (its default statistics)."""
+    raw_mean = np.array([5.81, 3.25, 0.12, -2.15], np.float32)
+    raw_std = np.array([4.17, 4.62, 3.71, 3.28], np.float32)
+    default_scale = np.float32(0.5) / raw_std
+    state = dict(vae_name=vae_name, scale=default_scale if scale is None else scale,
+                 bias=-raw_mean * default_scale if bias is None else bias, batch_size=8,
+                 _vae=None, _init_args=(), _init_kwargs={})
+    return Record('StabilityVAEEncoder', state)
+
+
+def write_edm2_pickle(path, net, kind='teacher', hooks=False, use_gan=1, force_normalization=1,
+                      extra=None, kwargs=None):
+    """An EDM2 .pkl of `net` (an EDM2Precond): kind 'teacher' as NVIDIA's (float16, four keys),
+    'generator' as the official SiD's (`ema` only); hooks: each MPConv's pickled pre-hook."""
+    net = copy.deepcopy(net).half() if kind == 'teacher' else net
+    names = EDM2_NAMES[kind]
+    init = {k: v for k, v in net.init_kwargs.items() if k != 'model_type'}
+    if kind == 'generator':
+        init.pop('logvar_channels')
+        init.update(use_gan=use_gan, force_normalization=force_normalization)
+    states = {}  # one state per module, as persistence pickles the module's own __dict__
+
+    with fake_edm_modules() as (reconstruct, EasyDict):
+        def reduce(obj):
+            if isinstance(obj, BoundMethod):
+                return getattr, (obj.obj, obj.name)
+            if isinstance(obj, Record):
+                meta = dict(type='class', version=6, module_src='# encoders.py\n',
+                            class_name=obj.class_name, state=obj.state)
+                return reconstruct, (meta,)
+            if not (isinstance(obj, nn.Module) and type(obj).__module__ == 'edm_nets'):
+                return NotImplemented
+            if id(obj) not in states:
+                state = {k: v for k, v in obj.__dict__.items()
+                         if k not in ('init_kwargs', '_stamp')}
+                top = isinstance(obj, edm_nets.EDM2Precond)
+                state.update(_init_args=(), _init_kwargs=dict(kwargs or init) if top else {})
+                if hooks and isinstance(obj, edm_nets.MPConv):
+                    state['_forward_pre_hooks'] = collections.OrderedDict({0: BoundMethod(obj)})
+                states[id(obj)] = state
+            meta = dict(type='class', version=6, module_src='# networks_edm2.py\n',
+                        class_name=names.get(type(obj).__name__, type(obj).__name__),
+                        state=states[id(obj)])
+            return reconstruct, (meta,)
+
+        snapshot = dict(ema=net)
+        if kind == 'teacher':
+            loss = Record('EDM2Loss', dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5))
+            snapshot.update(encoder=encoder_record(), loss_fn=loss, dataset_kwargs=EasyDict(
+                class_name='training.dataset.ImageFolderDataset', path='img512-sd.zip',
+                use_labels=True))
+        snapshot.update(extra or {})
+        buf = io.BytesIO()
+        pickler = type('P', (pickle.Pickler,),
+                       dict(reducer_override=lambda self, obj: reduce(obj)))
+        pickler(buf, protocol=4).dump(snapshot)
+    write_bytes(path, buf.getvalue())
+    return buf.getvalue()

@@ -6,24 +6,29 @@
 The protocol follows EDM's fid.py (Karras et al. 2022, github.com/NVlabs/edm): uint8 images go
 straight into the detector, which resizes them to 299x299 itself (TF1 bilinear); features are the
 2048-d pool3 vector; the covariance is unbiased (N-1); reference files are .npz with `mu` and
-`sigma`. Only the matrix square root differs (symmetric eigen form instead of scipy.linalg.sqrtm;
-equal to round-off, faster, no scipy).
+`sigma` (EDM2's img512.pkl, a pickle holding the same under 'fid', is read too; EDM2's images
+come from the VAE, see latents.py). Only the matrix square root differs (symmetric eigen form
+instead of scipy.linalg.sqrtm; equal to round-off, faster, no scipy).
 """
 
 import argparse
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
 
 import data  # dataset archives (the training data loader)
 import fileio  # downloads, atomic writes, the image reader
+import unpickle  # EDM2's pickled reference statistics
 
 DETECTOR_URL = ('https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/'
                 'inception-2015-12-05.pt')
 REF_PRESETS = {name: f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{name}.npz'  # EDM's fid-refs
                for name in ['cifar10-32x32', 'imagenet-64x64', 'ffhq-64x64', 'afhqv2-64x64']}
+# EDM2's ImageNet-512 reference (a pickle: {'fid': {'mu', 'sigma'}, 'fd_dinov2': ...})
+REF_PRESETS['img512'] = 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl'
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 def _fetch(url_or_path):
@@ -149,10 +154,27 @@ def load_ref(path_or_preset):
     """(mu, sigma) float64 from an .npz (a path, URL or preset), checked by check_ref; the arrays'
     headers are checked before anything is allocated."""
     path = _fetch(REF_PRESETS.get(path_or_preset, path_or_preset))
-    arrays = fileio.read_npz(path, ['mu', 'sigma'], MAX_FEATURES ** 2)
-    mu, sigma = arrays['mu'].astype(np.float64), arrays['sigma'].astype(np.float64)
+    if zipfile.is_zipfile(path):
+        arrays = fileio.read_npz(path, ['mu', 'sigma'], MAX_FEATURES ** 2)
+        mu, sigma = arrays['mu'].astype(np.float64), arrays['sigma'].astype(np.float64)
+    else:  # not an .npz: EDM2's pickled reference
+        mu, sigma = _load_pickled_ref(path)
     check_ref(mu, sigma, path)
     return mu, sigma
+
+def _load_pickled_ref(path):
+    """EDM2's reference statistics (calculate_metrics.py ref: a plain pickle of numpy arrays),
+    through the bounded unpickler with numpy's globals only -> its Inception (mu, sigma)."""
+    with fileio.open_regular(path, 4 * 8 * MAX_FEATURES ** 2) as f:  # fid's and fd_dinov2's
+        ref = unpickle.bounded_unpickle(f, unpickle.CIFAR_GLOBALS, path)
+    stats = ref.get('fid') if isinstance(ref, dict) else None
+    if not isinstance(stats, dict):
+        stats = {}
+    mu, sigma = stats.get('mu'), stats.get('sigma')
+    if not (isinstance(mu, np.ndarray) and isinstance(sigma, np.ndarray)):
+        raise ValueError(f'{path}: not reference statistics (.npz with mu, sigma, or EDM2\'s '
+                         'pickle with fid: {mu, sigma})')
+    return mu.astype(np.float64), sigma.astype(np.float64)
 
 def check_ref(mu, sigma, name):
     """Statistics a Frechet distance can use: mu [D], sigma [D, D], D <= MAX_FEATURES, finite, sigma
@@ -187,16 +209,18 @@ def compute_stats_from_images(batches, detector, device):
 
 def fid_of_generator(make_batch, num_images, ref_mu, ref_sigma, detector, device, batch=64, rank=0,
                      world_size=1):
-    """FID of images make_batch(seeds) (float in [-1, 1]) for seeds 0..num_images-1. Rank r takes
-    seeds r, r+W, r+2W, ...; the raw sums are then added across ranks, so every rank returns the
-    same FID."""
+    """FID of images make_batch(seeds) (uint8, or float in [-1, 1]) for seeds 0..num_images-1.
+    Rank r takes seeds r, r+W, r+2W, ...; the raw sums are then added across ranks, so every rank
+    returns the same FID."""
     if num_images < max(2, world_size):
         raise ValueError(f'num_images={num_images} too small for world_size={world_size}')
     seeds = list(range(num_images))[rank::world_size]
     stats = FeatureStats()
     for i in range(0, len(seeds), batch):
         with torch.no_grad():  # quantised in memory, no PNG round trip
-            images = to_uint8(make_batch(seeds[i:i + batch]))
+            images = make_batch(seeds[i:i + batch])
+        if images.dtype != torch.uint8:
+            images = to_uint8(images)
         stats.update(extract_features(detector, images, device))
     if world_size > 1:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

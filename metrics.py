@@ -14,6 +14,7 @@ VGG16 (vgg16.pt) by the Inception pool features, to agree with OpenAI's guided-d
 and compares against the images of OpenAI's VIRTUAL_imagenet64_labeled.npz (the SiD README); so
 the Inception features are the default here and VGG16 is an option.
 """
+import re
 import zipfile
 
 import numpy as np
@@ -205,7 +206,7 @@ def check_reference(ref, resolution, expected=None):
         raise ValueError('no reference statistics: name a preset '
                          f'({", ".join(fid.REF_PRESETS)}) or an .npz with mu and sigma')
     if ref in fid.REF_PRESETS:
-        size = int(ref.rsplit('x', 1)[1])
+        size = int(re.search(r'(\d+)$', ref).group(1))  # cifar10-32x32 -> 32, img512 -> 512
         if size != resolution:
             raise ValueError(f'reference {ref} is of {size}x{size} images, the generator makes '
                              f'{resolution}x{resolution}')
@@ -251,7 +252,9 @@ def _score_trial(sample, seeds, image_shape, metrics, tools, batch, device, spli
     for i in range(0, len(seeds), batch):
         part = seeds[i:i + batch]
         with torch.no_grad():
-            images = fid.to_uint8(sample(part))
+            images = sample(part)
+        if images.dtype != torch.uint8:  # EDM2's decoded latents come as uint8 already
+            images = fid.to_uint8(images)
         if list(images.shape) != [len(part), *image_shape]:
             raise ValueError(f'sample() gave {list(images.shape)} for {len(part)} seeds, '
                              f'expected {[len(part), *image_shape]}')
@@ -283,7 +286,8 @@ def evaluate(sample, image_shape, num, metrics=('fid',), trials=1, ref=None, exp
              progress=None, trusted=False):
     """Scores of `trials` sets of `num` images. Trial t draws seeds t*num .. (t+1)*num - 1 (fresh
     images per trial, as the official 10 trials, but reproducible); sample(seeds) must return
-    float images in [-1, 1] [B, *image_shape] (the seeds-to-latents rule of `generate`).
+    float images in [-1, 1] or uint8 images [B, *image_shape] (the seeds-to-latents rule of
+    `generate`).
     ref: FID statistics (preset, path, URL; default expected_ref); pr_ref: real images for
     precision/recall (default: PR_REF_PRESETS of the reference); detector: NVIDIA's Inception, a
     loaded module or a path/URL (default: $SID_DETECTOR or NVIDIA's URL); pr_detector: the

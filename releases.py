@@ -21,9 +21,9 @@ EDM2_HF = 'https://huggingface.co/UT-Austin-PML/SiDA/resolve/main/EDM2_distillat
 SIGMA_INIT = 2.5  # every released generator: G(sigma_init * eps; sigma_init), official default
 
 #----------------------------------------------------------------------------
-# The datasets: (what it is, the EDM teacher preset of edm_nets.PRESETS, the reference statistics
-# of fid.REF_PRESETS). EDM2's ImageNet 512 needs the EDM2 networks and EDM2's img512 reference,
-# neither of which is in sid yet.
+# The datasets: (what it is, the teacher preset of edm_nets.PRESETS, the reference statistics of
+# fid.REF_PRESETS). EDM2's ImageNet 512 generators work in the SD VAE's latents (Karras et al. 2024):
+# EDM2's networks, their images decoded by the VAE and scored against EDM2's img512 reference.
 
 DATASETS = {
     'cifar10-uncond': ('CIFAR-10 32x32, unconditional', 'cifar10-32x32-uncond-vp',
@@ -35,7 +35,8 @@ DATASETS = {
     'ffhq64': ('FFHQ 64x64, unconditional', 'ffhq-64x64-uncond-vp', 'ffhq-64x64'),
     'afhqv2-64': ('AFHQv2 64x64, unconditional', 'afhqv2-64x64-uncond-vp', 'afhqv2-64x64'),
     **{f'img512-{size}': (f'ImageNet 512x512, EDM2-{size.upper()} teacher, class-conditional',
-                          None, 'img512') for size in ('xs', 's', 'm', 'l', 'xl', 'xxl')},
+                          f'edm2-img512-{size}', 'img512')
+       for size in ('xs', 's', 'm', 'l', 'xl', 'xxl')},
 }
 
 # The SiDA README's FIDs: the best of SiDA / SiD²A (alpha 1 or 1.2) per dataset, and one per EDM2
@@ -68,11 +69,11 @@ class Release:
         return int(re.search(r'-(\d+)\.pkl$', self.url).group(1))
 
     @property
-    def network(self):  # the code its network needs: 'edm' (edm_nets) or 'edm2' (not in sid yet)
+    def network(self):  # its network: 'edm' (EDMPrecond) or 'edm2' (EDM2Precond, SD-VAE latents)
         return 'edm2' if self.dataset.startswith('img512') else 'edm'
 
     @property
-    def preset(self):  # the EDM teacher preset it was distilled from (None for EDM2)
+    def preset(self):  # the teacher preset of edm_nets.PRESETS it was distilled from
         return DATASETS[self.dataset][1]
 
     @property
@@ -190,9 +191,8 @@ def table():
     lines = [f'{"name":<26} {"method":<6} {"alpha":>5} {"kimg":>7} {"FID*":>6}  dataset']
     for r in RELEASES.values():
         fid = f'{r.fid:.3f}' if r.fid else '-'
-        needs = ' [needs the EDM2 network: not in sid yet]' if r.network == 'edm2' else ''
         lines.append(f'{r.name:<26} {r.method:<6} {r.alpha:>5g} {r.kimg:>7} {fid:>6}  '
-                     f'{DATASETS[r.dataset][0]}{needs}')
+                     f'{DATASETS[r.dataset][0]}')
     lines += ["* the authors' FID (SiD README) where it belongs to one file.",
               '  The best of SiDA/SiD2A per dataset (SiDA README; no file named):']
     best = [f'{k} {v:.3f}' for k, v in BEST_FID.items()]

@@ -33,6 +33,7 @@ import draw
 import edm_nets
 import fid
 import fileio
+import latents
 import metrics
 import releases
 import sid
@@ -50,6 +51,7 @@ class Run:
     frames: list = dataclasses.field(default_factory=list)   # toy: (title, G_ema's samples) so far
     fid: list = dataclasses.field(default_factory=list)      # (Mimg, FID) history (in the state)
     fid_tools: tuple = None  # (reference mu, reference sigma, Inception detector) with FID on
+    vae: object = None       # EDM2 latents: the VAE that decodes them to pixels (grids, FID)
     sign_start: dict = None  # SIGN on a toy: IGN's errors before training (None when resumed)
     start_time: float = 0.0  # when training started (time.time())
     tick_index: int = 0      # the number of the next status line
@@ -529,13 +531,20 @@ def sample_images(G, seeds, sigma_init, device, class_idx=None, sigmas=()):
 
     return sid.multistep_sample(f, z, sigmas, noises)[-1]
 
-def generator_fid(G, num, sigma_init, tools, device, rank=0, world_size=1):
+def generator_fid(G, num, sigma_init, tools, device, rank=0, world_size=1, vae=None):
     """FID of G on `num` images from seeds 0.. (own generators: the training stream is untouched);
-    tools = (reference mu, reference sigma, detector)."""
+    tools = (reference mu, reference sigma, detector); vae: EDM2's, for latents."""
     def make(seeds):
-        return sample_images(G, seeds, sigma_init, device)
+        return to_pixels(sample_images(G, seeds, sigma_init, device), vae)
     return fid.fid_of_generator(make, num, *tools, device, batch=64, rank=rank,
                                 world_size=world_size)
+
+def to_pixels(x, vae=None):
+    """G's outputs -> uint8 images on the CPU: pixels in [-1, 1] by EDM's rule, or EDM2 latents
+    through the VAE, a few at a time (latents.decode)."""
+    if vae is None:
+        return fid.to_uint8(x).cpu()
+    return latents.decode(vae, x)
 
 #----------------------------------------------------------------------------
 # Start: options checked, inputs loaded (teacher, SiD²A generator, data, FID reference), the
@@ -591,6 +600,8 @@ def open_run(run, procs, nets):
     if cfg.fid_every_kimg > 0:  # reference and detector now: a bad --fid-ref fails before training
         ref = cfg.fid_ref or sid.PRESETS[cfg.dataset]['fid_ref']
         run.fid_tools = (*fid.load_ref(ref), fid.load_detector(s.device))
+    if latents.is_latent(s.G):  # EDM2: the VAE for grids and FID (a missing one fails here)
+        run.vae = latents.open_vae(cfg.vae, s.device)
     if s.rank == 0:
         prepare_outdir(cfg.outdir)
         if cfg.resume:
@@ -631,7 +642,7 @@ def load_networks(cfg, world, device):
             check_network_size(dict(teacher.init_kwargs, **over), '--net-overrides')
     G_state = None
     release = releases.RELEASES.get(cfg.init_generator)
-    if release is not None and release.network == 'edm' and release.preset != preset_name:
+    if release is not None and release.preset != preset_name:
         raise ValueError(f'--init-generator {release.name} was distilled from {release.preset}, '
                          f'this run\'s teacher is {preset_name}')
     if cfg.init_generator:
@@ -676,10 +687,39 @@ def open_data(run, s):
         raise ValueError(f'--method {cfg.method} needs real images: pass --data PATH')
     if not cfg.data:
         return None
+    if cfg.data.endswith('.json'):
+        return open_labels(run, s)
+    if latents.is_latent(s.f_phi):
+        return open_latents(run, s)
     images, labels = data.load_dataset(cfg.data)
     labels = data.check_dataset_matches(images, labels, s.f_phi)
     return data.infinite_batches(images, labels, s.batch_gpu, cfg.seed, s.rank, s.world_size,
                                      start=s.data_batches, pin=s.device.type == 'cuda')
+
+def open_labels(run, s):
+    """--data dataset.json alone (as the official data-free SiD on EDM2): no images, classes drawn
+    in the labels' frequencies (without --data: uniform)."""
+    cfg = s.cfg
+    if cfg.method != 'sid':
+        raise ValueError(f'--data {cfg.data}: a labels file holds no images; --method '
+                         f'{cfg.method} needs real ones')
+    labels = data.read_labels_file(cfg.data)
+    return data.label_batches(labels, s.G.label_dim, s.batch_gpu, cfg.seed, s.rank, s.world_size,
+                              start=s.data_batches, path=cfg.data)
+
+def open_latents(run, s):
+    """EDM2's real latents (its dataset_tool.py encode layout, e.g. img512-sd.zip), read a batch at
+    a time, with a fresh posterior sample per use."""
+    cfg = s.cfg
+    dataset = data.LatentDataset(cfg.data)
+    net = s.f_phi
+    want = (2 * net.img_channels, net.img_resolution, net.img_resolution)
+    if dataset.shape != want:
+        raise ValueError(f'{cfg.data}: latents {list(dataset.shape)} (posterior mean and std), but '
+                         f'the teacher needs {list(want)}')
+    raw = data.latent_batches(dataset, net.label_dim, s.batch_gpu, cfg.seed, s.rank, s.world_size,
+                              start=s.data_batches)
+    return latents.posterior_samples(raw, cfg.seed, s.rank, start=s.data_batches)
 
 def start_line(run, s):
     """The options that differ from the preset, processes, micro-batches, G's size, the folder."""
@@ -831,13 +871,14 @@ def save(run, name, writer, *args):
 
 def save_checkpoint(run, s):
     """Snapshot and training state, named by the images seen (names never collide), and for images
-    a grid of 64 samples."""
+    a grid of 64 samples (EDM2: 16, decoded at 512x512, as officially)."""
     cfg = s.cfg
     save(run, f'network-snapshot-{s.cur_nimg:09d}.pt', save_snapshot, s.G_ema, s.cur_nimg, cfg)
     save(run, 'training-state.pt', write_training_state, run, s)
     run.state_nimg = s.cur_nimg
     if s.G.img_resolution:
-        images = fid.to_uint8(sample_images(s.G_ema, range(64), cfg.sigma_init, s.device)).cpu()
+        n = 64 if run.vae is None else 16
+        images = to_pixels(sample_images(s.G_ema, range(n), cfg.sigma_init, s.device), run.vae)
         save(run, f'samples-{s.cur_nimg:09d}.png', fileio.save_png, images)
 
 def fid_step(run, s):
@@ -845,7 +886,7 @@ def fid_step(run, s):
     the whole history: a resumed run restores it)."""
     cfg = s.cfg
     value = generator_fid(s.G_ema, cfg.fid_num, cfg.sigma_init, run.fid_tools, s.device, s.rank,
-                          s.world_size)
+                          s.world_size, run.vae)
     run.fid.append((s.cur_nimg / 1e6, value))
     run.log(f'FID {value:.3f} at {s.cur_nimg / 1e3:.1f} kimg')
     if s.rank == 0:
@@ -965,6 +1006,7 @@ def cmd_generate(a):
     if a.batch * per_image > MAX_BATCH_VALUES:
         raise ValueError(f'--batch {a.batch}: at most {MAX_BATCH_VALUES // per_image} images of '
                          f'{G.img_shape} per forward pass')
+    vae = latents.open_vae(a.vae, device) if latents.is_latent(G) else None
     if not G.img_resolution:  # the 2-D toy: points and a picture
         if a.grid:
             raise ValueError('--grid: a 2-D toy generator writes its points (samples.npy) and '
@@ -996,7 +1038,7 @@ def cmd_generate(a):
             x = sample_images(G, part, sigma_init, device, a.class_idx, sigmas)
         finally:
             torch.backends.mkldnn.enabled = mkldnn
-        x = fid.to_uint8(x).cpu()
+        x = to_pixels(x, vae)
         if a.grid:
             grid.append(x)
             continue
@@ -1018,6 +1060,8 @@ def cmd_project(a):
     if not os.path.exists(a.input):
         raise FileNotFoundError(f'--input not found: {a.input}')
     G, sigma_init, device, _ = open_generator(a.ckpt, a.device, a.outdir, a.class_idx)
+    if latents.is_latent(G):
+        raise ValueError('project works on pixels: EDM2 latent generators are not supported')
     gen = torch.Generator(device).manual_seed(a.seed)
     if a.input.endswith('.npy'):  # toy points [N, 2]
         project_points(a, G, sigma_init, device, gen)
@@ -1108,12 +1152,18 @@ def cmd_evaluate(a):
     if a.out and os.path.exists(a.out):
         raise ValueError(f'--out {a.out} exists: choose a new file (nothing is overwritten)')
     release = releases.RELEASES.get(a.ckpt)
-    if release is not None and release.network == 'edm' and 'fid' in names:  # before downloading
+    if release is not None and 'fid' in names:  # before downloading
         size = edm_nets.PRESETS[release.preset]['kwargs']['img_resolution']
+        size = latents.pixel_resolution(size) if release.network == 'edm2' else size
         metrics.check_reference(a.ref or release.ref, size, release.ref)
     G, sigma_init, device, info = open_generator(a.ckpt, a.device)
     if not G.img_resolution:
         raise ValueError(f'--ckpt {a.ckpt}: a 2-D toy generator; evaluate scores images')
+    vae = latents.open_vae(a.vae, device) if latents.is_latent(G) else None
+    image_shape = G.img_shape
+    if vae is not None:  # EDM2: scored on the VAE's images, as the official metrics
+        side = latents.pixel_resolution(G.img_resolution)
+        image_shape = [3, side, side]
     expected = generator_reference(info)
     pr_detector = {'inception': None, 'vgg16': metrics.VGG16_URL}.get(a.pr_detector, a.pr_detector)
     start = time.time()
@@ -1126,9 +1176,10 @@ def cmd_evaluate(a):
               f'eta {fmt_time(eta)}   ', end='', file=sys.stderr, flush=True)
 
     def sample(seeds):
-        return sample_images(G, seeds, sigma_init, device, None, sigmas)
+        x = sample_images(G, seeds, sigma_init, device, None, sigmas)
+        return x if vae is None else to_pixels(x, vae)
 
-    results = metrics.evaluate(sample, G.img_shape, a.num, names, a.trials, a.ref, expected,
+    results = metrics.evaluate(sample, image_shape, a.num, names, a.trials, a.ref, expected,
                                a.detector, a.pr_ref, pr_detector, a.batch, device,
                                progress=progress, trusted=a.trust_detector)
     print(file=sys.stderr)
@@ -1177,7 +1228,8 @@ and projection, and the papers' metrics computed in memory.
 
 METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN',
                 net_overrides='JSON', precision='PREC', device='DEV', outdir='DIR', resume='RUN',
-                fid_ref='NPZ', batch='IMAGES', batch_gpu='IMAGES')
+                fid_ref='NPZ', batch='IMAGES', batch_gpu='IMAGES', vae='VAE', P_mean='MEAN',
+                P_std='STD')
 
 def options_parser(defaults, prog, epilog, description):
     """sid.Config's options: one per field, grouped by its metadata, with its help, a metavar
@@ -1231,8 +1283,9 @@ def train_command(argv):
         defaults = sid.Config(**sid.preset(**vars(pre.parse_known_args(argv)[0])))
     except ValueError:
         defaults = sid.Config()
-    description = ('SiD / SiDA / SIGN distillation of an EDM teacher into a one-step generator '
-                   f'(defaults for --dataset {defaults.dataset} --method {defaults.method}).')
+    description = ('SiD / SiDA / SIGN distillation of an EDM or EDM2 teacher into a one-step '
+                   f'generator (defaults for --dataset {defaults.dataset} --method '
+                   f'{defaults.method}).')
     policy = textwrap.fill(resume_policy_text(), 100, initial_indent='  ', subsequent_indent='  ',
                            break_on_hyphens=False)
     epilog = f'{EXAMPLES}\n\nresume:\n{policy}'
@@ -1265,6 +1318,9 @@ def tools_parser(cmd):
                        help='SIGN: noise levels between the steps, e.g. 0.8,0.2')
         p.add_argument('--batch', type=int, default=64,
                        help='images per forward pass (default: 64)')
+        p.add_argument('--vae', default='',
+                       help="EDM2 latents: the VAE ('': stabilityai/sd-vae-ft-mse; a folder, a "
+                       "Hugging Face name, or 'random' for checks)")
     if cmd == 'generate':
         p.add_argument('--seeds', default='0-63',
                        help='seeds, e.g. 0-49999 or 1,5,10-19 (default: 0-63)')

@@ -25,8 +25,14 @@ Notation (paper -> code):
     SiDA's discriminator logits (f_psi's encoder)    logits
     SIGN / IGN: f_theta, its frozen copy f_theta'    f, f_bar (G at sigma_init, G_bar)
     lambda_idem, lambda_rec, lambda_flow             cfg.lambda_idem, lambda_rec, lambda_flow
+    EDM2: u(sigma), f_psi's log-variance head        u, logvar (cfg.logvar)
 The official option names are kept: ls, lsg (f_psi's and G's loss scales), lsd, lsg_gan (SiDA's
 discriminator and adversarial scales); lr is f_psi's Adam learning rate, glr G's.
+
+EDM2 teachers (Karras et al., CVPR 2024; ImageNet 512x512 in Stable Diffusion VAE latents, the
+imagenet512-* presets) run the same losses and loop; where the official EDM2 code differs from its
+EDM code, a Config field names the difference: P_mean/P_std (f_psi's levels), logvar (EDM2's
+uncertainty weighting), clip_psi (SiDA's f_psi clip), force_normalization (EDM2's networks).
 
 Where we differ from the official code, and why (the README lists them with more detail):
   - A non-finite sample of G is zeroed before any network sees it and its loss is dropped, with
@@ -41,6 +47,7 @@ Where we differ from the official code, and why (the README lists them with more
   - bf16 autocast, channels_last, fused Adam, compiled or checkpointed U-Net blocks are ours
     (off by default); fp32 with TF32 off and EDM's fp16 casting are the official settings.
   - SIGN is our reconstruction; L_flow in particular is a stand-in (README, SIGN).
+  - EDM2: the README's EDM2 section lists where we differ from the official EDM2 scripts.
 """
 import copy
 import dataclasses
@@ -172,23 +179,34 @@ def sid_normaliser(x_g, y_phi):
     The TEACHER's error normalises (not f_psi's)."""
     return (x_g - y_phi).abs().float().flatten(1).mean(1).clamp_min(1e-5)
 
-def sid_generator_loss(y_phi, y_psi, x_g, alpha, keep=None):
+def sid_generator_loss(y_phi, y_psi, x_g, alpha, keep=None, logvar=None):
     """SiD's generator loss per sample, y_phi = f_phi(x_t), y_psi = f_psi(x_t), x_t = x_g + sigma n:
         sum_pixels (y_phi - y_psi) * ((y_phi - x_g) - alpha (y_phi - y_psi)) / w
       = sum_pixels [(y_phi - y_psi)(y_psi - x_g) + (1 - alpha)(y_phi - y_psi)^2] / w  (the paper's).
     Only w is detached: the gradient reaches x_g directly AND through x_t via both frozen networks,
-    so the caller must keep x_t's graph (a DMD-style detached target is another gradient)."""
+    so the caller must keep x_t's graph (a DMD-style detached target is another gradient).
+    logvar (EDM2 with --logvar): also divided by e^u, u = f_psi's log-variance at the sample's
+    sigma (officially f_psi's, not the teacher's)."""
     keep = finite_rows(x_g, y_phi, y_psi, keep=keep)
     w = sid_normaliser(x_g, y_phi)
     diff = y_phi - y_psi
     loss = (diff * ((y_phi - x_g) - alpha * diff)).flatten(1).sum(1) / w
+    if logvar is not None:
+        loss = loss / logvar.flatten().exp()
     return torch.where(keep, loss, 0)
 
-def dsm_loss(D_x, x, sigma, sigma_data=0.5, keep=None):
+def dsm_loss(D_x, x, sigma, sigma_data=0.5, keep=None, logvar=None):
     """EDM's denoising score matching, lambda(sigma) * sum_pixels (D_x - x)^2 per sample, with
-    D_x = f_psi(x + sigma n): f_psi learns the score of the images x (SiD: G's samples)."""
-    loss = (edm_weight(sigma, sigma_data) * (D_x - x) ** 2).flatten(1).sum(1)
-    return torch.where(finite_rows(x, D_x, keep=keep), loss, 0)
+    D_x = f_psi(x + sigma n): f_psi learns the score of the images x (SiD: G's samples).
+    logvar (EDM2 with --logvar): EDM2's learned uncertainty weighting (Karras et al. 2024, Config
+    B, after Kendall et al. 2018), u = logvar = f_psi's log-variance head u(sigma), [B, 1, 1, 1]:
+        sum_pixels [lambda(sigma) / e^u (D_x - x)^2 + u],
+    u added to every pixel, as EDM2's loss; the best u is the log of the mean over pixels of
+    lambda (D_x - x)^2, where the loss is that mean's log plus 1, times the pixel count."""
+    err = edm_weight(sigma, sigma_data) * (D_x - x) ** 2
+    if logvar is not None:
+        err = err / logvar.exp() + logvar
+    return torch.where(finite_rows(x, D_x, keep=keep), err.flatten(1).sum(1), 0)
 
 #----------------------------------------------------------------------------
 # SiDA (Zhou et al., ICLR 2025, §3; official sida branch, sida_loss.py). The discriminator is
@@ -201,24 +219,31 @@ def kept_mean(values, keep):
     mask = keep.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
     return torch.where(mask, values, 0).sum() / mask.sum().clamp_min(1)
 
-def sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data=0.5, keep=None):
+def sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data=0.5, keep=None,
+                            logvar=None):
     """d_b = lambda(sigma_b) * (BCE(logits_real, 1) + BCE(logits_fake, 0)) / 2, each BCE one scalar
     (the micro-batch mean over the kept samples, as officially), logits unclamped. Real and fake
     share sigma and the noise. Summed over the micro-batch, every sample's BCE gradient is scaled by
-    the SUM of lambda over it."""
+    the SUM of lambda over it. logvar (EDM2 with --logvar): d_b / e^u_b, u from f_psi's forward on
+    the fakes."""
     keep = finite_rows(logits_real, logits_fake, keep=keep)
     lam = edm_weight(sigma, sigma_data).flatten().expand(len(logits_fake))
     bce = F.binary_cross_entropy_with_logits
     real = kept_mean(bce(logits_real, torch.ones_like(logits_real), reduction='none'), keep)
     fake = kept_mean(bce(logits_fake, torch.zeros_like(logits_fake), reduction='none'), keep)
+    if logvar is not None:
+        lam = lam / logvar.flatten().exp()
     return torch.where(keep, lam * (real + fake) / 2, 0)
 
-def sida_generator_gan_loss(logits, x_g, y_phi, y_psi, keep=None):
+def sida_generator_gan_loss(logits, x_g, y_phi, y_psi, keep=None, logvar=None):
     """gan_b = C*H*W * BCE(clamp(logits, -10, 10), 1) / w_b, the non-saturating adversarial term on
     f_psi's logits at G's x_t. The BCE is one scalar, the mean over the kept samples' logits; w_b
-    and the kept samples are SiD's. The clamp zeroes the gradient beyond +-10."""
+    and the kept samples are SiD's. The clamp zeroes the gradient beyond +-10.
+    logvar (EDM2 with --logvar): gan_b / e^u_b, as SiD's term."""
     keep = finite_rows(x_g, y_phi, y_psi, logits, keep=keep)
     w = sid_normaliser(x_g, y_phi)
+    if logvar is not None:
+        w = w * logvar.flatten().exp()
     logits = logits.clamp(-10, 10)
     bce = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction='none')
     gan = kept_mean(bce, keep) / w * math.prod(x_g.shape[1:])
@@ -310,31 +335,41 @@ def augment_images(s, x):
 def logged(a, b=None):
     return torch.stack([a.detach(), torch.zeros_like(a) if b is None else b.detach()])
 
+def psi_outputs(s, net, *args, **kwargs):
+    """f_psi's outputs, and u = its log-variance head's output (EDM2 with --logvar; else None).
+    EDM2's networks return u last (the official SiDA order: D, logits, u)."""
+    if not s.cfg.logvar:
+        return net(*args, **kwargs), None
+    *out, u = net(*args, **kwargs, return_logvar=True)
+    return (out[0] if len(out) == 1 else tuple(out)), u
+
 def fake_sid(s, x_g, x_r, c):
     """SiD, SIGN: f_psi learns the score of G's samples by denoising score matching."""
     x_g, keep = finite_part(x_g)
-    sigma = draw_sigma_fake(x_g)
+    sigma = draw_sigma_fake(x_g, s.cfg.P_mean, s.cfg.P_std)
     y, aug = augment_images(s, x_g)
     noise = torch.randn_like(x_g)
     with autocast(s):
-        D_x = s.psi_ddp(y + sigma * noise, sigma, c, aug)
-        loss = dsm_loss(D_x, y, sigma, keep=keep).sum() * s.cfg.ls / s.n
+        D_x, u = psi_outputs(s, s.psi_ddp, y + sigma * noise, sigma, c, aug)
+        loss = dsm_loss(D_x, y, sigma, keep=keep, logvar=u).sum() * s.cfg.ls / s.n
     return loss, logged(loss)
 
 def fake_sida(s, x_g, x_r, c):
     """SiDA: the same, plus the discriminator on f_psi's encoder, real x_r against fake x_g (both
     augmented, each with its own labels; the same sigma and noise; c: the real batch's labels)."""
     x_g, keep = finite_part(x_g)
-    sigma = draw_sigma_fake(x_g)
+    sigma = draw_sigma_fake(x_g, s.cfg.P_mean, s.cfg.P_std)
     y, aug = augment_images(s, x_g)
     noise = torch.randn_like(x_g)
     y_r, aug_r = augment_images(s, x_r)
     with autocast(s):
-        D_x, logits_fake = s.psi_ddp(y + sigma * noise, sigma, c, aug, return_logits=True)
+        (D_x, logits_fake), u = psi_outputs(s, s.psi_ddp, y + sigma * noise, sigma, c, aug,
+                                            return_logits=True)
         logits_real = s.psi_ddp(y_r + sigma * noise, sigma, c, aug_r, encoder_only=True)
         keep = finite_rows(D_x, logits_fake, logits_real, keep=keep)  # one mask, as officially
-        dsm = dsm_loss(D_x, y, sigma, keep=keep).sum() * s.cfg.ls / s.n
-        d = sida_discriminator_loss(logits_real, logits_fake, sigma, keep=keep).sum() * s.cfg.lsd
+        dsm = dsm_loss(D_x, y, sigma, keep=keep, logvar=u).sum() * s.cfg.ls / s.n
+        d = sida_discriminator_loss(logits_real, logits_fake, sigma, keep=keep, logvar=u)
+        d = d.sum() * s.cfg.lsd
         d = d / s.n
     return dsm + d, logged(dsm, d)
 
@@ -347,8 +382,9 @@ def G_sid(s, x_g, x_r, c):
         noise = torch.randn_like(x_g)
         x_t = x_g + sigma * noise
         y_phi = s.f_phi(x_t, sigma, c, aug0)
-        y_psi = s.f_psi(x_t, sigma, c, aug0)
-        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha, keep).sum() * cfg.lsg / s.n
+        y_psi, u = psi_outputs(s, s.f_psi, x_t, sigma, c, aug0)
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha, keep, logvar=u)
+        loss = loss.sum() * cfg.lsg / s.n
     return loss, logged(loss)
 
 def G_sida(s, x_g, x_r, c):
@@ -361,9 +397,11 @@ def G_sida(s, x_g, x_r, c):
         noise = torch.randn_like(x_g)
         x_t = x_g + sigma * noise
         y_phi = s.f_phi(x_t, sigma, c, aug0)
-        y_psi, logits = s.f_psi(x_t, sigma, c, aug0, return_logits=True)
-        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha, keep).sum() * cfg.lsg / s.n
-        gan = sida_generator_gan_loss(logits, x_g, y_phi, y_psi, keep).sum() * cfg.lsg_gan / s.n
+        (y_psi, logits), u = psi_outputs(s, s.f_psi, x_t, sigma, c, aug0, return_logits=True)
+        loss = sid_generator_loss(y_phi, y_psi, x_g, cfg.alpha, keep, logvar=u)
+        loss = loss.sum() * cfg.lsg / s.n
+        gan = sida_generator_gan_loss(logits, x_g, y_phi, y_psi, keep, logvar=u)
+        gan = gan.sum() * cfg.lsg_gan / s.n
     mix = sida_phase(s.cur_nimg, cfg.sida_warmup_kimg, cfg.sida_mix_kimg) == 'mix'
     total = 0.5 * loss + 0.5 * gan if mix else loss
     return total, logged(loss, gan)
@@ -454,7 +492,7 @@ def opt(default, help, group='training', ge=None, gt=None, le=None, choices=None
 @dataclasses.dataclass
 class Config:
     dataset: str = opt('toy', 'toy | toy-images | cifar10 | cifar10-cond | imagenet64 | ffhq64 | '
-                       'afhqv2-64', 'method')
+                       'afhqv2-64 | imagenet512-xs|s|m|l|xl|xxl (EDM2)', 'method')
     method: str = opt('sid', 'sid | sida (SiD²A with --init-generator) | sign', 'method')
     alpha: float = opt(1.2, "SiD's alpha in the generator loss", 'method', gt=0, le=2)
     sigma_init: float = opt(2.5, "the generator's input level: x_g = G(sigma_init*eps; sigma_init)",
@@ -475,6 +513,15 @@ class Config:
     lambda_rec: float = opt(100.0, 'SIGN: reconstruction weight (real images are fixed points)',
                             'method', ge=0)
     lambda_flow: float = opt(30.0, 'SIGN: teacher-flow consistency weight', 'method', ge=0)
+    P_mean: float = opt(-1.2, "f_psi's levels: ln(sigma) ~ N(P_mean, P_std^2) (EDM; EDM2: -0.4)",
+                        'method', ge=-10, le=10)
+    P_std: float = opt(1.2, "f_psi's levels' spread (EDM; EDM2: 1.0)", 'method', gt=0, le=10)
+    logvar: bool = opt(False, "EDM2: weight f_psi's, D's and G's losses by f_psi's learned "
+                       'uncertainty e^-u(sigma) (official --return_logvar)', 'method')
+    clip_psi: bool = opt(True, "SiDA: clip f_psi's gradients element-wise to +-1 (official on EDM; "
+                         "EDM2's loop does not)", 'method')
+    force_normalization: bool = opt(True, "EDM2: forced weight normalisation of f_psi and G in "
+                                    'training (official; off in the SiDA-S recipe)', 'method')
     teacher: str = opt('', "EDM .pkl path, URL or preset name ('random': untrained, for tests)",
                        'data')
     data: str = opt('', 'real images: cifar10 | EDM .zip | folder (SiDA, SIGN; labels of '
@@ -521,14 +568,20 @@ class Config:
     fid_every_kimg: float = opt(0, 'FID of G_ema every this many kimg (0: off)', 'output', ge=0,
                                 resume='may change')
     fid_num: int = opt(50000, 'images per FID', 'output', ge=2)
-    fid_ref: str = opt('', "FID reference .npz or preset ('': the dataset's EDM reference)",
+    fid_ref: str = opt('', "FID reference .npz (EDM2's: .pkl) or preset ('': the dataset's)",
                        'output')
+    vae: str = opt('', "EDM2: the VAE to pixels ('': stabilityai/sd-vae-ft-mse; a folder, a "
+                   "Hugging Face name; 'random': a tiny untrained one, for checks)", 'output',
+                   resume='may change')  # it only decodes grids and FID's images
 
 FAST = dict(precision='bf16', channels_last=True, fused_adam=True)  # eager (README, Speed)
 C10 = dict(teacher='cifar10-32x32-uncond-vp', fid_ref='cifar10-32x32', batch=256, batch_gpu=16,
            lr=1e-5, glr=1e-5, dropout=0.13, augment=0.12, ema_mimg=0.5, tick_kimg=10, snap_kimg=500)
 P64 = dict(batch=512, batch_gpu=32, lr=1e-5, glr=1e-5, dropout=0.05, augment=0.15, precision='fp16',
            tick_kimg=10, snap_kimg=500)
+IMG512 = dict(alpha=1.0, batch=2048, lr=5e-5, glr=5e-5, augment=0.0, ema_mimg=2, precision='fp16',
+              duration_mimg=200, tick_kimg=10, snap_kimg=500, fid_ref='img512', P_mean=-0.4,
+              P_std=1.0, logvar=True, clip_psi=False)
 PRESETS = {  # SiD, official run_sid.sh; the toys' (toy.py says why)
     'toy': dict(alpha=1.2, lr=1e-3, glr=1e-3, batch=512, batch_gpu=512, dropout=0.0, augment=0.0,
                 ema_mimg=0.03, duration_mimg=0.3, tick_kimg=30, snap_kimg=300, device='cpu'),
@@ -544,6 +597,15 @@ PRESETS = {  # SiD, official run_sid.sh; the toys' (toy.py says why)
                    duration_mimg=500),
     'afhqv2-64': dict(P64, teacher='afhqv2-64x64-uncond-vp', fid_ref='afhqv2-64x64', alpha=1.0,
                       lr=5e-6, glr=5e-6, duration_mimg=500),
+    # EDM2, ImageNet 512x512 in SD-VAE latents (sida branch, run_sid_edm2.sh): the loss and loop
+    # differences from EDM are the fields P_mean, P_std, logvar and clip_psi (README, EDM2)
+    'imagenet512-xs': dict(IMG512, teacher='edm2-img512-xs', batch_gpu=64, dropout=0.0),
+    'imagenet512-s': dict(IMG512, teacher='edm2-img512-s', batch_gpu=64, dropout=0.0),
+    'imagenet512-m': dict(IMG512, teacher='edm2-img512-m', batch_gpu=32, dropout=0.1),
+    'imagenet512-l': dict(IMG512, teacher='edm2-img512-l', batch_gpu=32, dropout=0.1),
+    'imagenet512-xl': dict(IMG512, teacher='edm2-img512-xl', batch_gpu=16, dropout=0.1),
+    'imagenet512-xxl': dict(IMG512, teacher='edm2-img512-xxl', batch_gpu=2, dropout=0.1,
+                            duration_mimg=100),
 }
 SIDA_64 = dict(alpha=1.0, batch_gpu=64, duration_mimg=200)
 METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches; SiD²A 100 Mimg
@@ -557,6 +619,22 @@ METHOD_PRESETS = {  # SiDA, official run_sida.sh: alpha 1, larger micro-batches;
                                 duration_mimg=0.006)},
     'sign': {'toy-images': dict(duration_mimg=0.005)},  # a SIGN step costs ~2 SiD steps
 }
+METHOD_PRESETS['sida'].update({  # EDM2: run_sida_edm2.sh (S without forced WN and logvar)
+    'imagenet512-xs': dict(lsd=100.0),
+    'imagenet512-s': dict(lsd=100.0, force_normalization=False, logvar=False),
+    'imagenet512-m': dict(lsd=100.0),
+    'imagenet512-l': dict(lsd=100.0),
+    'imagenet512-xl': dict(lsd=100.0),
+    'imagenet512-xxl': dict(lsd=100.0),
+})
+SID2A_PRESETS = {  # SiD²A on EDM2, run_sid_sida_edm2.sh (from the size's SiD generator)
+    'imagenet512-xs': dict(duration_mimg=30),
+    'imagenet512-s': dict(duration_mimg=80),
+    'imagenet512-m': dict(duration_mimg=200, lsg=50.0),
+    'imagenet512-l': dict(duration_mimg=55),
+    'imagenet512-xl': dict(duration_mimg=50),
+    'imagenet512-xxl': dict(duration_mimg=30),
+}
 
 def preset(dataset='toy', method='sid', init_generator='', fast=False):
     """The resolved defaults of a dataset and a method (SiD²A: --init-generator; --fast)."""
@@ -567,6 +645,7 @@ def preset(dataset='toy', method='sid', init_generator='', fast=False):
     p.update(METHOD_PRESETS.get(method, {}).get(dataset, {}))
     if method == 'sida' and init_generator and dataset not in toy.WORLDS:
         p['duration_mimg'] = 100  # SiD²A
+        p.update(SID2A_PRESETS.get(dataset, {}))
     if fast:
         p.update(FAST, fast=True)
         if method != 'sida':  # SiD's and SIGN's maths do not depend on the micro-batch; SiDA's does
@@ -625,6 +704,17 @@ def check_config(cfg):
                                       or cfg.net_overrides):
         raise ValueError('--data, --teacher, --net-overrides and --fid-every-kimg do not apply to '
                          'the toy (its teacher is exact)')
+    if edm2_dataset(cfg.dataset) and cfg.augment:
+        raise ValueError('--augment: EDM2 networks take no augmentation labels (official: none); '
+                         'use --augment 0')
+    if edm2_dataset(cfg.dataset) and cfg.method == 'sign':
+        raise ValueError('--method sign is not wired for EDM2 latents (its IGN terms and '
+                         'projection work on pixels): use sid or sida')
+
+def edm2_dataset(dataset):
+    """Whether a dataset preset distils an EDM2 teacher (latents, EDM2's losses and loop)."""
+    teacher = edm_nets.PRESETS.get(PRESETS.get(dataset, {}).get('teacher'))
+    return teacher is not None and teacher['kwargs'].get('model_type') == 'EDM2UNet'
 
 def range_text(m):
     """'in (0, 2]', '>= 1', '> 0' from an option's metadata."""
@@ -672,6 +762,8 @@ def build_networks(cfg, teacher, device, overrides=None, G_state=None):
     teacher."""
     if isinstance(teacher, toy.World):
         f_phi, G = teacher.teacher, teacher.student(cfg.dropout)
+    elif teacher.init_kwargs.get('model_type') == 'EDM2UNet':
+        return build_edm2_networks(cfg, teacher, device, overrides, G_state)
     else:
         kw = dict(teacher.init_kwargs, **(overrides or {}), use_fp16=cfg.precision == 'fp16')
         f_phi = edm_nets.EDMPrecond(**dict(kw, dropout=0.0))
@@ -679,6 +771,29 @@ def build_networks(cfg, teacher, device, overrides=None, G_state=None):
         for net in (f_phi, G):
             net.load_state_dict(teacher.state_dict())
     f_psi = copy.deepcopy(G)
+    if G_state is not None:
+        G.load_state_dict(G_state)
+    return f_phi.to(device).eval().requires_grad_(False), G.to(device), f_psi.to(device)
+
+def build_edm2_networks(cfg, teacher, device, overrides=None, G_state=None):
+    """EDM2 (sida branch, sida_edm2_train.py): f_phi is the teacher; G its U-Net alone, without
+    the log-variance head (EDM_2_Precond_Generator), from the teacher's unet.* weights; f_psi the
+    teacher, with its head when --logvar. G and f_psi get the run's dropout and forced weight
+    normalisation."""
+    kw = dict(teacher.init_kwargs, **(overrides or {}), use_fp16=cfg.precision == 'fp16',
+              force_normalization=cfg.force_normalization)
+    if cfg.augment:
+        raise ValueError('--augment: EDM2 networks take no augmentation labels; use --augment 0')
+    if cfg.logvar and not kw['logvar_channels']:
+        raise ValueError('--logvar: this teacher has no log-variance head (logvar_channels 0); '
+                         'use --no-logvar')
+    f_phi = edm_nets.EDM2Precond(**dict(kw, dropout=0.0))
+    G = edm_nets.EDM2Precond(**dict(kw, dropout=cfg.dropout, logvar_channels=0))
+    psi_head = kw['logvar_channels'] if cfg.logvar else 0
+    f_psi = edm_nets.EDM2Precond(**dict(kw, dropout=cfg.dropout, logvar_channels=psi_head))
+    weights = teacher.state_dict()
+    for net in (f_phi, G, f_psi):
+        net.load_state_dict({k: weights[k] for k in net.state_dict()})
     if G_state is not None:
         G.load_state_dict(G_state)
     return f_phi.to(device).eval().requires_grad_(False), G.to(device), f_psi.to(device)
@@ -776,7 +891,8 @@ def iterate(s):
         #    discriminator term on real images).
         s.G.eval()
         s.f_psi.train().requires_grad_(True)
-        fake = accumulate(s, 1, s.psi_ddp, s.opt_psi, method.fake_loss, method.psi_clip)
+        clip = method.psi_clip if s.cfg.clip_psi else None
+        fake = accumulate(s, 1, s.psi_ddp, s.opt_psi, method.fake_loss, clip)
         # 2. G learns against the updated f_psi, with dropout on; f_psi and the teacher are frozen
         #    in eval mode but differentiated in their input x_t (only w is detached in SiD's loss).
         gen = torch.zeros_like(fake)
@@ -827,11 +943,13 @@ def reseed(s, phase, r):
 
 def next_batch(s):
     """(real images or None, labels or None) for one micro-batch; data-free conditional runs draw
-    uniform one-hot labels."""
+    uniform one-hot labels, or the classes of a labels file."""
     if s.data is not None:
         s.data_batches += 1
         x_r, c = next(s.data)
-        return x_r.to(s.device, non_blocking=True), (c.to(s.device) if s.G.label_dim else None)
+        if x_r is not None:  # None: a labels file (data-free runs with the data's classes)
+            x_r = x_r.to(s.device, non_blocking=True)
+        return x_r, (c.to(s.device) if s.G.label_dim else None)
     L = s.G.label_dim
     if not L:
         return None, None

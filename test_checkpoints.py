@@ -1,6 +1,8 @@
-"""Tests of checkpoints: the reader on fixtures in EDM's persistence format, our own snapshots,
-refusals, network-kwargs checks, and hostile files of every reader in one bounded subprocess."""
+"""Tests of checkpoints: the reader on fixtures in EDM's and EDM2's persistence formats, our own
+snapshots, refusals, network-kwargs checks, and hostile files of every reader in one bounded
+subprocess."""
 import collections
+import copy
 import io
 import json
 import os
@@ -24,9 +26,10 @@ import fileio
 import releases
 import runs
 import sid
-from conftest import (HERE, NCSNPP, Evil, assert_one_line_error, detector_file, edm_files,
-                      fake_edm_modules, flip_member_byte, http_server, net_inputs, png_bytes, slow,
-                      states_equal, tiny_net, write_bytes, write_dataset, write_edm_pickle)
+from conftest import (HERE, NCSNPP, BoundMethod, Evil, Record, assert_one_line_error,
+                      detector_file, edm_files, encoder_record, fake_edm_modules, flip_member_byte,
+                      http_server, net_inputs, png_bytes, slow, states_equal, tiny_edm2, tiny_net,
+                      write_bytes, write_dataset, write_edm2_pickle, write_edm_pickle)
 
 
 def assert_same_net(a, b):
@@ -140,10 +143,10 @@ def test_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, name, 
         checkpoints.load_checkpoint(name)
 
 
-def test_release_names_refused_before_any_download(tmp_path, monkeypatch):
+def test_unknown_release_names_refused_before_any_download(tmp_path, monkeypatch):
     monkeypatch.setenv('SID_CACHE', str(tmp_path / 'cache'))
     near = 'sid-cifar10-uncond-a1.2, sid-cifar10-uncond-a1'
-    for name, msg in (('sid-img512-xs-a1', 'needs the EDM2 network'),
+    for name, msg in (('sid-img512-xxs-a1', 'unknown released generator "sid-img512-xxs-a1"'),
                       ('sid-cifar10-uncond-a1.1', f'unknown released generator .*e.g. {near}')):
         with pytest.raises(ValueError, match=msg):
             checkpoints.load_checkpoint(name)
@@ -168,6 +171,138 @@ def test_official_cifar_teacher_loads_and_samples():  # the real checkpoint (~22
     z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     x = edm_nets.edm_sampler(net, z)
     assert torch.isfinite(x).all() and -1.5 < x.min() and x.max() < 1.5 and 0.2 < x.std() < 0.8
+
+#----------------------------------------------------------------------------
+# EDM2's pickles (Karras et al. 2024; official SiD sida branch): NVIDIA's teachers and the official
+# SiD/SiDA generators, written by conftest.write_edm2_pickle in their format without their code.
+
+def assert_same_edm2(a, b):
+    """The same outputs: denoiser, SiDA's logits and (with a head) the log-variance."""
+    x, labels = torch.randn(2, 4, 16, 16), torch.eye(10)[[3, 7]]
+    sigma = torch.tensor([0.4, 2.5])
+    with torch.no_grad():
+        head = a.logvar_channels and b.logvar_channels
+        for kw in (dict(), dict(return_logits=True), dict(return_logvar=True) if head else {}):
+            out_a, out_b = a(x, sigma, labels, **kw), b(x, sigma, labels, **kw)
+            for u, v in zip(out_a if isinstance(out_a, tuple) else [out_a],
+                            out_b if isinstance(out_b, tuple) else [out_b]):
+                assert torch.equal(u, v)
+
+
+def test_edm2_teacher_in_nvidias_format_loads_in_float32(tmp_path):
+    net = tiny_edm2().eval()
+    raw = write_edm2_pickle(tmp_path / 't.pkl', net)
+    assert b'HalfStorage' in raw and b'EDM2Loss' in raw  # written as NVIDIA's: float16
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 't.pkl'))
+    assert isinstance(loaded, edm_nets.EDM2Precond) and not loaded.training
+    assert all(v.dtype == torch.float32 for v in loaded.state_dict().values())
+    assert loaded.init_kwargs == net.init_kwargs and info['class_name'] == 'Precond'
+    rounded = copy.deepcopy(net).half().float()  # NVIDIA's float16, then our float32
+    assert states_equal(loaded, rounded) and not states_equal(loaded, net)
+    assert_same_edm2(loaded, rounded)
+    assert info['encoder']['vae_name'] == 'stabilityai/sd-vae-ft-mse'
+    assert np.allclose(info['encoder']['scale'], [0.11990407, 0.10822511, 0.13477089, 0.15243903])
+
+
+@pytest.mark.parametrize('use_gan,fn,forced', [(1, 1, True), (1, 0, False), (0, 0, True),
+                                               (True, False, False)])
+def test_edm2_official_generator_loads_hooks_inert(tmp_path, use_gan, fn, forced):
+    """The official generators: 200 unet.* entries (here the tiny net's), float32, the flags mapped
+    to forced weight normalisation, the pickled hooks read as inert markers."""
+    G = tiny_edm2(logvar_channels=0).eval()
+    raw = write_edm2_pickle(tmp_path / 'g.pkl', G, 'generator', hooks=bool(use_gan and fn),
+                            use_gan=use_gan, force_normalization=fn)
+    assert (b'getattr' in raw) == bool(use_gan and fn)
+    marker = tmp_path / 'ran'
+    loaded, info = checkpoints.load_checkpoint(str(tmp_path / 'g.pkl'))
+    assert info['class_name'] == 'EDM_2_Precond_Generator' and info['encoder'] is None
+    assert loaded.logvar_channels == 0 and loaded.init_kwargs['force_normalization'] is forced
+    assert 'use_gan' not in loaded.init_kwargs and states_equal(loaded, G)
+    assert_same_edm2(loaded, G)
+    assert not marker.exists()
+
+
+
+@pytest.mark.parametrize('name', ['sida-img512-xs-a1', 'sid-img512-xxl-a1'])
+def test_edm2_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, name):
+    """An EDM2 release: the official generator file (EDM_2_Precond_Generator, `ema` only, the
+    pickled weight-normalisation hooks of a SiDA run) where the cache keeps its URL loads by name
+    with no network, and generates latents; a hostile file there is refused with one line."""
+    monkeypatch.setenv('SID_CACHE', str(tmp_path))
+    release = releases.resolve(name)
+    assert release.network == 'edm2' and release.preset.startswith('edm2-img512-')
+    cached = fileio.cache_path(release.url)
+    G = tiny_edm2(logvar_channels=0).eval()
+    raw = write_edm2_pickle(cached, G, 'generator', hooks=True)
+    assert b'EDM_2_Precond_Generator' in raw and b'getattr' in raw
+    loaded, info = checkpoints.load_checkpoint(name)
+    assert isinstance(loaded, edm_nets.EDM2Precond) and states_equal(loaded, G)
+    assert info['release'] == name and info['path'] == cached
+    assert_same_edm2(loaded, G)
+    x = runs.sample_images(loaded, [0, 1], releases.SIGMA_INIT, 'cpu')
+    assert list(x.shape) == [2, 4, 16, 16] and torch.isfinite(x).all()
+    write_edm2_pickle(cached, G, 'generator', extra=dict(evil=Evil(os.system, 'true')))
+    with pytest.raises(ValueError, match='unsafe .*refusing to load global'):
+        checkpoints.load_checkpoint(name)
+
+
+@pytest.mark.parametrize('change,match', [
+    (dict(extra=dict(encoder=encoder_record(scale=np.ones(4, np.float32)))),
+     "latent encoder .* is not EDM2's stabilityai/sd-vae-ft-mse"),
+    (dict(extra=dict(encoder=encoder_record(vae_name='other/vae'))), 'other/vae'),
+    (dict(extra=dict(encoder=Record('Evil', {}))), 'not an EDM2 latent encoder'),
+    (dict(kind='generator', use_gan=2), 'use_gan=2 is not a flag'),
+    (dict(kind='generator', force_normalization='yes'), 'force_normalization=yes is not a flag'),
+    (dict(kwargs=dict(img_resolution=16, img_channels=4, evil=1)), 'network kwarg evil=1 is'),
+    (dict(kwargs=dict(img_resolution=16, img_channels=4, label_dim=10, model_channels=16,
+                      channel_mult=[1, 2], resample_filter=[1, 3, 3, 1])), 'resample_filter'),
+    (dict(kwargs=dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=768)),
+     r'parameters \(limit 2e\+09\)')])
+def test_edm2_pickles_refused_in_one_line(tmp_path, change, match):
+    net = tiny_edm2(logvar_channels=0 if change.get('kind') == 'generator' else 8).eval()
+    write_edm2_pickle(tmp_path / 'x.pkl', net, **change)
+    with pytest.raises(ValueError, match=f'x.pkl: .*{match}'):
+        checkpoints.load_checkpoint(str(tmp_path / 'x.pkl'))
+
+
+@pytest.mark.parametrize('make,global_name', [
+    (lambda m: Evil(os.system, f'touch {m}'), f'{os.system.__module__}.system'),
+    (lambda m: BoundMethod('text', 'upper'), 'builtins.getattr'),  # getattr on anything else
+    (lambda m: BoundMethod(Record('Block', {})), 'builtins.getattr'),
+    (lambda m: BoundMethod(Record('MPConv', {}), 'register_forward_hook'), 'builtins.getattr'),
+    (lambda m: Evil(torch.save, {}, str(m)), 'torch.serialization.save')])
+def test_edm2_loader_refuses_unsafe_globals_anywhere(tmp_path, make, global_name):
+    marker, net = tmp_path / 'marker', tiny_edm2().eval()
+    for extra in (dict(evil=make(marker)),
+                  dict(encoder=Record('StabilityVAEEncoder', dict(scale=make(marker))))):
+        write_edm2_pickle(tmp_path / 'evil.pkl', net, extra=extra)
+        with pytest.raises(ValueError, match=f'evil.pkl: unsafe .*refusing to load global '
+                                             f'{global_name}'):
+            checkpoints.load_checkpoint(str(tmp_path / 'evil.pkl'))
+        assert not marker.exists()
+
+
+def test_edm2_network_kwargs_and_own_snapshots(tmp_path):
+    kw = dict(edm_nets.PRESETS['edm2-img512-xs']['kwargs'], logvar_channels=0, channels_per_head=64,
+              channel_mult_noise=None, clip_act=None, force_normalization=False)
+    assert checkpoints.check_net_kwargs(kw, 'f') == kw
+    for bad, match in [(dict(force_normalization=1), 'force_normalization=1'),
+                       (dict(logvar_channels=-1), 'logvar_channels'),
+                       (dict(attn_balance=2), 'attn_balance'), (dict(clip_act='x'), 'clip_act'),
+                       (dict(sigma_min=0.1), None)]:
+        if match is None:  # an EDM argument: allowed by the common table, refused when building
+            continue
+        with pytest.raises(ValueError, match=f'f: network kwarg {match}'):
+            checkpoints.check_net_kwargs(dict(kw, **bad), 'f')
+    G = tiny_edm2(logvar_channels=0).eval()
+    runs.save_snapshot(str(tmp_path / 's.pt'), G, 4, sid.Config())
+    loaded, _ = checkpoints.load_checkpoint(str(tmp_path / 's.pt'))
+    assert isinstance(loaded, edm_nets.EDM2Precond) and states_equal(loaded, G)
+    assert_same_edm2(loaded, G)
+    torch.save({'G_ema': G.state_dict(), 'net_kwargs': dict(G.init_kwargs, sigma_min=0.0)},
+               tmp_path / 'b.pt')
+    with pytest.raises(ValueError, match="b.pt: cannot build the network .*sigma_min"):
+        checkpoints.load_checkpoint(str(tmp_path / 'b.pt'))
 
 #----------------------------------------------------------------------------
 # Hostile files (a few bytes to ~1 MB each), all read in ONE subprocess under RLIMIT_AS = 1.5 GB:
@@ -327,7 +462,25 @@ HOSTILE = [  # (id, reader, build(folder) -> argument, message)
     ('fid-num', 'fid', lambda d: fid_args('calc', '--images', d, '--ref', 'x', '--num', 1),
      '--num must be >= 2'),
     ('fid-dest', 'fid', lambda d: fid_args('ref', '--data', d / 'bomb.zip', '--dest',
-                                           d / 'no' / 'r.npz'), 'cannot write --dest')]
+                                           d / 'no' / 'r.npz'), 'cannot write --dest'),
+    # EDM2 pickles: an XXL-sized claim on tiny weights, getattr other than the hooks', code in the
+    # encoder record
+    ('edm2-param-budget', 'ckpt',
+     lambda d: write_edm2_path(d / 'p2.pkl', kwargs=dict(img_resolution=64, img_channels=4,
+                                                           label_dim=1000, model_channels=768)),
+     r'p2.pkl: .*parameters \(limit 2e\+09\)'),
+    ('edm2-getattr', 'ckpt',
+     lambda d: write_edm2_path(d / 'ga.pkl', extra=dict(x=BoundMethod('text', 'upper'))),
+     r'ga.pkl: .*refusing to load global builtins.getattr'),
+    ('edm2-encoder-code', 'ckpt',
+     lambda d: write_edm2_path(d / 'enc.pkl', extra=dict(encoder=Record(
+         'StabilityVAEEncoder', dict(scale=Evil(os.system, 'touch x'))))),
+     r'enc.pkl: .*refusing to load global (posix|nt).system')]
+
+
+def write_edm2_path(path, **kw):
+    write_edm2_pickle(path, tiny_edm2().eval(), **kw)
+    return path
 
 #----------------------------------------------------------------------------
 # The regression table of issues 20 and 22 (items 5-6), read by the same bounded subprocess: what a

@@ -1,6 +1,7 @@
 """Tests of data: a fake cifar-10-python.tar.gz in the official layout, EDM zips and folders with
-dataset.json labels, sharded batch streams, the teacher match."""
+dataset.json labels, sharded batch streams, the teacher match; EDM2's latent zips, labels files."""
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -9,9 +10,11 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
-from conftest import Evil, edm_files, png_bytes, write_bytes, write_dataset
+from conftest import (Evil, edm_files, latent_files, npy_bytes, png_bytes, write_bytes,
+                      write_dataset)
 
 #----------------------------------------------------------------------------
 # Readers.
@@ -130,3 +133,69 @@ def test_batches_sharding_epochs_and_teacher_match():
             data.check_dataset_matches(*bad, net)
     net.label_dim = 0  # an unconditional teacher drops the labels
     assert data.check_dataset_matches(img, lab, net).shape == (2, 0)
+
+#----------------------------------------------------------------------------
+# EDM2's latent datasets (dataset_tool.py encode: .npy posterior mean and std per image, read a
+# batch at a time), labels files for data-free runs, one-hot labels at the teacher's label_dim.
+
+@pytest.mark.parametrize('kind', ['zip', 'folder'])
+def test_latent_dataset_reads_edm2s_layout_on_demand(tmp_path, kind, monkeypatch):
+    files, arrs = latent_files(n=5, res=8)
+    names = sorted(files)
+    meta = {'labels': [[n, c] for n, c in zip(names, [3, 0, 7, 3, 1])]}
+    path = write_dataset(tmp_path / ('l.zip' if kind == 'zip' else 'l'), files, meta, kind)
+    monkeypatch.setattr(data, 'MAX_DATASET_BYTES', 100)  # a lazy reader has no total bound
+    ds = data.LatentDataset(path)
+    assert len(ds) == 5 and ds.shape == (8, 8, 8) and ds.labels.tolist() == [3, 0, 7, 3, 1]
+    reads = []
+    read = ds._read
+    ds._read = lambda name: reads.append(name) or read(name)
+    x = ds.batch(torch.tensor([4, 0, 4]))
+    assert reads == [names[4], names[0], names[4]]  # only what the batch needs
+    assert x.dtype == torch.float32 and torch.equal(x, torch.from_numpy(arrs[[4, 0, 4]]))
+    batches = data.latent_batches(ds, 10, batch=2, seed=3)
+    b, c = next(batches)
+    idx = next(data.shard_indices(5, 2, 3))
+    assert torch.equal(b, torch.from_numpy(arrs[idx.numpy()]))
+    assert torch.equal(c, F.one_hot(ds.labels[idx], 10).float())  # at the teacher's label_dim
+    assert next(data.latent_batches(ds, 0, 2, 3))[1].shape == (2, 0)  # unconditional teacher
+    with pytest.raises(ValueError, match="class 7 >= the teacher's label_dim 5"):
+        data.latent_batches(ds, 5, 2, 3)
+    unlabeled = write_dataset(tmp_path / 'u.zip', files, None, 'zip')
+    with pytest.raises(ValueError, match='no labels.*the teacher is conditional'):
+        data.latent_batches(data.LatentDataset(unlabeled), 10, 2, 3)
+
+
+def test_latent_dataset_refusals(tmp_path):
+    files, arrs = latent_files(n=2, res=4)
+    name = sorted(files)[1]
+    cases = {'shape': npy_bytes(arrs[0][:4]), 'dtype': npy_bytes(arrs[0].astype(np.float64)),
+             'other': npy_bytes(np.zeros((8, 2, 2), np.float32)),
+             'object': npy_bytes(np.array([{}, 1], dtype=object)),
+             'header': npy_bytes(arrs[0]).replace(b"(8, 4, 4)", b"(8, 4000, 4000)", 1)}
+    for case, blob in cases.items():
+        path = write_dataset(tmp_path / f'{case}.zip', {**files, name: blob}, None, 'zip')
+        with pytest.raises(ValueError, match=f'{case}.zip:{name}: expected float32 latents'):
+            data.LatentDataset(path).batch([0, 1])
+    path = write_dataset(tmp_path / 'junk.zip', {**files, name: b'junk'}, None, 'zip')
+    with pytest.raises(ValueError, match='not a readable .npy'):
+        data.LatentDataset(path).batch([1])
+    with pytest.raises(ValueError, match="no .npy latents"):
+        data.LatentDataset(write_dataset(tmp_path / 'p', edm_files(2)[0]))
+
+
+def test_labels_file_and_label_batches(tmp_path):
+    labels = [[f'{i:05d}.png', c] for i, c in enumerate([5, 2, 2, 9])]
+    path = write_bytes(tmp_path / 'dataset.json', json.dumps({'labels': labels}).encode())
+    ys = data.read_labels_file(path)
+    assert ys.tolist() == [5, 2, 2, 9]
+    stream = data.label_batches(ys, 10, batch=3, seed=1)
+    for _ in range(3):
+        x, c = next(stream)
+        assert x is None and c.shape == (3, 10) and set(c.argmax(1).tolist()) <= {2, 5, 9}
+    first = next(data.label_batches(ys, 10, 3, 1))[1]
+    assert torch.equal(first, F.one_hot(ys[next(data.shard_indices(4, 3, 1))], 10).float())
+    for blob, match in ((b'{"labels": null}', 'expected'), (b'[1]', 'expected'),
+                        (b'{"labels": [["a", -1]]}', 'labels must be'), (b'{', 'not valid JSON')):
+        with pytest.raises(ValueError, match=match):
+            data.read_labels_file(write_bytes(tmp_path / 'bad.json', blob))

@@ -2,6 +2,7 @@
 detector stand-in, EDM's reference files, the command line, the detector's trust rule and the
 reference statistics' checks."""
 import os
+import pickle
 from typing import Tuple
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import fid
 import fileio
 import metrics
-from conftest import (FidStandIn, detector_file, edm_files, flip_member_byte, write_bytes,
+from conftest import (Evil, FidStandIn, detector_file, edm_files, flip_member_byte, write_bytes,
                       write_dataset, write_pngs)
 
 
@@ -250,3 +251,31 @@ def test_reference_statistics_are_checked(tmp_path, capsys):
     mu, sigma = np.zeros(4), np.diag([1.0, 2.0, 0.0, 3.0])  # semi-definite, as EDM's may be
     fid.save_ref(str(tmp_path / 'ok.npz'), mu, sigma)
     assert np.array_equal(fid.load_ref(str(tmp_path / 'ok.npz'))[1], sigma)
+
+def test_edm2_reference_pickle_and_uint8_generators(tmp_path):
+    """EDM2's img512.pkl layout (a plain pickle: num_images, fid {mu, sigma}, fd_dinov2 {...}) reads
+    as an .npz does, through the bounded unpickler; a generator may hand over uint8 images (EDM2's
+    decoded latents) as well as floats in [-1, 1]."""
+    rng = np.random.default_rng(0)
+    mu, a = rng.normal(size=16), rng.normal(size=(16, 16))
+    ref = dict(num_images=50, fid=dict(mu=mu, sigma=a @ a.T),
+               fd_dinov2=dict(mu=np.zeros(4), sigma=np.eye(4)))
+    path = write_bytes(tmp_path / 'img512.pkl', pickle.dumps(ref, protocol=4))
+    got_mu, got_sigma = fid.load_ref(path)
+    assert np.array_equal(got_mu, mu) and np.array_equal(got_sigma, a @ a.T)
+    assert fid.REF_PRESETS['img512'].endswith('/edm2/dataset-refs/img512.pkl')
+    for bad, match in ((dict(fid=dict(mu=mu)), 'not reference statistics'), ([1], 'not reference'),
+                       (dict(fid=dict(mu=mu, sigma=Evil(os.system, 'true'))),
+                        'refusing to load global')):
+        with pytest.raises(ValueError, match=match):
+            fid.load_ref(write_bytes(tmp_path / 'bad.pkl', pickle.dumps(bad, protocol=2)))
+    det = fid.load_detector('cpu', detector_file(tmp_path / 'standin.pt'), trusted=True)
+
+    def floats(seeds):
+        return torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1
+                            for s in seeds])
+
+    mu, sigma = fid.compute_stats_from_images([fid.to_uint8(floats(range(20)))], det, 'cpu')
+    as_uint8 = fid.fid_of_generator(lambda s: fid.to_uint8(floats(s)), 20, mu, sigma, det, 'cpu',
+                                    batch=6)
+    assert as_uint8 == pytest.approx(0, abs=1e-9)

@@ -1,6 +1,7 @@
 """Tests of sid's training loop (SiD Algorithm 1): network states per phase, augmentation labels,
 random draws per phase, labels, Adam, NaN gradients, the EMA, SiDA's schedule and clip, precision
-switches, logged losses, bitwise resume, DDP across two processes, and the fast options.
+switches, logged losses, bitwise resume, DDP across two processes, the fast options, and EDM2's
+forced weight normalisation, checkpointed blocks and unclipped SiDA.
 
 Most tests drive sid.setup and sid.iterate directly (no files); resume and DDP go through the
 driver. Under torchrun this file is the multi-process worker of the DDP tests (_driver).
@@ -27,8 +28,9 @@ import edm_nets
 import fileio
 import runs
 import sid
-from conftest import (HERE, slow, NET, cfg_for, perturb_copy, nets_for, loop_state, run_quiet,
-                      states_equal, read_stats, load_state, edm_files, write_dataset)
+from conftest import (HERE, slow, NET, EDM2_NET, cfg_for, edm2_nets, perturb_copy, nets_for,
+                      loop_state, run_quiet, states_equal, read_stats, load_state, edm_files,
+                      write_dataset)
 
 #----------------------------------------------------------------------------
 # One iteration seen from inside: which network runs in which mode, with which inputs.
@@ -850,3 +852,71 @@ def test_fast_path_agrees_with_fp32(fp32_ref, opt):
 
 if __name__ == '__main__':  # the torchrun worker of the DDP section
     _driver(sys.argv[1])
+
+#----------------------------------------------------------------------------
+# EDM2 in the loop: forced weight normalisation of f_psi and G in their training calls (and only
+# with --force-normalization), checkpointed EDM2 blocks, and SiDA without f_psi's clip (EDM2's).
+
+def unit_rows(w):
+    rms = w.detach().float().flatten(1).pow(2).mean(1).sqrt()
+    return bool(((rms - 1).abs() < 2e-4).all())
+
+
+@pytest.mark.parametrize('force', [True, False])
+def test_edm2_forced_weight_normalisation_in_the_loop(tmp_path, force):
+    cfg = cfg_for(tmp_path, 'imagenet512-xs', 2, net_overrides=EDM2_NET, force_normalization=force,
+                  vae='random')
+    nets = edm2_nets(cfg)
+    seen = []
+    for name, net in zip(('phi', 'G', 'psi'), nets):
+        convs = [m for m in net.modules() if isinstance(m, edm_nets.MPConv)]
+        net.unet.register_forward_pre_hook(  # after EDM2Precond.forward's forced write, if any
+            lambda m, a, name=name, convs=convs, net=net: seen.append(
+                (name, net.training, all(unit_rows(c.weight) for c in convs))))
+    s = loop_state(cfg, nets)
+    for _ in sid.iterate(s):
+        pass
+    training = {(name, unit) for name, train, unit in seen if train}
+    assert {name for name, _ in training} == {'G', 'psi'}
+    assert training == {('G', force), ('psi', force)}
+    assert not any(train for name, train, _ in seen if name == 'phi')
+
+
+def test_edm2_checkpointed_blocks_give_the_same_run(tmp_path):
+    def run(name, **kw):
+        cfg = cfg_for(tmp_path / name, 'imagenet512-xs', 2, net_overrides=EDM2_NET, vae='random',
+                      **kw)
+        s = loop_state(cfg, edm2_nets(cfg))
+        logs = [(it.loss_fake.item(), it.loss_G.item()) for it in sid.iterate(s)]
+        return s, logs
+
+    s_ref, ref = run('ref')
+    s, out = run('ckpt', checkpointing=1)
+    blocks = [m for m in s.f_psi.modules() if isinstance(m, edm_nets.EDM2Block)]
+    assert blocks and all('forward' in vars(m) for m in blocks)  # patched to recompute
+    assert all(math.isclose(a, b, rel_tol=1e-6) for r, o in zip(ref, out) for a, b in zip(r, o))
+    assert max((a - b).abs().max().item() for a, b in zip(s.G.parameters(),
+                                                          s_ref.G.parameters())) < 1e-6
+
+
+def test_clip_psi_off_is_sidas_loop_without_the_clip(tmp_path, monkeypatch):
+    """--no-clip-psi (EDM2's SiDA) is the official loop with f_psi's clip_grad_value_ removed: the
+    same run as a SiDA method without psi_clip, bit for bit, and another than the clipped one."""
+    clips, sanitize = [], sid.sanitize_grads_
+
+    def record(params, clip=None):
+        clips.append(clip)
+        sanitize(params, clip)
+
+    monkeypatch.setattr(sid, 'sanitize_grads_', record)
+    cfg = cfg_for(tmp_path / 'a', 'toy', 4, method='sida', batch_gpu=64, sida_warmup_kimg=0.064,
+                  sida_mix_kimg=0.128, ls=100.0, clip_psi=False)
+    _, off, _ = run_quiet(cfg)
+    assert clips and set(clips) == {None}
+    m = sid.METHODS['sida']
+    monkeypatch.setitem(sid.METHODS, 'sida', dataclasses.replace(m, psi_clip=None))
+    _, free, _ = run_quiet(dataclasses.replace(cfg, clip_psi=True, outdir=str(tmp_path / 'b')))
+    assert states_equal(off.f_psi, free.f_psi) and states_equal(off.G, free.G)
+    monkeypatch.setitem(sid.METHODS, 'sida', m)
+    _, clipped, _ = run_quiet(dataclasses.replace(cfg, clip_psi=True, outdir=str(tmp_path / 'c')))
+    assert not states_equal(off.f_psi, clipped.f_psi)

@@ -174,6 +174,15 @@ def test_evaluate_end_to_end(setup, sigmas):
     assert results['mean']['fid'] == pytest.approx(np.mean(fids))
     assert results['std']['fid'] == pytest.approx(np.std(fids, ddof=1))
     assert metrics.summary_lines(results)[0].startswith(f'fid       {np.mean(fids):.4f} ± ')
+    if not sigmas:  # uint8 images (EDM2's decoded latents) are scored as they are
+
+        def sample_uint8(seeds):
+            return fid.to_uint8(sample(seeds))
+
+        again = metrics.evaluate(sample_uint8, G.img_shape, num, ('fid', 'is', 'pr'), trials=2,
+                                 ref=setup['ref'], detector=setup['det'], pr_ref=setup['real'],
+                                 batch=7)
+        assert again['trials'] == results['trials']
 
 
 def test_evaluate_refuses_before_generating(setup, tmp_path, monkeypatch):
@@ -189,6 +198,7 @@ def test_evaluate_refuses_before_generating(setup, tmp_path, monkeypatch):
     cases = [  # (image shape, keyword arguments, message)
         (shape32, dict(ref='imagenet-64x64'), 'of 64x64 images, the generator makes 32x32'),
         (shape64, dict(ref='ffhq-64x64', expected_ref='afhqv2-64x64'), 'another dataset'),
+        (shape64, dict(ref='img512'), 'img512 is of 512x512 images, the generator makes 64x64'),
         (shape32, dict(ref=str(tmp_path / 'ref6.npz')), 'has 6 features, the detector gives 16'),
         (shape32, dict(ref=setup['ref'], metrics=('pr',), pr_ref=small), 'real images of 16x16'),
         (shape32, dict(ref=setup['ref'], metrics=('pr',)), 'needs real images'),
@@ -200,6 +210,7 @@ def test_evaluate_refuses_before_generating(setup, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)')
                            .replace('[', r'\[').replace(']', r'\]')):
             metrics.evaluate(sample, shape, 20, detector=det, **kwargs)
+    metrics.check_reference('img512', 512, 'img512')  # EDM2's decoded latents: no error
     with pytest.raises(ValueError, match='one per split'):
         metrics.evaluate(sample, shape32, 9, ('is',), detector=det)
     assert not os.path.exists(tmp_path / 'cache')

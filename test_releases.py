@@ -103,12 +103,14 @@ def test_methods_presets_references_and_fids():
         said = re.search(r'_(sid|sida|sid2a)_alpha', r.file)
         if said and said.group(1) != r.method.lower():  # EDM2 XL SiDA, XXL SiD
             assert f'file name says {said.group(1)}' in r.note, name
+        kwargs = edm_nets.PRESETS[r.preset]['kwargs']
+        assert (kwargs['label_dim'] > 0) == ('class-conditional' in releases.DATASETS[r.dataset][0])
         if r.network == 'edm':
             assert r.ref in fid.REF_PRESETS and r.preset.startswith(r.ref)
-            label_dim = edm_nets.PRESETS[r.preset]['kwargs']['label_dim']
-            assert (label_dim > 0) == ('class-conditional' in releases.DATASETS[r.dataset][0])
-        else:
-            assert r.preset is None and r.ref == 'img512' and r.dataset.startswith('img512-')
+        else:  # EDM2: the size's teacher (1000 classes, 64x64x4 latents), EDM2's reference
+            size = r.dataset.split('-')[1]
+            want = (f'edm2-img512-{size}', 'img512', 64)
+            assert (r.preset, r.ref, kwargs['img_resolution']) == want
         assert r.fid == SID_FIDS.get(name), name
     assert sum(r.network == 'edm' for r in releases.RELEASES.values()) == 25
     best = dict(zip(releases.DATASETS, (1.499, 1.396, 1.110, 1.040, 1.276,  # the SiDA README

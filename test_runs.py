@@ -33,10 +33,11 @@ import metrics
 import releases
 import runs
 import sid
-from conftest import (HERE, SLOW, slow, Stub, NET, cfg_for, perturb_copy, nets_for, run_quiet, cli,
-                      assert_one_line_error, states_equal, read_stats, load_state, edm_files,
-                      write_dataset, write_pngs, FidStandIn, detector_file, tiny_net,
-                      write_edm_pickle, write_bytes, Evil)
+from conftest import (HERE, SLOW, slow, Stub, NET, EDM2_NET, cfg_for, perturb_copy, nets_for,
+                      run_quiet, cli, assert_one_line_error, states_equal, read_stats, load_state,
+                      edm_files, latent_files, needs_diffusers, write_bytes, write_dataset,
+                      write_pngs, FidStandIn, detector_file, edm2_nets, loop_state, tiny_net,
+                      write_edm_pickle, write_edm2_pickle, Evil)
 
 #----------------------------------------------------------------------------
 # Presets and the command line: the official scripts' values, every field an option, --help,
@@ -171,6 +172,10 @@ def bad_env(tmp_path):
     clash = write_pngs(tmp_path / 'clash', 1, size=32)
     with PIL.Image.open(os.path.join(clash, 'img00000000.png')) as im:
         im.save(os.path.join(clash, 'img00000000.jpg'))
+    G2 = edm2_nets(cfg_for(tmp_path / 'unused', 'imagenet512-xs', net_overrides=EDM2_NET))[1]
+    runs.save_snapshot(str(tmp_path / 'g2.pt'), G2.eval(), 0, sid.Config())
+    write_bytes(tmp_path / 'labels.json', json.dumps({'labels': [['a.png', 3]]}).encode())
+    write_dataset(tmp_path / 'lat4.zip', latent_files(2, res=4)[0], None, 'zip')
     return tmp_path
 
 
@@ -188,6 +193,11 @@ def EVAL(ckpt, *a):
 
 def TINY(t, out, *a):
     return ['--dataset', 'cifar10', *TINY_ARGS, '--outdir', t / out, *a]
+
+
+def TINY2(t, out, *a):  # EDM2
+    return ['--dataset', 'imagenet512-xs', *TINY_ARGS, '--net-overrides', EDM2_NET, '--vae',
+            'random', '--outdir', t / out, *a]
 
 
 BAD = [  # (name, args(t), message)
@@ -244,8 +254,24 @@ BAD = [  # (name, args(t), message)
      'ref.npz'),
     ('teacher-missing-numbered', lambda t: ['--dataset', 'cifar10', '--teacher', t / 'gone.pkl'],
      'gone.pkl'),  # defect 4: a failed start leaves no numbered folder either
-    ('init-generator-release', lambda t: TINY(t, 'n9', '--init-generator', 'sid-ffhq64-a1.2'),
+    ('edm2-augment', lambda t: ['--dataset', 'imagenet512-xs', '--augment', 0.1],
+     '--augment: EDM2 networks take no augmentation labels'),
+    ('edm2-sign', lambda t: ['--dataset', 'imagenet512-m', '--method', 'sign'],
+     '--method sign is not wired for EDM2 latents'),
+    ('edm2-no-head', lambda t: TINY2(t, 'n15', '--net-overrides', '{"logvar_channels": 0, '
+                                     '"img_resolution": 8, "model_channels": 16}'),
+     '--logvar: this teacher has no log-variance head'),
+    ('edm2-labels-sida', lambda t: TINY2(t, 'n12', '--method', 'sida', '--data', t / 'labels.json'),
+     'a labels file holds no images; --method sida needs real ones'),
+    ('edm2-latent-shape', lambda t: TINY2(t, 'n13', '--method', 'sida', '--data', t / 'lat4.zip'),
+     'latents [8, 4, 4] (posterior mean and std), but the teacher needs [8, 8, 8]'),
+    ('edm2-vae-missing', lambda t: TINY2(t, 'n14', '--vae', t / 'no-vae'), 'VAE'),
+    ('edm2-project', lambda t: ['project', '--ckpt', t / 'g2.pt', '--input', t / 'png32',
+                                '--outdir', t / 'o'], 'EDM2 latent generators are not supported'),
+    ('init-generator-release', lambda t: TINY(t, 'n11', '--init-generator', 'sid-ffhq64-a1.2'),
      'sid-ffhq64-a1.2 was distilled from ffhq-64x64-uncond-vp'),
+    ('init-generator-edm2', lambda t: TINY(t, 'n11', '--init-generator', 'sid-img512-xs-a1'),
+     'sid-img512-xs-a1 was distilled from edm2-img512-xs'),
     ('eval-metric', lambda t: EVAL(t / 'g.pt', '--metrics', 'fid,kid'),
      "unknown metric(s) ['kid']"),
     ('eval-num', lambda t: EVAL(t / 'g.pt', '--num', 1), 'need at least 2 images'),
@@ -256,7 +282,8 @@ BAD = [  # (name, args(t), message)
     # released generators: refused before anything is downloaded
     ('eval-release-ref', lambda t: EVAL('sid-cifar10-uncond-a1.2', '--ref', 'ffhq-64x64'),
      'reference ffhq-64x64 is of 64x64 images, the generator makes 32x32'),
-    ('eval-release-edm2', lambda t: EVAL('sida-img512-xs-a1'), 'needs the EDM2 network'),
+    ('eval-release-edm2-ref', lambda t: EVAL('sida-img512-xs-a1', '--ref', 'imagenet-64x64'),
+     'reference imagenet-64x64 is of 64x64 images, the generator makes 512x512'),
     ('eval-release-name', lambda t: EVAL('sid-cifar10-a1.2'), 'unknown released generator'),
     # issue 22: a resume writes only into its folder; what it may change (Config's metadata)
     ('resume-outdir-elsewhere', lambda t: ['--resume', t / 'run', '--outdir', t / 'sida'],
@@ -1008,6 +1035,181 @@ def test_project_images_and_points_use_the_run_and_the_images_range(tmp_path):
     assert np.allclose(np.load(tmp_path / 'q' / 'projected.npy'), want.numpy(), atol=1e-6)
 
 #----------------------------------------------------------------------------
+# EDM2 (ImageNet-512 in SD-VAE latents): the presets against the official scripts, tiny runs that
+# train, resume bitwise and write decoded grids, generate's decoded PNGs, the VAE's one-line errors,
+# data-free runs with a labels file.
+
+IN512 = 'https://huggingface.co/UT-Austin-PML/SiDA/resolve/main/EDM2_distillation/'
+EDM2_DROPOUT = dict(xs=0.0, s=0.0, m=0.1, l=0.1, xl=0.1, xxl=0.1)  # EDM2's train_edm2.py
+EDM2_OFFICIAL = {  # sida branch: run_sid_edm2.sh, run_sida_edm2.sh, run_sid_sida_edm2.sh
+    # (method, size): use_gan, force_normalization, return_logvar, batch-gpu, lsg, lsd, Mimg, init
+    ('sid', 'xs'): (0, 1, 1, 64, 100, None, 200, None),
+    ('sid', 's'): (0, 1, 1, 64, 100, None, 200, None),
+    ('sid', 'm'): (0, 1, 1, 32, 100, None, 200, None),
+    ('sid', 'l'): (0, 1, 1, 32, 100, None, 200, None),
+    ('sid', 'xl'): (0, 1, 1, 16, 100, None, 200, None),
+    ('sid', 'xxl'): (0, 1, 1, 2, 100, None, 100, None),
+    ('sida', 'xs'): (1, 1, 1, 64, 100, 100, 200, None),  # the script's 3 GPUs cannot split 2048
+    ('sida', 's'): (1, 0, 0, 64, 100, 100, 200, None),
+    ('sida', 'm'): (1, 1, 1, 32, 100, 100, 200, None),
+    ('sida', 'l'): (1, 1, 1, 32, 100, 100, 200, None),
+    ('sida', 'xl'): (1, 1, 1, 16, 100, 100, 200, None),
+    ('sida', 'xxl'): (1, 1, 1, 2, 100, 100, 100, None),
+    ('sid2a', 'xs'): (1, 1, 1, 64, 100, 100, 30, 'edm2_img512_xs_sid_alpha1-249360.pkl'),
+    ('sid2a', 's'): (1, 0, 0, 64, 100, 100, 80, 'edm2_img512_s_sid_alpha1-192010.pkl'),
+    ('sid2a', 'm'): (1, 1, 1, 32, 50, 100, 200, 'edm2_img512_m_sid_alpha1-226830.pkl'),
+    ('sid2a', 'l'): (1, 1, 1, 32, 100, 100, 55, 'edm2_img512_l_sid_alpha1-203788.pkl'),
+    ('sid2a', 'xl'): (1, 1, 1, 16, 100, 100, 50, 'edm2_img512_xl_sid_alpha1-234004.pkl'),
+    ('sid2a', 'xxl'): (1, 1, 1, 2, 100, 100, 30, 'edm2_img512_xxl_sida_alpha1-077932.pkl'),
+}
+
+
+@pytest.mark.parametrize('method,size', list(EDM2_OFFICIAL))
+def test_presets_match_official_edm2_scripts(method, size):
+    use_gan, fn, lv, bgpu, lsg, lsd, mimg, init = EDM2_OFFICIAL[(method, size)]
+    over = dict(dataset=f'imagenet512-{size}', method='sida' if use_gan else 'sid', outdir='x')
+    if init:
+        over['init_generator'] = IN512 + init
+    c = sid.make_config(over)
+    assert (c.force_normalization, c.logvar, c.batch_gpu, c.lsg, c.duration_mimg) == (
+        fn, lv, bgpu, lsg, mimg)
+    if use_gan:  # lsg_gan and the 100/200 kimg schedule: the scripts' defaults
+        assert (c.lsd, c.lsg_gan, c.sida_warmup_kimg, c.sida_mix_kimg) == (lsd, 0.01, 100, 200)
+    # common to every entry: --alpha 1 --tmax 800 --init_sigma 2.5 --batch 2048 --lr 5e-5 --glr 5e-5
+    # --fp16 1 --ls 1 --augment 0 --ema 2 --tick 10 --snap 50 (ticks), g_beta1 0, the size's -fid
+    # teacher and dropout, img512.pkl; EDM2's loss: P_mean -0.4, P_std 1.0, no clip of f_psi
+    assert (c.alpha, c.tmax, c.sigma_init, c.batch, c.lr, c.glr, c.precision, c.ls, c.augment,
+            c.ema_mimg, c.tick_kimg, c.snap_kimg, c.g_beta1) == (
+        1.0, 800, 2.5, 2048, 5e-5, 5e-5, 'fp16', 1.0, 0.0, 2, 10, 500, 0.0)
+    assert (c.teacher, c.dropout, c.fid_ref) == (f'edm2-img512-{size}', EDM2_DROPOUT[size],
+                                                 'img512')
+    assert (c.P_mean, c.P_std, c.clip_psi) == (-0.4, 1.0, False)
+    assert 2048 % (bgpu * 4) == 0  # 4 GPUs, as every script but SiDA-XS's 3
+
+
+def edm2_cfg(out, method, iters, **kw):
+    """A tiny EDM2 run: 4x8x8 latents, batch 4 in 2 rounds of 2, the random VAE (64x64 pixels)."""
+    extra = dict(sida_warmup_kimg=0, sida_mix_kimg=0.004) if method == 'sida' else {}
+    return cfg_for(out, 'imagenet512-xs', iters, method=method, net_overrides=EDM2_NET,
+                   vae='random', **{**extra, **kw})
+
+
+def latent_zip(path, n=6):
+    files, arrs = latent_files(n=n, res=8)
+    meta = {'labels': [[name, c] for name, c in zip(sorted(files), [3, 999, 0, 3, 7, 512])]}
+    return write_dataset(path, files, meta, 'zip')
+
+
+@needs_diffusers
+@pytest.mark.parametrize('method', ['sid', 'sida'])
+def test_edm2_tiny_run_trains_resumes_bitwise_and_writes_decoded_grids(tmp_path, method):
+    import latents
+    extra = dict(data=latent_zip(tmp_path / 'sd.zip')) if method == 'sida' else {}
+
+    def make(out, iters):
+        return edm2_cfg(out, method, iters, snap_kimg=0.008, **extra)
+
+    nets = edm2_nets(make(tmp_path / 'x', 1))
+    run_a, A, out = run_quiet(make(tmp_path / 'a', 4), copy.deepcopy(nets))
+    run_quiet(make(tmp_path / 'b', 2), copy.deepcopy(nets))
+    cfg_b = runs.resolve_config(dict(resume=str(tmp_path / 'b'),
+                                     duration_mimg=make('', 4).duration_mimg))
+    _, B, out_b = run_quiet(cfg_b, copy.deepcopy(nets))
+    assert 'resumed from' in out_b
+    assert all(states_equal(getattr(A, k), getattr(B, k)) for k in ('G', 'G_ema', 'f_psi'))
+    assert not states_equal(A.G, nets[1]) and not states_equal(A.f_psi, nets[2])
+
+    def same(e):
+        return {k: v for k, v in e.items() if k not in ('tick', 'time', 'sec_per_kimg')}
+
+    assert [same(e) for e in read_stats(tmp_path / 'b')] == [
+        same(e) for e in read_stats(tmp_path / 'a')]
+    if method == 'sida':  # the adversarial term ran, and the data position came back
+        assert read_stats(tmp_path / 'a')[-1]['loss_gan'] > 0
+        # f_psi's 4 steps and G's 3 (G waits at 0 kimg), 2 micro-batches of 2 each
+        assert load_state(tmp_path / 'b')['data_images'] == (4 + 3) * 2 * 2
+    vae = latents.open_vae('random')
+    for name in ('samples-000000008.png', 'samples-000000016.png'):  # 4x4 decoded at 64x64
+        grid = read_png(tmp_path / 'a' / name)
+        assert grid.shape == (256, 256, 3) and grid.std() > 1
+    G_ema = A.G_ema
+    want = latents.decode(vae, runs.sample_images(G_ema, range(16), 2.5, torch.device('cpu')))
+    grid = read_png(tmp_path / 'a' / 'samples-000000016.png')
+    assert np.abs(grid[64:128, 192:256] - want[7].permute(1, 2, 0).numpy()).max() <= 1
+    r = cli('generate', '--ckpt', tmp_path / 'a', '--seeds', '5,7', '--vae', 'random', '--device',
+            'cpu', '--outdir', tmp_path / 'gen', '--class-idx', 999)
+    assert r.returncode == 0, r.stderr
+    c = F.one_hot(torch.tensor([999]), 1000).float()
+    for seed in (5, 7):
+        z = torch.randn([4, 8, 8], generator=torch.Generator().manual_seed(seed))[None] * 2.5
+        with torch.no_grad():
+            x = latents.decode(vae, G_ema(z, torch.full([1, 1, 1, 1], 2.5), c))[0]
+        png = read_png(tmp_path / 'gen' / f'{seed:06d}.png')
+        assert png.shape == (64, 64, 3) and np.abs(png - x.permute(1, 2, 0).numpy()).max() <= 1
+
+
+@needs_diffusers
+def test_edm2_data_free_labels_file_and_real_latent_labels(tmp_path):
+    """--data dataset.json: every class drawn comes from the file; a latent zip: G and the teacher
+    get the real batch's labels, one-hot at 1000 classes."""
+    labels = {'labels': [['a.png', 7], ['b.png', 7], ['c.png', 412]]}
+    path = write_bytes(tmp_path / 'dataset.json', json.dumps(labels).encode())
+    for method, data in (('sid', path), ('sida', latent_zip(tmp_path / 'sd.zip'))):
+        cfg = edm2_cfg(tmp_path / method, method, 2, data=data)
+        nets = edm2_nets(cfg, perturb=False)
+        seen = []
+        nets[0].register_forward_pre_hook(lambda m, a: seen.append(a[2].argmax(1).tolist()))
+        run_quiet(cfg, nets)
+        classes = {c for row in seen for c in row}
+        assert classes <= ({7, 412} if method == 'sid' else {0, 3, 7, 512, 999}) and classes
+        assert all(len(row) == 2 for row in seen)
+
+
+@needs_diffusers
+def test_edm2_vae_errors_are_one_line(tmp_path, monkeypatch):
+    """No diffusers: one line naming the package; no weights: one line naming where to put them;
+    nothing written."""
+    monkeypatch.chdir(tmp_path)
+    args = ['--dataset', 'imagenet512-xs', '--teacher', 'random', '--net-overrides', EDM2_NET,
+            '--batch', 4, '--batch-gpu', 2, '--duration-mimg', 4e-6, '--device', 'cpu']
+    r = cli(*args, '--vae', tmp_path / 'nowhere', '--outdir', tmp_path / 'a')
+    assert_one_line_error(r, 'diffusion_pytorch_model.safetensors from https://huggingface.co/'
+                             'stabilityai/sd-vae-ft-mse in a folder')
+    monkeypatch.setitem(sys.modules, 'diffusers', None)
+    r = cli(*args, '--outdir', tmp_path / 'b')
+    assert_one_line_error(r, 'pip install diffusers')
+    G = edm2_nets(edm2_cfg(tmp_path / 'c', 'sid', 1), perturb=False)[1]
+    runs.save_snapshot(str(tmp_path / 'g.pt'), G.eval(), 0, sid.Config())
+    r = cli('generate', '--ckpt', tmp_path / 'g.pt', '--outdir', tmp_path / 'o', '--device', 'cpu')
+    assert_one_line_error(r, 'pip install diffusers')
+    assert sorted(os.listdir(tmp_path)) == ['g.pt']
+
+
+def test_edm2_real_latents_are_fresh_posterior_samples_of_the_shard(tmp_path):
+    """SiDA's real batches: the zip's members of this rank's shard, each a posterior sample
+    mean + std * eps scaled and shifted by EDM2's statistics, eps from the batch's own generator
+    (seed, rank, batch index), so the stream restarts exactly at a saved position."""
+    path = latent_zip(tmp_path / 'sd.zip')
+    cfg = edm2_cfg(tmp_path / 'r', 'sida', 1, data=path, seed=5)
+    s = loop_state(cfg, edm2_nets(cfg, perturb=False))
+    run = runs.Run(cfg=cfg, log=print)
+    stream = runs.open_data(run, s)
+    got = [next(stream) for _ in range(3)]
+    _, arrs = latent_files(n=6, res=8)
+    order = [b for b, _ in zip(runs.data.shard_indices(6, 2, 5), range(3))]  # the images' order
+    scale = torch.tensor([0.5 / v for v in (4.17, 4.62, 3.71, 3.28)]).reshape(1, 4, 1, 1)
+    bias = -torch.tensor([5.81, 3.25, 0.12, -2.15]).reshape(1, 4, 1, 1) * scale
+    for i, ((x, c), idx) in enumerate(zip(got, order)):
+        raw = torch.from_numpy(arrs[idx.numpy()])
+        key = np.random.SeedSequence(5, spawn_key=(0, i)).generate_state(1, np.uint64)[0]
+        eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(int(key)))
+        torch.testing.assert_close(x, (raw[:, :4] + eps * raw[:, 4:]) * scale + bias)
+        assert c.shape == (2, 1000) and c.sum() == 2
+    s.data_batches = 2  # a resumed run: the third batch again
+    x, _ = next(runs.open_data(run, s))
+    assert torch.equal(x, got[2][0])
+
+#----------------------------------------------------------------------------
 # Released generators by name (a primed download cache: no network) and `evaluate`.
 
 def prime_release(cache, name, net):
@@ -1113,3 +1315,47 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch):
     write_bytes(cached + '.sha256', fileio.sha256_of(cached).encode())
     assert_one_line_error(cli('evaluate', '--ckpt', 'sid-cifar10-cond-a1.2', *common),
                           'refusing to load global')
+
+
+@needs_diffusers
+def test_edm2_release_by_name_generates_evaluates_and_starts_sid2a(tmp_path, monkeypatch):
+    """An EDM2 release in the official generator format, primed in the cache (no network):
+    `generate` writes its decoded PNGs, `evaluate` scores the decoded images as metrics.evaluate
+    does and names the authors' best FID of the size, and SiD²A starts G from it by name."""
+    import latents
+    name = 'sida-img512-xs-a1'
+    cache = tmp_path / 'cache'
+    monkeypatch.setenv('SID_CACHE', str(cache))
+    cfg = edm2_cfg(tmp_path / 'x', 'sida', 1)
+    G = perturb_copy(edm2_nets(cfg, perturb=False)[1], 3, 0.1).eval()
+    os.makedirs(cache)
+    write_edm2_pickle(fileio.cache_path(releases.resolve(name).url), G, 'generator', hooks=True)
+    vae = latents.open_vae('random')
+
+    def sample(seeds):
+        return latents.decode(vae, runs.sample_images(G, seeds, 2.5, 'cpu'))
+
+    r = cli('generate', '--ckpt', name, '--seeds', '0-2', '--vae', 'random', '--device', 'cpu',
+            '--outdir', tmp_path / 'gen')
+    assert r.returncode == 0, r.stderr
+    want = sample(range(3))
+    for s in range(3):  # SiD's sigma_init 2.5, a random class per seed, 64x64 decoded
+        png = read_png(tmp_path / 'gen' / f'{s:06d}.png')
+        assert np.abs(png - want[s].permute(1, 2, 0).numpy()).max() <= 1
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 16))
+    fid.save_ref(str(tmp_path / 'ref.npz'), rng.standard_normal(16) * 0.1, a @ a.T / 16)
+    det = detector_file(tmp_path / 'det.pt')
+    r = cli('evaluate', '--ckpt', name, '--metrics', 'fid,is', '--num', 10, '--ref',
+            tmp_path / 'ref.npz', '--detector', det, '--vae', 'random', '--batch', 5, '--device',
+            'cpu', '--out', tmp_path / 'e.json')
+    assert r.returncode == 0, r.stderr
+    expected = metrics.evaluate(sample, [3, 64, 64], 10, ('fid', 'is'), 1,
+                                str(tmp_path / 'ref.npz'), detector=det, batch=5)
+    report = json.load(open(tmp_path / 'e.json'))
+    assert report['trials'] == expected['trials']
+    assert r.stdout.splitlines()[-1] == ("the authors' best FID on img512-xs (SiDA README, "
+                                         "whichever file): 2.156")
+    f_phi, G2, f_psi = runs.load_networks(dataclasses.replace(cfg, init_generator=name), None,
+                                          torch.device('cpu'))
+    assert states_equal(G2, G)  # the release's weights (G is perturbed: not the teacher's)

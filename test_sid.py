@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import edm_nets, fid, runs, sid, toy
 
-from conftest import (HERE, SLOW, slow, Stub, affine, gaussian, linear, perturb_copy,
+from conftest import (HERE, SLOW, slow, Stub, affine, gaussian, linear, perturb_copy, tiny_edm2,
                       assert_one_line_error, states_equal, write_bytes, draws, softplus, sigmoid,
                       objective_state)
 
@@ -501,3 +501,150 @@ def test_multistep_project_and_sign_evaluation():
     assert ev['fix'] == pytest.approx(y.norm(dim=1).mean().item(), rel=1e-5)
     assert torch.allclose(ev['noisy'], y + 0.1) and torch.allclose(ev['projected'], 2 * (y + 0.1))
     assert len(ev['steps']) == 2
+
+#----------------------------------------------------------------------------
+# EDM2 (Karras et al. 2024) in SiD and SiDA (official sida branch, sida_loss_edm2.py): the loss
+# differences from EDM as named fields (P_mean/P_std, logvar), each against its closed form, and
+# the objectives against the official code's values on its stub networks.
+
+class EDM2Stub(nn.Module):
+    """EDM2's call convention in closed form: D = a x sd^2 / (sigma^2 + sd^2) + b; logits = the
+    channel mean of x at even rows and columns; log-variance u = c ln(sigma), returned last."""
+    def __init__(self, a, b=0.0, c=0.1):
+        super().__init__()
+        self.a, self.b, self.c = a, b, c
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False,
+                encoder_only=False, return_logvar=False):
+        D = self.a * x * 0.25 / (sigma ** 2 + 0.25) + self.b
+        logits = x.mean(1, keepdim=True)[:, :, ::2, ::2]
+        out = [logits] if encoder_only else [D] + ([logits] if return_logits else [])
+        if return_logvar:
+            out.append((self.c * torch.as_tensor(sigma).log()).reshape(-1, 1, 1, 1))
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def edm2_state(**cfg):
+    base = dict(logvar=True, alpha=1.0, P_mean=-0.4, P_std=1.0, lsg=1.0, lsg_gan=1.0, lsd=1.0)
+    psi = EDM2Stub(0.9, 0.01)
+    teacher = EDM2Stub(1.0, c=0.3)  # its u must never be used (officially f_psi's weights G)
+    return objective_state(sid.Config(**{**base, **cfg}), n=1, f_phi=teacher, f_psi=psi,
+                           psi_ddp=psi, cur_nimg=10 ** 7)
+
+
+def test_edm2_objectives_give_the_official_values():
+    """The official code's own check (stub networks above, y = linspace(-1, 1, 512) as [2, 4, 8, 8],
+    torch.manual_seed(123) before each call, alpha 1, tmax 800, logvar on): SiD's generator loss
+    sums to -12.628258, the adversarial terms per sample are [8.782638, 1.706215] before the C*H*W
+    factor, f_psi's loss sums to 606.074768 (P_mean -0.4, P_std 1.0) and SiDA's discriminator
+    adds [5.180727, 4.291700]."""
+    y = torch.linspace(-1, 1, 512).reshape(2, 4, 8, 8)
+    s = edm2_state()
+    torch.manual_seed(123)
+    assert (torch.rand(2) * 0.8).tolist() == pytest.approx([0.23688956, 0.41324982], abs=1e-7)
+    torch.manual_seed(123)
+    _, (loss, gan) = sid.G_sida(s, y, None, None)
+    assert loss.item() == pytest.approx(-12.628258, rel=1e-6)
+    assert gan.item() / 256 == pytest.approx(8.782638 + 1.706215, rel=1e-6)
+    torch.manual_seed(123)
+    _, (loss, _) = sid.G_sid(s, y, None, None)
+    assert loss.item() == pytest.approx(-12.628258, rel=1e-6)
+    torch.manual_seed(123)
+    _, (fake, _) = sid.fake_sid(s, y, None, None)
+    assert fake.item() == pytest.approx(606.074768, rel=1e-6)
+    torch.manual_seed(123)
+    _, (fake_d, _) = sid.fake_sida(s, y, 0.5 * y, None)
+    assert fake_d.item() == pytest.approx(606.074768 + 5.180727 + 4.291700, rel=1e-6)
+    torch.manual_seed(123)  # EDM's levels (P_mean -1.2, P_std 1.2) give another value
+    assert sid.fake_sid(edm2_state(P_mean=-1.2, P_std=1.2), y, None, None)[1][0].item() != \
+        pytest.approx(606.074768, rel=1e-3)
+
+
+def test_edm2_uncertainty_weighting_closed_forms():
+    """--logvar: each loss per sample divided by e^u; f_psi's also + u per pixel, minimised at
+    e^u = the mean over pixels of lambda (D - x)^2, where it equals (1 + ln that mean) * pixels."""
+    x_g, sigma, noise, off = draws(B=3, shape=(4, 8, 8))
+    u = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64).reshape(3, 1, 1, 1)
+    x_t = x_g + sigma * noise
+    D = 0.8 * x_t + 0.02 * x_t ** 2
+    lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    sq = lam * (D - x_g) ** 2
+    want = [(sq[b].sum() / math.exp(u[b].item()) + 256 * u[b].item()).item() for b in range(3)]
+    assert sid.dsm_loss(D, x_g, sigma, logvar=u).tolist() == pytest.approx(want, rel=1e-12)
+    assert torch.allclose(sid.dsm_loss(D, x_g, sigma, logvar=torch.zeros_like(u)),
+                          sid.dsm_loss(D, x_g, sigma))
+    best = sq.flatten(1).mean(1).log().reshape(3, 1, 1, 1).requires_grad_()
+    at_best = sid.dsm_loss(D, x_g, sigma, logvar=best)
+    g, = torch.autograd.grad(at_best.sum(), best)
+    assert g.abs().max() < 1e-9
+    assert at_best.tolist() == pytest.approx((256 * (1 + best.flatten())).tolist(), rel=1e-12)
+    e = u.flatten().exp()
+    y_phi, y_psi = 0.7 * x_t, 0.6 * x_t
+    assert torch.allclose(sid.sid_generator_loss(y_phi, y_psi, x_g, 1.2, u),
+                          sid.sid_generator_loss(y_phi, y_psi, x_g, 1.2) / e, rtol=1e-12)
+    logits = x_t[:, :1] + off
+    assert torch.allclose(sid.sida_generator_gan_loss(logits, x_g, y_phi, y_psi, u),
+                          sid.sida_generator_gan_loss(logits, x_g, y_phi, y_psi) / e,
+                          rtol=1e-6)  # w is float32 (as officially)
+    real = -logits
+    assert torch.allclose(sid.sida_discriminator_loss(real, logits, sigma, logvar=u),
+                          sid.sida_discriminator_loss(real, logits, sigma) / e, rtol=1e-12)
+
+
+def test_edm2_fake_score_levels_and_logvar_routing():
+    """f_psi's levels are exp(P_mean + P_std xi) from the objective's first draw; with --logvar
+    every f_psi call asks for u and the teacher's never does; without, no call asks (EDM's nets
+    take no such argument)."""
+    y = torch.randn(4, 4, 8, 8)
+    s = edm2_state(P_mean=-0.4, P_std=1.0)
+    calls = []
+    s.psi_ddp.register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    torch.manual_seed(7)
+    sid.fake_sid(s, y, None, None)
+    torch.manual_seed(7)
+    xi = torch.randn(4, 1, 1, 1)
+    noise = torch.randn_like(y)
+    torch.manual_seed(7)
+    sigma = sid.draw_sigma_fake(y, -0.4, 1.0)
+    assert torch.allclose(sigma, (-0.4 + 1.0 * xi).exp())
+    torch.manual_seed(7)
+    _, (loss, _) = sid.fake_sid(s, y, None, None)
+    x_in = y + sigma * noise
+    D, u = s.psi_ddp(x_in, sigma, return_logvar=True)
+    assert loss.item() == pytest.approx(sid.dsm_loss(D, y, sigma, logvar=u).sum().item(), rel=1e-6)
+    assert calls[0].get('return_logvar') is True
+    teacher = []
+    s.f_phi.register_forward_pre_hook(lambda m, a, kw: teacher.append(kw), with_kwargs=True)
+    sid.G_sida(s, y, None, None)
+    assert calls[-1] == dict(return_logits=True, return_logvar=True)
+    assert teacher == [{}]
+    s = objective_state(sid.Config(), n=1, psi_ddp=affine(0.5))  # EDM: no logvar argument
+    sid.fake_sid(s, y, None, None)
+    assert 'return_logvar' not in str(s.psi_ddp.calls)
+
+
+def test_edm2_networks_from_the_teacher():
+    """G: the teacher's U-Net without the log-variance head (the official generator's 200
+    entries), with the run's dropout; f_psi: the teacher, with its head only under --logvar; both
+    with the run's forced weight normalisation; f_phi: the teacher, frozen."""
+    teacher = tiny_edm2(dropout=0.0).eval()
+    cfg = sid.Config(dataset='imagenet512-xs', logvar=True, augment=0.0, dropout=0.1,
+                     force_normalization=False)
+    f_phi, G, f_psi = sid.build_networks(cfg, teacher, torch.device('cpu'))
+    unet = {k: v for k, v in teacher.state_dict().items() if k.startswith('unet.')}
+    assert list(G.state_dict()) == list(unet) and states_equal(f_phi, teacher)
+    assert all(torch.equal(v, unet[k]) for k, v in G.state_dict().items())
+    assert states_equal(f_psi, teacher) and f_psi.logvar_channels == 8 and G.logvar_channels == 0
+    assert not f_phi.training and not any(p.requires_grad for p in f_phi.parameters())
+    for net, p in ((f_phi, 0.0), (G, 0.1), (f_psi, 0.1)):
+        blocks = [m for m in net.modules() if isinstance(m, edm_nets.EDM2Block)]
+        assert {b.dropout for b in blocks} == {p}
+    convs = [m for n in (G, f_psi) for m in n.modules() if isinstance(m, edm_nets.MPConv)]
+    assert {m.force_normalization for m in convs} == {False}
+    _, _, f_psi = sid.build_networks(dataclasses.replace(cfg, logvar=False), teacher,
+                                     torch.device('cpu'))
+    assert f_psi.logvar_channels == 0 and list(f_psi.state_dict()) == list(unet)
+    for bad, match in ((dict(augment=0.1), '--augment'), (dict(logvar=True), '--no-logvar')):
+        net = tiny_edm2(logvar_channels=0) if 'logvar' in bad else teacher
+        with pytest.raises(ValueError, match=match):
+            sid.build_networks(dataclasses.replace(cfg, **bad), net, torch.device('cpu'))

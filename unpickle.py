@@ -1,9 +1,9 @@
 # The bounded allow-list unpickler of sid, with the safe stand-ins that the allowed pickles need.
 #
 # Reads the pickles of EDM (Karras et al. 2022, github.com/NVlabs/edm: the .pkl files of its
-# torch_utils.persistence, which SiD's checkpoints share), the data.pkl of torch.save files and the
-# CIFAR-10 python batches, without running anything from the file. EDM's persistent objects become
-# inert records: their embedded `module_src` is hashed, never executed.
+# torch_utils.persistence, which EDM2's and SiD's checkpoints share), the data.pkl of torch.save
+# files and the CIFAR-10 python batches, without running anything from the file. EDM's persistent
+# objects become inert records: their embedded `module_src` is hashed, never executed.
 
 import _compat_pickle
 import collections
@@ -379,9 +379,28 @@ def _inert_persistent_obj(meta):
     if meta.get('version') != 6:
         print(f'warning: persistence format version {meta.get("version")} (expected 6)',
               file=sys.stderr)
-    state, src = meta.get('state') or {}, meta.get('module_src') or ''
+    # the state dict itself, even while empty: a module pickled inside its own state (an EDM2
+    # generator's hooks) is rebuilt before its state's items are set, and fills in later
+    state = meta['state'] if isinstance(meta.get('state'), dict) else {}
+    src = meta.get('module_src') or ''
     return dict(class_name=meta.get('class_name'), init_kwargs=state.get('_init_kwargs', {}),
                 state=state, module_src_sha1=hashlib.sha1(str(src).encode()).hexdigest())
+
+
+INERT_HOOK = '<forced weight normalisation hook>'
+
+
+def _inert_hook(record, name):
+    """builtins.getattr as the official SiD EDM2 generators use it (sida branch,
+    networks_edm2_modified.py): MPConv's forward pre-hook, pickled as the bound method
+    getattr(mpconv, '_apply_forced_weight_normalization'). Never a real getattr: the hook becomes
+    the inert marker INERT_HOOK, which the state-dict reader ignores."""
+    hook = (isinstance(record, dict) and record.get('class_name') == 'MPConv'
+            and name == '_apply_forced_weight_normalization')
+    if not hook:
+        raise Refused('refusing to load global builtins.getattr (allowed only as the inert '
+                      "stand-in of an EDM2 MPConv's pickled weight-normalisation hook)")
+    return INERT_HOOK
 
 
 EDM_GLOBALS = {
@@ -397,4 +416,5 @@ EDM_GLOBALS = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _inert_persistent_obj,
     ('dnnlib.util', 'EasyDict'): _EasyDict,
     ('builtins', 'set'): _safe_set,  # sets in protocol < 4 pickles
+    ('builtins', 'getattr'): _inert_hook,  # the official SiD EDM2 generators' hooks
 }
