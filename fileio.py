@@ -362,6 +362,13 @@ KNOWN_FILES = {  # url -> sha256 (None: none published), size in bytes where kno
         sha256=None),
     'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/64/'
     'VIRTUAL_imagenet64_labeled.npz': dict(sha256=None),
+    # EDM2's teachers (posthoc reconstructions) and ImageNet-512 reference statistics: no
+    # published hashes; recorded at the first download
+    **{f'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-{name}.pkl':
+       dict(sha256=None)
+       for name in ('xs-2147483-0.135', 's-2147483-0.130', 'm-2147483-0.100', 'l-1879048-0.085',
+                    'xl-1342177-0.085', 'xxl-0939524-0.070')},
+    'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl': dict(sha256=None),
     # EDM's FID reference statistics: no published hashes; recorded at the first download
     **{f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{name}.npz': dict(sha256=None)
        for name in ('cifar10-32x32', 'imagenet-64x64', 'ffhq-64x64', 'afhqv2-64x64')},

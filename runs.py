@@ -159,7 +159,7 @@ def check_network_size(kwargs, source):
     kwargs = checkpoints.check_net_kwargs(kwargs, source)
     try:
         with torch.device('meta'):
-            count = sum(p.numel() for p in edm_nets.EDMPrecond(**kwargs).parameters())
+            count = sum(p.numel() for p in edm_nets.build_net(**kwargs).parameters())
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
         raise ValueError(f'{source}: no network can be built from these arguments '
                          f'({str(e).splitlines()[0]})') from None

@@ -242,6 +242,9 @@ def test_edm2_released_generator_by_name_from_the_cache(tmp_path, monkeypatch, n
     x = runs.sample_images(loaded, [0, 1], releases.SIGMA_INIT, 'cpu')
     assert list(x.shape) == [2, 4, 16, 16] and torch.isfinite(x).all()
     write_edm2_pickle(cached, G, 'generator', extra=dict(evil=Evil(os.system, 'true')))
+    with pytest.raises(RuntimeError, match='not the known'):  # its hash was recorded at first use
+        checkpoints.load_checkpoint(name)
+    write_bytes(cached + '.sha256', fileio.sha256_of(cached).encode())  # as if first seen so
     with pytest.raises(ValueError, match='unsafe .*refusing to load global'):
         checkpoints.load_checkpoint(name)
 

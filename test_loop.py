@@ -448,7 +448,7 @@ def test_nan_latent_drops_its_sample_and_f_psi_still_learns(tmp_path, monkeypatc
     assert logs[0].item() == pytest.approx((lam * (D - x_g[keep]) ** 2).sum().item() / 4, rel=1e-5)
     # the micro-batch without sample 1, the same draws for the other samples, the same n
     replay = iter([d[keep] for d in draws])
-    monkeypatch.setattr(sid, 'draw_sigma_fake', lambda x: next(replay))
+    monkeypatch.setattr(sid, 'draw_sigma_fake', lambda x, *levels: next(replay))
     monkeypatch.setattr(torch, 'randn_like', lambda x: next(replay))
     monkeypatch.setattr(s, 'zero_aug', s.zero_aug[keep])
     loss_ref, logs_ref = m.fake_loss(s, x_g[keep], x_r[keep], None)

@@ -524,7 +524,7 @@ def test_resume_keeps_the_maths(tmp_path):
 # and SIGN's real images, conditional runs' labels), --precision (fp16 also sets Adam's eps; bf16
 # and tf32 round every product to ~1e-3) and every other option are fixed.
 MAY_CHANGE = {'duration_mimg', 'tick_kimg', 'snap_kimg', 'fid_every_kimg', 'device', 'compile',
-              'checkpointing', 'channels_last', 'fused_adam'}
+              'checkpointing', 'channels_last', 'fused_adam', 'vae'}
 OTHER = dict(dataset='cifar10-cond', method='sign', alpha=0.8, sigma_init=2.0, tmax=700, ls=2.0,
              lsg=10.0, lsd=2.0, lsg_gan=0.1, psi_warmup_kimg=1, sida_warmup_kimg=5,
              sida_mix_kimg=7, lambda_idem=1.0, lambda_rec=1.0, lambda_flow=1.0, teacher='t.pkl',
@@ -532,7 +532,8 @@ OTHER = dict(dataset='cifar10-cond', method='sign', alpha=0.8, sigma_init=2.0, t
              lr=1e-4, glr=1e-4, g_beta1=0.5, dropout=0.2, augment=0.3, ema_mimg=1.0,
              duration_mimg=900, fast=True, precision='bf16', channels_last=True, fused_adam=True,
              compile=True, checkpointing=True, device='cpu', tick_kimg=5, snap_kimg=50,
-             fid_every_kimg=50, fid_num=1000, fid_ref='r.npz')
+             fid_every_kimg=50, fid_num=1000, fid_ref='r.npz', P_mean=-0.4, P_std=1.0,
+             logvar=True, clip_psi=False, force_normalization=False, vae='random')
 
 
 def test_resume_policy_is_one_source_in_code_help_and_readme(tmp_path, capsys):
@@ -1347,11 +1348,11 @@ def test_edm2_release_by_name_generates_evaluates_and_starts_sid2a(tmp_path, mon
     fid.save_ref(str(tmp_path / 'ref.npz'), rng.standard_normal(16) * 0.1, a @ a.T / 16)
     det = detector_file(tmp_path / 'det.pt')
     r = cli('evaluate', '--ckpt', name, '--metrics', 'fid,is', '--num', 10, '--ref',
-            tmp_path / 'ref.npz', '--detector', det, '--vae', 'random', '--batch', 5, '--device',
-            'cpu', '--out', tmp_path / 'e.json')
+            tmp_path / 'ref.npz', '--detector', det, '--trust-detector', '--vae', 'random',
+            '--batch', 5, '--device', 'cpu', '--out', tmp_path / 'e.json')
     assert r.returncode == 0, r.stderr
     expected = metrics.evaluate(sample, [3, 64, 64], 10, ('fid', 'is'), 1,
-                                str(tmp_path / 'ref.npz'), detector=det, batch=5)
+                                str(tmp_path / 'ref.npz'), detector=det, batch=5, trusted=True)
     report = json.load(open(tmp_path / 'e.json'))
     assert report['trials'] == expected['trials']
     assert r.stdout.splitlines()[-1] == ("the authors' best FID on img512-xs (SiDA README, "

@@ -553,8 +553,9 @@ def test_edm2_objectives_give_the_official_values():
     _, (fake, _) = sid.fake_sid(s, y, None, None)
     assert fake.item() == pytest.approx(606.074768, rel=1e-6)
     torch.manual_seed(123)
-    _, (fake_d, _) = sid.fake_sida(s, y, 0.5 * y, None)
-    assert fake_d.item() == pytest.approx(606.074768 + 5.180727 + 4.291700, rel=1e-6)
+    _, (dsm, d) = sid.fake_sida(s, y, 0.5 * y, None)  # logged: each term
+    assert dsm.item() == pytest.approx(606.074768, rel=1e-6)
+    assert d.item() == pytest.approx(5.180727 + 4.291700, rel=1e-6)
     torch.manual_seed(123)  # EDM's levels (P_mean -1.2, P_std 1.2) give another value
     assert sid.fake_sid(edm2_state(P_mean=-1.2, P_std=1.2), y, None, None)[1][0].item() != \
         pytest.approx(606.074768, rel=1e-3)
@@ -580,10 +581,10 @@ def test_edm2_uncertainty_weighting_closed_forms():
     assert at_best.tolist() == pytest.approx((256 * (1 + best.flatten())).tolist(), rel=1e-12)
     e = u.flatten().exp()
     y_phi, y_psi = 0.7 * x_t, 0.6 * x_t
-    assert torch.allclose(sid.sid_generator_loss(y_phi, y_psi, x_g, 1.2, u),
+    assert torch.allclose(sid.sid_generator_loss(y_phi, y_psi, x_g, 1.2, logvar=u),
                           sid.sid_generator_loss(y_phi, y_psi, x_g, 1.2) / e, rtol=1e-12)
     logits = x_t[:, :1] + off
-    assert torch.allclose(sid.sida_generator_gan_loss(logits, x_g, y_phi, y_psi, u),
+    assert torch.allclose(sid.sida_generator_gan_loss(logits, x_g, y_phi, y_psi, logvar=u),
                           sid.sida_generator_gan_loss(logits, x_g, y_phi, y_psi) / e,
                           rtol=1e-6)  # w is float32 (as officially)
     real = -logits
