@@ -622,23 +622,33 @@ def test_resume_writes_only_into_its_own_folder_and_a_finished_run_stays_intact(
     assert same.outdir == str(a)
 
 
-def test_numbered_folders_are_taken_atomically(tmp_path):
+def test_numbered_folders_are_taken_atomically(tmp_path, monkeypatch):
     """Runs started at one moment each get their own numbered folder (os.mkdir: no window between
-    choosing the number and making the folder)."""
+    choosing the number and making the folder). The race is forced: 8 threads all list the parent
+    folder before any of them makes its folder, so all choose the same number first."""
     parent = str(tmp_path / 'runs')
     assert runs.new_run_dir(parent, 'toy-sid') != runs.new_run_dir(parent, 'toy-sid')
-    got, barrier = [], threading.Barrier(8)
+    got, barrier, first = [], threading.Barrier(8, timeout=60), threading.local()
+    listdir = os.listdir
+
+    def listdir_then_wait(path):
+        names = listdir(path)
+        if not getattr(first, 'seen', False):  # each thread's first listing: wait for the others
+            first.seen = True
+            barrier.wait()
+        return names
 
     def take():
-        barrier.wait()
         got.append(runs.new_run_dir(parent, 'toy-sid'))
 
+    monkeypatch.setattr(os, 'listdir', listdir_then_wait)
     threads = [threading.Thread(target=take) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(got)) == 8 and all(os.path.isdir(p) for p in got)
+    monkeypatch.undo()
+    assert len(got) == 8 and len(set(got)) == 8 and all(os.path.isdir(p) for p in got)
     assert sorted(os.listdir(parent)) == [f'{i:05d}-toy-sid' for i in range(10)]
 
 
