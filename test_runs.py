@@ -253,10 +253,12 @@ BAD = [  # (name, args(t), message)
      'makes 32x32 3-channel unconditional images, --dataset ffhq64 64x64 3-channel unconditional'),
     ('teacher-labels', lambda t: TINY(t, 'n8', '--teacher', t / 'cond.pt'),
      '--dataset cifar10 32x32 3-channel unconditional ones'),
-    ('teacher-named', lambda t: ['--dataset', 'ffhq64', '--teacher', 'cifar10-32x32-uncond-vp'],
+    # (--dry-run: the same checks as a start; broken, they would download or allocate 230 GB)
+    ('teacher-named', lambda t: ['--dataset', 'ffhq64', '--teacher', 'cifar10-32x32-uncond-vp',
+                                 '--dry-run'],
      """state its shape: --net-overrides '{"img_resolution": 32}'"""),  # before any download
     ('random-too-large', lambda t: ['--dataset', 'cifar10', '--teacher', 'random',
-                                    '--net-overrides', '{"model_channels": 4096}'],
+                                    '--net-overrides', '{"model_channels": 4096}', '--dry-run'],
      '--teacher random: a network of 5.7e+10 parameters (limit 2e+09)'),
     # issue 22: generate and project never report more than they wrote, never overwrite their own
     # outputs, and work in bounded batches (issue 20)
