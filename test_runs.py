@@ -303,10 +303,12 @@ BAD = [  # (name, args(t), message)
      'makes 32x32 3-channel unconditional images, --dataset ffhq64 64x64 3-channel unconditional'),
     ('teacher-labels', lambda t: TINY(t, 'n8', '--teacher', t / 'cond.pt'),
      '--dataset cifar10 32x32 3-channel unconditional ones'),
-    ('teacher-named', lambda t: ['--dataset', 'ffhq64', '--teacher', 'cifar10-32x32-uncond-vp'],
+    # (--dry-run: the same checks as a start; broken, they would download or allocate 230 GB)
+    ('teacher-named', lambda t: ['--dataset', 'ffhq64', '--teacher', 'cifar10-32x32-uncond-vp',
+                                 '--dry-run'],
      """state its shape: --net-overrides '{"img_resolution": 32}'"""),  # before any download
     ('random-too-large', lambda t: ['--dataset', 'cifar10', '--teacher', 'random',
-                                    '--net-overrides', '{"model_channels": 4096}'],
+                                    '--net-overrides', '{"model_channels": 4096}', '--dry-run'],
      '--teacher random: a network of 5.7e+10 parameters (limit 2e+09)'),
     # issue 22: generate and project never report more than they wrote, never overwrite their own
     # outputs, and work in bounded batches (issue 20)
@@ -673,23 +675,33 @@ def test_resume_writes_only_into_its_own_folder_and_a_finished_run_stays_intact(
     assert same.outdir == str(a)
 
 
-def test_numbered_folders_are_taken_atomically(tmp_path):
+def test_numbered_folders_are_taken_atomically(tmp_path, monkeypatch):
     """Runs started at one moment each get their own numbered folder (os.mkdir: no window between
-    choosing the number and making the folder)."""
+    choosing the number and making the folder). The race is forced: 8 threads all list the parent
+    folder before any of them makes its folder, so all choose the same number first."""
     parent = str(tmp_path / 'runs')
     assert runs.new_run_dir(parent, 'toy-sid') != runs.new_run_dir(parent, 'toy-sid')
-    got, barrier = [], threading.Barrier(8)
+    got, barrier, first = [], threading.Barrier(8, timeout=60), threading.local()
+    listdir = os.listdir
+
+    def listdir_then_wait(path):
+        names = listdir(path)
+        if not getattr(first, 'seen', False):  # each thread's first listing: wait for the others
+            first.seen = True
+            barrier.wait()
+        return names
 
     def take():
-        barrier.wait()
         got.append(runs.new_run_dir(parent, 'toy-sid'))
 
+    monkeypatch.setattr(os, 'listdir', listdir_then_wait)
     threads = [threading.Thread(target=take) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(got)) == 8 and all(os.path.isdir(p) for p in got)
+    monkeypatch.undo()
+    assert len(got) == 8 and len(set(got)) == 8 and all(os.path.isdir(p) for p in got)
     assert sorted(os.listdir(parent)) == [f'{i:05d}-toy-sid' for i in range(10)]
 
 
