@@ -621,3 +621,16 @@ def test_project_images_and_points_use_the_run_and_the_images_range(tmp_path):
     with torch.no_grad():
         want = Gt(torch.from_numpy(pts) + 0.1 * eps, torch.full([5, 1], 0.7))
     assert np.allclose(np.load(tmp_path / 'q' / 'projected.npy'), want.numpy(), atol=1e-6)
+
+
+def test_generate_and_project_help_say_what_they_do_and_loss_scales_what_they_scale():
+    for cmd, says in (('generate', ('one PNG per seed', 'multi-step', 'first 2000 points')),
+                      ('project', ('f(y + sigma * eps)', 'idempotent', 'one PNG per input'))):
+        r = cli(cmd, '--help')
+        text = ' '.join(r.stdout.split())
+        assert r.returncode == 0 and all(s in text for s in says), (cmd, text)
+    text = ' '.join(cli('--help').stdout.split())
+    for option, scaled in (('--ls', "f_psi's denoising loss"), ('--lsg', "G's SiD loss"),
+                           ('--lsd', "the discriminator's BCE term"),
+                           ('--lsg-gan', "the adversarial term in G's loss")):
+        assert re.search(f'{option} FLOAT (SiDA: )?multiplies {re.escape(scaled)}', text), option
