@@ -437,8 +437,12 @@ def main(argv=None):
         torch.set_num_threads(1)  # as `python sid.py --dataset toy`: the same numbers
     commands = {'mechanism': mechanism_command, 'seeds': seeds_command,
                 'execute': execute_command}
-    if not argv or argv[0] not in commands:
+    if not argv:
         print(__doc__.split('\n\n')[1])
+        sys.exit(2)
+    if argv[0] not in commands:
+        print(f"error: unknown command '{argv[0]}' (one of: {', '.join(commands)})",
+              file=sys.stderr)
         sys.exit(2)
     runs.one_line_errors(lambda: commands[argv[0]](argv[1:]))
 

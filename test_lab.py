@@ -254,6 +254,15 @@ def test_mechanism_panel_and_picture(tmp_path, monkeypatch):
     assert asked == [(3, [0.5, 2.0])] and (tmp_path / 'm.png').stat().st_size > 10000
 
 
+def test_commands_reject_bad_input_in_one_line(capsys):
+    for argv in (['bogus'], ['seeds'], ['seeds', 'x', '--dataset', 'toy'],
+                 ['seeds', '0-2', '--dataset', 'cifar10'], ['mechanism', '--kimg', '0,400']):
+        with pytest.raises(SystemExit) as e:
+            lab.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1, argv
+
+
 def test_seeds_command_runs_each_seed(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(toy, 'toy_pretrain', lambda net, teacher: net)  # its mechanics only
     table = lab.seeds_command(['0,1', '--dataset', 'toy', '--duration-mimg', '0.001', '--batch',
