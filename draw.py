@@ -108,6 +108,74 @@ def samples_picture(x, teacher):
     lines = toy.figure_lines(toy.toy_figures(x, teacher))
     return side_by_side([(f'{len(x)} samples', x, lines)], teacher)
 
+#----------------------------------------------------------------------------
+# SiD's mechanism on the 2-D toy (SiD §4, Algorithm 1): G's samples, the teacher's and the fake
+# score's denoised points at one noise level, and the direction of G's update, at a few moments.
+
+CYAN, MAGENTA, ORANGE = (80, 220, 255), (255, 90, 220), (255, 150, 40)
+
+def arrow(dr, a, b, colour, head=5):
+    """A line from a to b (pixels) with a head at b."""
+    dr.line([a, b], fill=colour, width=2)
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    n = math.hypot(dx, dy)
+    if n < 1:
+        return
+    ux, uy = dx / n, dy / n
+    for side in (1, -1):
+        dr.line([b, (b[0] - head * (ux - side * 0.5 * uy), b[1] - head * (uy + side * 0.5 * ux))],
+                fill=colour, width=2)
+
+def mechanism_picture(panels, teacher, size=300, extent=1.4, arrow_len=0.3):
+    """panels: [dict(title, samples, x_g, x_t, y_phi, y_psi, direction, lines)] (lab.mechanism) ->
+    one PNG: per panel, all of G's samples (yellow), and for some of them x_g (white), x_t (grey,
+    joined to x_g), f_phi(x_t) (cyan) and f_psi(x_t) (magenta) joined by a line, and G's update
+    direction at x_g (orange arrows, scaled per panel: the longest is arrow_len)."""
+    from PIL import Image, ImageDraw
+    bg = density(teacher, size, extent)
+    left, top = 48, 34  # point_panel's padding
+
+    def at(v):
+        u = (float(v[0]) / extent + 1) * (size - 1) / 2
+        w = (float(v[1]) / extent + 1) * (size - 1) / 2
+        return left + u, top + size - 1 - w
+
+    ims = []
+    for p in panels:
+        longest = float(p['direction'].norm(dim=1).max())
+        im = point_panel(bg, p['title'], p['samples'], p['lines'], size, extent)
+        dr = ImageDraw.Draw(im)
+        for i in range(len(p['x_g'])):
+            g, t = at(p['x_g'][i]), at(p['x_t'][i])
+            phi, psi = at(p['y_phi'][i]), at(p['y_psi'][i])
+            dr.line([g, t], fill=(120, 120, 120))
+            dr.line([phi, psi], fill=(230, 230, 230))
+            for c, colour in ((t, (150, 150, 150)), (phi, CYAN), (psi, MAGENTA)):
+                dr.ellipse([c[0] - 2.5, c[1] - 2.5, c[0] + 2.5, c[1] + 2.5], fill=colour)
+            end = at(p['x_g'][i] + p['direction'][i] * arrow_len / max(longest, 1e-12))
+            arrow(dr, g, end, ORANGE)
+            dr.ellipse([g[0] - 2.5, g[1] - 2.5, g[0] + 2.5, g[1] + 2.5], fill='white')
+        ims.append(im)
+    w, h = ims[0].size
+    canvas = Image.new('RGB', (w * len(ims), h + 40), 'black')
+    for i, im in enumerate(ims):
+        canvas.paste(im, (i * w, 0))
+    dr, f11 = ImageDraw.Draw(canvas), font(11)
+    legend = [(YELLOW, "G's samples"), ((255, 255, 255), 'x_g'),
+              ((150, 150, 150), 'x_t = x_g + sigma n'),
+              (CYAN, "f_phi(x_t): the teacher's denoiser"),
+              (MAGENTA, "f_psi(x_t): the fake score's (G's samples')"),
+              (ORANGE, "G's update at x_g: -d loss / d x_g, mean over SiD's (sigma, n), scaled "
+               'per panel')]
+    x, y = 12, h + 8
+    for colour, text in legend:
+        dr.ellipse([x, y + 2, x + 7, y + 9], fill=colour)
+        dr.text((x + 12, y + 5), text, fill='white', font=f11, anchor='lm')
+        x += 24 + int(dr.textlength(text, font=f11))
+        if x > canvas.width - 260:
+            x, y = 12, y + 16
+    return png_bytes(canvas)
+
 def quality_plot(curve, width=760, height=350):
     """Quality against kimg from (kimg, toy_figures) pairs: energy distance (log scale) on the left;
     within 2 std, clustering and balance on the right, each with its exact samples' value dashed."""
@@ -117,7 +185,7 @@ def quality_plot(curve, width=760, height=350):
     log_ed = [math.log10(max(q['energy'], 1e-5)) for _, q in curve]
     colours = (('within', (214, 39, 40)), ('clustering', (44, 160, 44)),
                ('balance', (148, 103, 189)))
-    plots = [(f'energy distance (log10, {toy.CURVE_ENERGY_N} samples), lower is better',
+    plots = [(f'energy distance (log10, {toy.ENERGY_N} samples), lower is better',
               [('energy distance', log_ed, (31, 119, 180), None)],
               (math.floor(min(log_ed)), math.ceil(max(log_ed) + 1e-9))),
              ('clusters: higher is better, dashed = exact samples',
@@ -150,15 +218,19 @@ def quality_plot(curve, width=760, height=350):
             dr.text((x0 + 25, height - 10), name, fill=colour, font=f11, anchor='lm')
     return png_bytes(img)
 
+def toy_curve(frames, teacher):
+    """[(kimg, toy_figures)] of the observations, each on all its samples as the run's start and
+    end lines (toy.ENERGY_N of them for the energy): the GIF's last figures ARE the end line's."""
+    return [(float(t.split()[0]), toy.toy_figures(x, teacher)) for t, x in frames]
+
 def toy_pictures(world, frames, method, sigma_init):
     """The 2-D toy's pictures from its observations [(title 'K kimg', samples)]: toy.png (start,
     end, exact samples, with figures), toy.gif (every observation), toy_quality.png (figures
     against kimg). Drawn from the frames alone, so a resumed run draws its whole history."""
     teacher = world.teacher
     name = {'sid': 'SiD', 'sida': 'SiDA', 'sign': 'SIGN'}.get(method, 'SiD')
-    curve = [(float(t.split()[0]), toy.toy_figures(x, teacher, toy.CURVE_ENERGY_N))
-             for t, x in frames]
-    first, last = (toy.toy_figures(frames[i][1], teacher) for i in (0, -1))  # all 2000 samples
+    curve = toy_curve(frames, teacher)
+    first, last = curve[0][1], curve[-1][1]
     exact = teacher.sample(len(world.eps), torch.Generator().manual_seed(3))
     start_title = f"start: G = teacher's denoiser at sigma_init {sigma_init:g}"
     still = [(start_title, frames[0][1], toy.figure_lines(first)),

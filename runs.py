@@ -1214,17 +1214,32 @@ EXAMPLES = """examples:
   python sid.py generate --help ; python sid.py evaluate --help             # a trained generator
   python sid.py --list                         # the released SiD/SiDA/SiD²A generators, by name"""
 
-TOOLS = """Use a trained generator (a run, a snapshot, an official .pkl, or a released generator's
-name: python sid.py --list): samples per seed as EDM's generate.py, SIGN's multi-step sampling
-and projection, and the papers' metrics computed in memory.
-
-    python sid.py generate --ckpt RUN --seeds 0-49999 --outdir out/c10       # one PNG per seed
-    python sid.py generate --ckpt sid-cifar10-uncond-a1.2 --seeds 0-63 --grid --outdir out/g
-    python sid.py generate --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps
-    python sid.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/p   # f(y + sigma eps)
-    python sid.py evaluate --ckpt sid-cifar10-uncond-a1.2 --metrics fid,is --trials 10
-    python sid.py evaluate --ckpt sid-imagenet64-a1.2 --metrics fid,pr        # PR: OpenAI's batch
-"""
+TOOLS = {  # `sid.py generate|project|evaluate --help`: what the command does, and examples
+    'generate': ("""Sample a trained one-step generator: x = G(sigma_init * eps; sigma_init) for
+each seed, one PNG per seed (each seed has its own random generator for its latent and label, as
+EDM's generate.py) or one grid.png. With --steps K, SIGN's multi-step sampling: K calls of G with
+re-noising at --sigmas between them. For a 2-D toy generator: samples.npy (the points) and
+samples.png (the points over the true density, with the toy's figures; the energy distance is
+taken on the first 2000 points, so any --seeds stays cheap).""", """examples:
+  python sid.py generate --ckpt RUN --seeds 0-49999 --outdir out/c10         # one PNG per seed
+  python sid.py generate --ckpt RUN --seeds 0-63 --grid --outdir out/grid     # one grid.png
+  python sid.py generate --ckpt RUN --seeds 0-99 --class-idx 3 --outdir out/c3  # one class
+  python sid.py generate --ckpt RUN --steps 3 --sigmas 0.8,0.2 --outdir out/3   # SIGN: 3 steps
+  python sid.py generate --ckpt sid-cifar10-uncond-a1.2 --seeds 0-63 --grid --outdir out/g"""),
+    'project': ("""SIGN's projection (zero-shot editing): apply the trained generator f to given
+images (or a 2-D toy's points) y: y <- f(y + sigma * eps), --repeat times. An idempotent f maps
+its input into the set it generates, so a corrupted image comes back as an image f makes
+(ideally a close one). Writes one PNG per input image (projected.npy for points).""", """examples:
+  python sid.py project --ckpt RUN --input noisy/ --sigma 0.2 --outdir out/p    # f(y + sigma eps)
+  python sid.py project --ckpt RUN --input img.png --repeat 2 --outdir out/p2   # f(f(y))
+  python sid.py project --ckpt RUN --input pts.npy --sigma 0.1 --outdir out/pp  # toy points"""),
+    'evaluate': ("""Score a generator in memory, as the papers do: FID, the Inception Score and
+precision/recall over --trials sets of --num images (trial t: seeds t*num .. (t+1)*num - 1), with
+the authors' FID beside ours for a released generator (python sid.py --list).""", """examples:
+  python sid.py evaluate --ckpt sid-cifar10-uncond-a1.2 --metrics fid,is --trials 10
+  python sid.py evaluate --ckpt sid-imagenet64-a1.2 --metrics fid,pr        # PR: OpenAI's batch
+  python sid.py evaluate --ckpt RUN --steps 2 --sigmas 0.5                 # SIGN: 2 steps"""),
+}
 
 METAVARS = dict(dataset='NAME', method='NAME', teacher='PKL', data='PATH', init_generator='RUN',
                 net_overrides='JSON', precision='PREC', device='DEV', outdir='DIR', resume='RUN',
@@ -1300,7 +1315,7 @@ def train_command(argv):
     train(cfg)
 
 def tools_parser(cmd):
-    head, examples = TOOLS.split('\n\n', 1)
+    head, examples = TOOLS[cmd]
     p = argparse.ArgumentParser(prog=f'sid.py {cmd}', description=head, epilog=examples,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', required=True,

@@ -499,10 +499,16 @@ class Config:
                             'method', ge=0.002, le=80)
     tmax: float = opt(800, "G's loss levels t ~ U(0, tmax/1000) on the EDM schedule (800: sigma <= "
                       '24.41)', 'method', gt=0, le=1000)
-    ls: float = opt(1.0, 'fake-score loss scale', 'method', ge=0)
-    lsg: float = opt(100.0, 'SiD generator loss scale', 'method', ge=0)
-    lsd: float = opt(1.0, 'SiDA: discriminator loss scale', 'method', ge=0)
-    lsg_gan: float = opt(0.01, 'SiDA: adversarial generator loss scale', 'method', ge=0)
+    ls: float = opt(1.0, "multiplies f_psi's denoising loss (per image: lambda(sigma) x pixel "
+                    "sum); Adam undoes a constant factor: it matters against SiDA's lsd",
+                    'method', ge=0)
+    lsg: float = opt(100.0, "multiplies G's SiD loss (per image: pixel sum / w); Adam undoes a "
+                     "constant factor: it matters against SiDA's lsg_gan and SIGN's lambdas "
+                     "(and Adam's eps, fp16's range)", 'method', ge=0)
+    lsd: float = opt(1.0, "SiDA: multiplies the discriminator's BCE term in f_psi's loss (against "
+                     'ls x the denoising term)', 'method', ge=0)
+    lsg_gan: float = opt(0.01, "SiDA: multiplies the adversarial term in G's loss (C*H*W x BCE / "
+                         'w per image, against lsg x the SiD term)', 'method', ge=0)
     psi_warmup_kimg: float = opt(0, 'SiD, SIGN: only f_psi trains until then (G waits for f_psi to '
                                  'track it)', 'method', ge=0)
     sida_warmup_kimg: float = opt(100, 'SiDA: only f_psi/D train until then', 'method', ge=0)

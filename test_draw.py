@@ -1,11 +1,14 @@
-"""Tests of draw.py: the FID curve (the toys' pictures are tested with their runs in test_toy.py)."""
+"""Tests of draw.py: the FID curve, the toy's curve against its end line, the mechanism picture
+(the toys' pictures are tested with their runs in test_toy.py)."""
 import io
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 import draw
+import toy
 
 
 def blue_columns(png):
@@ -33,3 +36,33 @@ def test_curve_of_one_point_and_of_none():
     assert lo < 2.0 < hi
     with pytest.raises(ValueError):
         draw.curve([])
+
+
+def test_toy_curve_ends_with_the_end_line_figures():
+    """toy.gif and toy_quality.png take their figures from toy_curve: its last entry is what the
+    run's end line prints (the same samples, the same energy sample)."""
+    w, gen = toy.Toy2D(), torch.Generator().manual_seed(0)
+    frames = [('0 kimg', torch.randn(2000, 2, generator=gen)),
+              ('300 kimg', w.teacher.sample(2000, gen) * 1.1)]
+    curve = draw.toy_curve(frames, w.teacher)
+    assert [k for k, _ in curve] == [0.0, 300.0]
+    q = curve[-1][1]
+    assert q == toy.toy_figures(frames[-1][1], w.teacher)
+    line = w.quality_line(frames[-1][1])
+    assert f"energy distance {q['energy']:.4f}," in line
+    assert f"clustering {q['clustering']:.3f}" in line
+
+
+def test_mechanism_picture_draws_each_part():
+    """Each colour of the legend appears in the panels: samples, x_g, x_t, f_phi, f_psi, arrows."""
+    T, gen = toy.ToyMixture(), torch.Generator().manual_seed(1)
+    x = T.sample(200, gen)
+    panel = dict(title='t', samples=x, x_g=x[:5], x_t=x[:5] + 0.3, y_phi=x[:5] * 0.5,
+                 y_psi=x[:5] * 0.2, direction=torch.randn(5, 2, generator=gen), lines=['a', 'b'])
+    png = draw.mechanism_picture([panel, panel], T)
+    a = np.asarray(PIL.Image.open(io.BytesIO(png)).convert('RGB')).astype(int)
+    w = a.shape[1]
+    assert w == 2 * (48 + 300 + 26)
+    for colour in (draw.YELLOW, draw.CYAN, draw.MAGENTA, draw.ORANGE):
+        hits = (abs(a - np.array(colour)).sum(-1) < 10)
+        assert hits[:, : w // 2].any() and hits[:, w // 2:].any()

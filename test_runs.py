@@ -1372,3 +1372,15 @@ def test_edm2_release_by_name_generates_evaluates_and_starts_sid2a(tmp_path, mon
     f_phi, G2, f_psi = runs.load_networks(dataclasses.replace(cfg, init_generator=name), None,
                                           torch.device('cpu'))
     assert states_equal(G2, G)  # the release's weights (G is perturbed: not the teacher's)
+
+def test_generate_and_project_help_say_what_they_do_and_loss_scales_what_they_scale():
+    for cmd, says in (('generate', ('one PNG per seed', 'multi-step', 'first 2000 points')),
+                      ('project', ('f(y + sigma * eps)', 'idempotent', 'one PNG per input'))):
+        r = cli(cmd, '--help')
+        text = ' '.join(r.stdout.split())
+        assert r.returncode == 0 and all(s in text for s in says), (cmd, text)
+    text = ' '.join(cli('--help').stdout.split())
+    for option, scaled in (('--ls', "f_psi's denoising loss"), ('--lsg', "G's SiD loss"),
+                           ('--lsd', "the discriminator's BCE term"),
+                           ('--lsg-gan', "the adversarial term in G's loss")):
+        assert re.search(f'{option} FLOAT (SiDA: )?multiplies {re.escape(scaled)}', text), option

@@ -321,3 +321,48 @@ def test_sign_toy_idempotence_modes_multistep_projection(tmp_path):
     d_noisy, d_proj = w.nearest_mode(ev['noisy']), w.nearest_mode(ev['projected'])
     assert d_proj < d_noisy and d_proj < 0.5 * w.nearest_mode(ev0['projected'])
     assert 'sign: idempotence error' in out and os.path.exists(tmp_path / 'toy.gif')
+
+#----------------------------------------------------------------------------
+# Bounded evaluation: the energy distance (O(n^2)) sees at most toy.ENERGY_N samples, however many
+# a command makes; the other figures see them all; the picture's line says so.
+
+def energy_sizes(monkeypatch):
+    """Record the number of samples of every energy distance computed."""
+    seen, real = [], toy.energy_distance
+
+    def recording(x, teacher):
+        seen.append(len(x))
+        return real(x, teacher)
+
+    monkeypatch.setattr(toy, 'energy_distance', recording)
+    return seen
+
+
+def test_toy_figures_bound_the_energy_distance_and_say_so(monkeypatch):
+    T, gen = toy.ToyMixture(), torch.Generator().manual_seed(0)
+    x = T.sample(50000, gen)
+    seen = energy_sizes(monkeypatch)
+    q = toy.toy_figures(x, T)
+    assert seen == [toy.ENERGY_N] == [2000] and (q['energy_n'], q['n']) == (2000, 50000)
+    assert q['energy'] == toy.toy_figures(x[:2000], T)['energy']
+    near = torch.cdist(x.double(), T.mu).min(1).values < 2 * T.s
+    assert q['within'] == float(near.double().mean())  # all 50000
+    assert toy.figure_lines(q)[-1].endswith('(first 2000 of 50000 samples)')
+    assert toy.figure_lines(toy.toy_figures(x[:300], T))[-1].endswith(
+        f"{toy.toy_figures(x[:300], T)['energy']:.4f}")
+
+
+def test_generate_on_a_toy_generator_bounds_its_figures(tmp_path, monkeypatch):
+    """The README's `generate --steps 3` on a toy run with more seeds than toy.ENERGY_N: every
+    point written, the picture's energy distance on 2000 of them (at 50000 seeds it once took
+    10 GB and 150 s)."""
+    torch.manual_seed(0)
+    G = edm_nets.EDMPrecond(img_resolution=0, img_channels=2, model_type='ToyMLP')
+    runs.save_snapshot(str(tmp_path / 'g.pt'), G.eval(), 0, sid.Config())
+    seen = energy_sizes(monkeypatch)
+    r = cli('generate', '--ckpt', tmp_path / 'g.pt', '--seeds', '0-4999', '--steps', 3,
+            '--sigmas', '0.1,0.05', '--outdir', tmp_path / 'out')
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / 'out' / 'samples.npy').shape == (5000, 2)
+    assert seen and max(seen) <= toy.ENERGY_N
+    assert (tmp_path / 'out' / 'samples.png').stat().st_size > 1000
