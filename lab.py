@@ -368,7 +368,10 @@ def seeds_command(argv):
     seed (a toy dataset), each in its own run folder, then the end figures per seed."""
     if not argv:
         raise ValueError('usage: python lab.py seeds 0-2 [--detach-xt] --dataset toy [OPTIONS]')
-    seeds, argv = runs.parse_seeds(argv[0]), list(argv[1:])
+    ranges, argv = runs.parse_seeds(argv[0]), list(argv[1:])
+    seeds = [k for lo, hi in ranges for k in range(lo, hi + 1)]
+    if len(seeds) > 100:
+        raise ValueError(f'lab.py seeds: {len(seeds)} seeds, one toy run each; give at most 100')
     detach = '--detach-xt' in argv
     if detach:
         argv.remove('--detach-xt')
