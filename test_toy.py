@@ -219,8 +219,26 @@ def test_student_is_fitted_to_the_denoiser_of_its_own_labels(image_world):
         return image_world.teacher(x, sigma, c)
 
     net = image_world.student()
+    fed = []
+    net.register_forward_pre_hook(lambda m, args: fed.append(args[2]))
     toy.fit_student(net, teacher, sampler, steps=2, batch=8)
     assert len(asked) == 2 and all(a is d for a, d in zip(asked, drawn))
+    assert len(fed) == 2 and all(f is d for f, d in zip(fed, drawn))  # the student gets them too
+
+
+def test_sign_evaluation_data_are_of_the_observations_classes(image_world):
+    """SIGN's fixed evaluation draws on the image toy: the clean data are set images of the
+    observation labels' classes (their projections f(y) are made with those labels), and the
+    masked inputs are those images with one 8x8 square blanked."""
+    w = image_world
+    z, x_data, sigmas, noises, noise_proj, sigma_proj, corrupted = w.sign_inputs(1.0)
+    nearest = toy.rms_distances(x_data.double().flatten(1), w.teacher.X).min(1)
+    assert (nearest.values < 1e-6).all()
+    assert torch.equal(w.labels[nearest.indices].argmax(1), w.eval_labels.argmax(1))
+    masked = corrupted['masked']
+    changed = (masked != x_data).any(1)  # [n, H, W]: the pixels the mask set to 0 (mid grey)
+    assert (masked.permute(1, 0, 2, 3)[:, changed] == 0).all() and changed.any()
+    assert changed.flatten(1).sum(1).max() <= 64  # within one 8x8 square per image
 
 #----------------------------------------------------------------------------
 # Whole toy runs: each must get most of the way from its start to the world's exact samples.
