@@ -181,7 +181,8 @@ def test_calc_seed_chooses_the_subset(tmp_path, capsys):
     capsys.readouterr()
     got = {}
     for seed in (1, 0):
-        fid.main(['calc', '--images', folder, '--ref', ref, '--num', '4', '--seed', str(seed), *det])
+        fid.main(['calc', '--images', folder, '--ref', ref, '--num', '4', '--seed', str(seed),
+                  *det])
         got[seed] = float(capsys.readouterr().out.split()[-1])
         assert got[seed] == pytest.approx(expected(seed), rel=1e-5)
     assert got[0] != pytest.approx(got[1], rel=1e-3)
