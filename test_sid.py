@@ -164,13 +164,19 @@ def test_dsm_loss_minimised_by_true_denoiser():
         assert sid.dsm_loss(worse(x + sigma * noise, sigma), x, sigma).mean() > L.mean()
 
 
+@pytest.mark.parametrize('where', ['x_g', 'y_psi'])
 @pytest.mark.parametrize('name', ['sid', 'dsm', 'sida_gan'])
-def test_nan_samples_get_zero_loss(name):
+def test_nan_samples_get_zero_loss(name, where):
     """A NaN sample gets a ZERO loss (shape [B] kept); the others' losses are those computed without
-    it (SiDA's adversarial term: the BCE mean over the kept samples only)."""
+    it (SiDA's adversarial term: the BCE mean over the kept samples only). A sample is dropped when
+    ANY input is NaN (the official loss ORs the masks of images, y_real and y_fake): a NaN in G's
+    sample reaches every output, one in f_psi's output alone reaches only that tensor."""
     def outputs(x, s, n, o):
         x_t = x + s * n
-        return 0.8 * x_t, 0.6 * x_t + 0.05 * x_t ** 2, x_t[:, :1] + o
+        y_psi = 0.6 * x_t + 0.05 * x_t ** 2
+        if where == 'y_psi' and len(x) == 4:
+            y_psi = torch.where(torch.arange(4).reshape(4, 1, 1, 1) == 2, float('nan'), y_psi)
+        return 0.8 * x_t, y_psi, x_t[:, :1] + o
 
     def fn(x, s, n, o):
         y_phi, y_psi, logits = outputs(x, s, n, o)
@@ -182,7 +188,8 @@ def test_nan_samples_get_zero_loss(name):
 
     (x_g, sigma, noise, off), keep = draws(B=4, shape=(3, 8, 8)), [0, 1, 3]
     ref = fn(x_g[keep], sigma[keep], noise[keep], off[keep])
-    x_g[2, 1, 3, 3] = float('nan')
+    if where == 'x_g':
+        x_g[2, 1, 3, 3] = float('nan')
     got = fn(x_g, sigma, noise, off)
     assert got.shape == (4,) and got[2] == 0 and torch.isfinite(got).all()
     assert torch.allclose(got[keep], ref, rtol=1e-6)
