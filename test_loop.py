@@ -97,6 +97,32 @@ def test_phase_states_micro_batches_and_augmentation_labels(tmp_path):
     assert all(c['p_drop'] == ({0.0} if c['net'] == 'phi' else {cfg.dropout}) for c in calls)
 
 
+def test_fake_score_denoises_the_augmented_image_its_labels_describe(tmp_path, monkeypatch):
+    """EDM's loss, which SiD trains f_psi with: y, labels = augment_pipe(x_g); f_psi denoises
+    y + sigma n given those labels, and its target is y. A pipe that mirrors every image and a
+    near-zero sigma make f_psi's input the mirrored sample, far from the sample itself."""
+    cfg = cfg_for(tmp_path)
+    nets = nets_for(cfg)
+    calls = record_calls(nets, {})
+    s = loop_state(cfg, nets)
+    seen = []
+
+    def mirror(x):
+        seen.append(x.detach().clone())
+        return x.flip(3), torch.ones(len(x), 9)
+
+    s.pipe = mirror
+    monkeypatch.setattr(sid, 'draw_sigma_fake', lambda x: torch.full([len(x), 1, 1, 1], 1e-4))
+    for _ in sid.iterate(s):
+        pass
+    psi = [c for i, c in enumerate(calls) if c['net'] == 'psi' and i % 10 < 4]
+    assert len(psi) == len(seen) == 4
+    for c, x_g in zip(psi, seen):
+        assert (c['x'] - x_g.flip(3)).abs().max() < 1e-2
+        assert (c['x'] - x_g).abs().max() > 0.1  # the mirror changes the sample
+        assert torch.equal(c['aug'], torch.ones(len(x_g), 9))
+
+
 def test_zero_augmentation_labels_leave_outputs_and_gradients_bitwise_unchanged():
     """EDM's map_augment(0) = 0: an augment_dim-9 net gives bitwise the same output and parameter
     gradients with zero labels as with none; map_augment gets a zero gradient (so DDP needs no
