@@ -71,6 +71,9 @@ def test_edm_dataset_zip_folder_grayscale_and_errors(tmp_path, kind):
     images, onehot = data.load_dataset(write_dataset(tmp_path / f'd{ext}', files, meta, kind))
     assert torch.equal(images, torch.from_numpy(chw)) and onehot.shape == (5, 3)
     assert onehot.argmax(1).tolist() == classes
+    upper = {n.replace('.png', '.PNG') if i % 2 else n: b for i, (n, b) in enumerate(files.items())}
+    images, _ = data.load_dataset(write_dataset(tmp_path / f'u{ext}', upper, None, kind))
+    assert torch.equal(images, torch.from_numpy(chw))  # EDM lower-cases the extension too
     gfiles, chw, _ = edm_files(n=3, rgb=False)
     images, labels = data.load_dataset(write_dataset(tmp_path / f'g{ext}', gfiles, None, kind))
     assert torch.equal(images, torch.from_numpy(chw)) and images.shape == (3, 1, 8, 8)
@@ -111,10 +114,11 @@ def test_batches_sharding_epochs_and_teacher_match():
         assert torch.equal(x, images[y.argmax(1)].float() / 127.5 - 1)
         shards.append(y.argmax(1)[:6 - rank].tolist())  # the first epoch's shard
     assert sorted(shards[0] + shards[1]) == list(range(n))  # disjoint and complete
-    resumed, it = stream(1, start=2), stream(1)
-    for _ in range(2):
-        next(it)
-    assert all(torch.equal(next(it)[1], next(resumed)[1]) for _ in range(3))  # `start` resumes
+    for rank in range(2):  # `start` resumes each rank's stream (shards of 6 and 5 images)
+        resumed, it = stream(rank, start=2), stream(rank)
+        for _ in range(2):
+            next(it)
+        assert all(torch.equal(next(it)[1], next(resumed)[1]) for _ in range(3)), rank
 
     def take(seed):
         it = data.infinite_batches(images[:8], torch.eye(8), 8, seed)

@@ -1,5 +1,5 @@
-"""Tests of draw.py: the FID curve, the toy's curve against its end line, the mechanism picture
-(the toys' pictures are tested with their runs in test_toy.py)."""
+"""Tests of draw.py: the FID curve, the image panels, the toy's curve against its end line, the
+mechanism picture (the toys' pictures are tested with their runs in test_toy.py)."""
 import io
 
 import numpy as np
@@ -66,3 +66,17 @@ def test_mechanism_picture_draws_each_part():
     for colour in (draw.YELLOW, draw.CYAN, draw.MAGENTA, draw.ORANGE):
         hits = (abs(a - np.array(colour)).sum(-1) < 10)
         assert hits[:, : w // 2].any() and hits[:, w // 2:].any()
+def test_image_panels_show_each_image_upright_in_an_8x8_grid():
+    """A panel of 64 images (16x16, none symmetric): image i sits at row i // 8, column i % 8 of
+    the grid, upright, each pixel EDM's uint8 value repeated scale x scale times."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 16, 8, generator=g) * 2 - 1
+    x = torch.cat([x, -x], 3)  # [64, 3, 16, 16]: the left half the negative of the right one
+    png = draw.image_panels([('title', 'subtitle', x)], cols=8, scale=2)
+    a = np.asarray(PIL.Image.open(io.BytesIO(png)).convert('RGB')).astype(int)
+    u = (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(int)
+    head, pad, cell = 30, 8, 17  # the layout: title band, margin, 16 pixels + 1 separator
+    for i in (0, 9, 63):
+        r, k = divmod(i, 8)
+        top, left = head + 2 * (1 + r * cell), pad + 2 * (1 + k * cell)
+        assert np.array_equal(a[top:top + 32:2, left:left + 32:2], u[i]), i

@@ -6,6 +6,7 @@ import pickle
 from typing import Tuple
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -279,3 +280,72 @@ def test_edm2_reference_pickle_and_uint8_generators(tmp_path):
     as_uint8 = fid.fid_of_generator(lambda s: fid.to_uint8(floats(s)), 20, mu, sigma, det, 'cpu',
                                     batch=6)
     assert as_uint8 == pytest.approx(0, abs=1e-9)
+
+def test_calc_seed_chooses_the_subset(tmp_path, capsys):
+    """`fid.py calc --num 4 --seed S` scores the 4 images that EDM's rule picks with seed S (a
+    numpy RandomState(S) shuffle of the sorted files, the first 4 indices in order): its FID is
+    computed here from those files, and seed 0 gives another value."""
+    folder, ref = write_pngs(tmp_path / 'imgs', 24), str(tmp_path / 'ref.npz')
+    det = ['--detector', detector_file(tmp_path / 'det.pt')]
+    fid.main(['ref', '--data', folder, '--dest', ref, *det])
+    mu_ref, sig_ref = fid.load_ref(ref)
+    names = sorted(os.listdir(folder))
+
+    def expected(seed):
+        idx = np.arange(len(names))
+        np.random.RandomState(seed).shuffle(idx)
+        arrays = []
+        for i in sorted(idx[:4]):
+            with PIL.Image.open(os.path.join(folder, names[i])) as im:
+                arrays.append(np.asarray(im).transpose(2, 0, 1))
+        f = FidStandIn()(torch.from_numpy(np.stack(arrays)), True).double().numpy()
+        return fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), mu_ref, sig_ref)
+
+    capsys.readouterr()
+    got = {}
+    for seed in (1, 0):
+        fid.main(['calc', '--images', folder, '--ref', ref, '--num', '4', '--seed', str(seed),
+                  *det])
+        got[seed] = float(capsys.readouterr().out.split()[-1])
+        assert got[seed] == pytest.approx(expected(seed), rel=1e-5)
+    assert got[0] != pytest.approx(got[1], rel=1e-3)
+
+
+def test_generator_fid_over_ranks_scores_each_seed_once(tmp_path, monkeypatch):
+    """Two ranks (run one after the other, torch.distributed's all_reduce played by hand): rank r
+    scores seeds r, r+2, ...; together every seed once, and rank 0's FID from the summed statistics
+    is the one-process FID."""
+    det = fid.load_detector('cpu', detector_file(tmp_path / 'det.pt'))
+    seen = {0: [], 1: []}
+
+    def images(seeds):
+        return torch.stack([torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1
+                            for s in seeds])
+
+    def maker(rank):
+        def make(seeds):
+            seen[rank].extend(seeds)
+            return images(seeds)
+        return make
+
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(16) * 0.1, random_cov(rng, 16)
+    one = fid.fid_of_generator(images, 40, mu, sigma, det, 'cpu', batch=7)
+    monkeypatch.setattr(torch.distributed, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    sent = []
+
+    def send(t):  # rank 1: its sums go out, the others' (rank 0's) are not needed for this test
+        sent.append(t.clone())
+
+    monkeypatch.setattr(torch.distributed, 'all_reduce', send)
+    fid.fid_of_generator(maker(1), 40, mu, sigma, det, 'cpu', batch=7, rank=1, world_size=2)
+    received = iter(sent)
+
+    def add(t):
+        t.add_(next(received))
+
+    monkeypatch.setattr(torch.distributed, 'all_reduce', add)
+    two = fid.fid_of_generator(maker(0), 40, mu, sigma, det, 'cpu', batch=7, rank=0, world_size=2)
+    assert sorted(seen[0] + seen[1]) == list(range(40)) and seen[1] == list(range(1, 40, 2))
+    assert two == pytest.approx(one, rel=1e-9)

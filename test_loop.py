@@ -30,7 +30,7 @@ import runs
 import sid
 from conftest import (HERE, slow, NET, EDM2_NET, cfg_for, edm2_nets, perturb_copy, nets_for,
                       loop_state, run_quiet, states_equal, read_stats, load_state, edm_files,
-                      write_dataset)
+                      write_dataset, write_pngs)
 
 #----------------------------------------------------------------------------
 # One iteration seen from inside: which network runs in which mode, with which inputs.
@@ -98,6 +98,32 @@ def test_phase_states_micro_batches_and_augmentation_labels(tmp_path):
             assert not c['aug'].any(), i
     # the teacher never drops out
     assert all(c['p_drop'] == ({0.0} if c['net'] == 'phi' else {cfg.dropout}) for c in calls)
+
+
+def test_fake_score_denoises_the_augmented_image_its_labels_describe(tmp_path, monkeypatch):
+    """EDM's loss, which SiD trains f_psi with: y, labels = augment_pipe(x_g); f_psi denoises
+    y + sigma n given those labels, and its target is y. A pipe that mirrors every image and a
+    near-zero sigma make f_psi's input the mirrored sample, far from the sample itself."""
+    cfg = cfg_for(tmp_path)
+    nets = nets_for(cfg)
+    calls = record_calls(nets, {})
+    s = loop_state(cfg, nets)
+    seen = []
+
+    def mirror(x):
+        seen.append(x.detach().clone())
+        return x.flip(3), torch.ones(len(x), 9)
+
+    s.pipe = mirror
+    monkeypatch.setattr(sid, 'draw_sigma_fake', lambda x: torch.full([len(x), 1, 1, 1], 1e-4))
+    for _ in sid.iterate(s):
+        pass
+    psi = [c for i, c in enumerate(calls) if c['net'] == 'psi' and i % 10 < 4]
+    assert len(psi) == len(seen) == 4
+    for c, x_g in zip(psi, seen):
+        assert (c['x'] - x_g.flip(3)).abs().max() < 1e-2
+        assert (c['x'] - x_g).abs().max() > 0.1  # the mirror changes the sample
+        assert torch.equal(c['aug'], torch.ones(len(x_g), 9))
 
 
 def test_zero_augmentation_labels_leave_outputs_and_gradients_bitwise_unchanged():
@@ -296,23 +322,97 @@ def test_sida_loop_schedule_and_clip(tmp_path, monkeypatch):
     assert not states_equal(s_clipped.f_psi, s_free.f_psi)
 
 
-@pytest.mark.parametrize('precision', ['fp32', 'tf32', 'bf16', 'fp16'])
-def test_precision_switches_do_what_they_say(tmp_path, precision):
-    """Inside the loop's forwards: bf16 runs the U-Nets' convolutions in bfloat16 (autocast), the
-    others in float32 on a CPU; fp16 builds all three nets with EDM's per-layer casting (used on
-    GPUs); tf32 alone allows TF32."""
-    cfg = cfg_for(tmp_path, iters=1, precision=precision)
-    s = loop_state(cfg)
-    dtypes = set()
-    for net in (s.f_phi, s.G, s.f_psi):
-        net.model.enc['32x32_block0'].conv0.register_forward_hook(
-            lambda m, args, out: dtypes.add(out.dtype))
+PRECISION_NET = json.dumps(dict(img_resolution=8, model_channels=16, channel_mult=[1], num_blocks=1,
+                                attn_resolutions=[8]))  # one attention block at the logits' level
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA here')
+
+
+def dtypes_inside_the_loop(tmp_path, method, precision, device, monkeypatch):
+    """One SiD or SiDA run through sid.setup and sid.iterate (SiDA: 2 iterations, the second in the
+    mixed phase, with real images), forward hooks inside the three networks -> what they saw."""
+    iters = 2 if method == 'sida' else 1
+    folder = write_pngs(tmp_path / 'data', 4, size=8)
+    cfg = cfg_for(tmp_path / 'run', 'cifar10', iters, method=method, net_overrides=PRECISION_NET,
+                  precision=precision, device=device, sida_warmup_kimg=0, sida_mix_kimg=0,
+                  data=folder if method == 'sida' else '')
+    nets = runs.load_networks(cfg, None, torch.device(device))
+    convs = {id(m) for net in nets for m in net.model.modules() if isinstance(m, edm_nets.Conv2d)}
+    tops = {id(net) for net in nets}  # not G_ema, a copy of G that inherits the hooks
+    seen = dict(body=set(), outputs=set(), attention=set(), losses=set())
+
+    def body(m, args, out):
+        if id(m) in convs:
+            seen['body'].add(out.dtype)
+
+    def top(m, args, out):
+        if id(m) in tops:
+            seen['outputs'].update(t.dtype for t in (out if isinstance(out, tuple) else (out,)))
+
+    for net in nets:
+        net.register_forward_hook(top)
+        for m in net.model.modules():
+            if isinstance(m, edm_nets.Conv2d):
+                m.register_forward_hook(body)
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(*a, **k):
+        out = sdpa(*a, **k)
+        seen['attention'].add(out.dtype)
+        return out
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', attention)
+    m = sid.METHODS[method]
+
+    def recorded(objective):
+        def run(*a):
+            loss, logs = objective(*a)
+            seen['losses'].add(loss.dtype)
+            return loss, logs
+        return run
+
+    monkeypatch.setitem(sid.METHODS, method, dataclasses.replace(
+        m, fake_loss=recorded(m.fake_loss), G_loss=recorded(m.G_loss)))
+    s = loop_state(cfg, nets)
+    if method == 'sida':
+        images, _ = data.load_dataset(folder)
+        s.data = data.infinite_batches(images, torch.zeros(len(images), 0), s.batch_gpu, cfg.seed)
+    calls = record_calls(nets, {})
     for _ in sid.iterate(s):
         pass
-    assert dtypes == {torch.bfloat16 if precision == 'bf16' else torch.float32}
-    assert torch.backends.cuda.matmul.allow_tf32 == (precision == 'tf32')
-    assert torch.backends.cudnn.allow_tf32 == (precision == 'tf32')
-    assert {n.use_fp16 for n in (s.f_phi, s.G, s.f_psi)} == {precision == 'fp16'}
+    assert {c['net'] for c in calls} == {'phi', 'G', 'psi'}  # G trained: every network ran
+    return s, seen
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=CUDA)])
+@pytest.mark.parametrize('precision', ['fp32', 'tf32', 'bf16', 'fp16'])
+def test_precision_switches_do_what_they_say(tmp_path, monkeypatch, precision, device):
+    """Inside the networks' forwards of SiD's and SiDA's iterations (every network, SiDA's
+    discriminator and mixed G loss included), as sid.setup and the loop build them:
+    - the U-Net bodies' convolutions run in bfloat16 under bf16 (autocast); under fp16 with EDM's
+      per-layer casting, in float16 on CUDA (EDM runs a CPU's body in float32); else float32;
+    - every network's output (D_x, SiDA's logits) and every loss is float32, and attention's
+      softmax float32 (EDM's AttentionOp), except a half-precision body's on CUDA;
+    - the weights stay float32 (master weights; fp16 casts them per layer); Adam's eps is 1e-6 for
+      fp16 alone and 1e-8 otherwise (official); TF32 only with tf32."""
+    if device == 'cpu':
+        body = torch.bfloat16 if precision == 'bf16' else torch.float32
+        softmax = torch.float32
+    else:
+        body = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision, torch.float32)
+        softmax = body
+    for method in ('sid', 'sida'):
+        s, seen = dtypes_inside_the_loop(tmp_path / method, method, precision, device, monkeypatch)
+        assert seen['body'] == {body}, (method, seen)
+        assert seen['outputs'] == seen['losses'] == {torch.float32}, (method, seen)
+        assert seen['attention'] == {softmax}, (method, seen)
+        assert {n.use_fp16 for n in (s.f_phi, s.G, s.f_psi)} == {precision == 'fp16'}
+        assert {p.dtype for n in (s.f_phi, s.G, s.f_psi, s.G_ema) for p in n.parameters()} == {
+            torch.float32}
+        eps = 1e-6 if precision == 'fp16' else 1e-8
+        assert s.opt_G.defaults['eps'] == s.opt_psi.defaults['eps'] == eps
+        assert torch.backends.cuda.matmul.allow_tf32 == (precision == 'tf32')
+        assert torch.backends.cudnn.allow_tf32 == (precision == 'tf32')
 
 #----------------------------------------------------------------------------
 # The logged losses are the quantities they name: iteration 0 recomputed here from the formulas

@@ -17,11 +17,13 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints
@@ -370,7 +372,7 @@ def test_real_data_streams(tmp_path):
 # A run's files: folder, status lines, stats, snapshots named by images seen, sample grids.
 
 def test_end_to_end_image_run_files(tmp_path):
-    cfg = cfg_for(tmp_path, iters=3, snap_kimg=0.008)
+    cfg = cfg_for(tmp_path, iters=3, snap_kimg=0.008, sigma_init=1.5)  # grids at the run's level
     f_phi, G, f_psi = nets = nets_for(cfg)
     phi0, G0, psi0 = (copy_of(n) for n in nets)
     _, s, out = run_quiet(cfg, nets)
@@ -393,8 +395,10 @@ def test_end_to_end_image_run_files(tmp_path):
     with PIL.Image.open(tmp_path / 'samples-000000012.png') as im:
         assert im.size == (8 * 32, 8 * 32)
     grid = np.asarray(PIL.Image.open(tmp_path / 'samples-000000012.png'))
-    ref = fid.to_uint8(runs.sample_images(s.G_ema, [9], cfg.sigma_init, s.device))[0]
-    assert np.abs(grid[32:64, 32:64].astype(int) - ref.permute(1, 2, 0).numpy()).max() <= 1
+    for sigma_init, close in ((1.5, True), (2.5, False)):  # seed 9's image, at the run's level
+        ref = fid.to_uint8(runs.sample_images(s.G_ema, [9], sigma_init, s.device))[0]
+        err = np.abs(grid[32:64, 32:64].astype(int) - ref.permute(1, 2, 0).numpy()).max()
+        assert (err <= 1) == close, (sigma_init, err)
     last = out.strip().splitlines()[-1]
     written = 'config.json, stats.jsonl, network-snapshot-000000008.pt'
     assert last.startswith(f'wrote {tmp_path}: {written}')
@@ -520,6 +524,35 @@ def test_resume_keeps_the_maths(tmp_path):
     with pytest.raises(ValueError, match='--batch-gpu must stay 32'):
         runs.resolve_config(dict(resume=str(tmp_path / 'sida'), batch_gpu=16))
     assert runs.resolve_config(dict(resume=str(tmp_path / 'sida'), batch_gpu=32)).batch_gpu == 32
+    maths = dict(method='sign', alpha=1.0, sigma_init=2.0, tmax=600, ls=2.0, lsg=10.0, lsd=2.0,
+                 lsg_gan=0.1, psi_warmup_kimg=1, sida_warmup_kimg=50, sida_mix_kimg=100,
+                 lambda_idem=1.0, lambda_rec=1.0, lambda_flow=1.0, teacher='t.pkl',
+                 init_generator='g', net_overrides='{}', seed=1, batch=512, lr=2e-5, glr=2e-5,
+                 g_beta1=0.5, dropout=0.1, augment=0.1, ema_mimg=1.0, precision='fp16')
+    for k, v in maths.items():  # every option that enters the losses, the draws or the update
+        with pytest.raises(ValueError, match='--' + k.replace('_', '-')):
+            runs.resolve_config(dict(resume=str(tmp_path / 'sid'), **{k: v}))
+
+
+def test_resume_data_position_across_world_sizes(tmp_path):
+    """The training state counts the real images drawn by all ranks; a resume on another number of
+    GPUs or micro-batch size continues each stream at that count (in its own micro-batches)."""
+    def state(world_size, batch_gpu, data_batches=0):
+        nets = {k: nn.Linear(2, 2) for k in ('G', 'G_ema', 'f_psi')}
+        opts = {k: torch.optim.Adam(nets[n].parameters()) for k, n in (('opt_G', 'G'),
+                                                                         ('opt_psi', 'f_psi'))}
+        cfg = sid.Config(resume=str(tmp_path / 'training-state.pt'))
+        return types.SimpleNamespace(**nets, **opts, cur_nimg=64, end_nimg=128, cfg=cfg,
+                                     world_size=world_size, batch_gpu=batch_gpu,
+                                     data_batches=data_batches, device=torch.device('cpu'))
+
+    run = runs.Run(cfg=sid.Config(), log=runs.silent)
+    runs.write_training_state(str(tmp_path / 'training-state.pt'), run, state(2, 4, 6))
+    assert load_state(tmp_path)['data_images'] == 48  # 6 micro-batches of 4 on each of 2 ranks
+    for world_size, batch_gpu, data_batches in ((2, 4, 6), (1, 8, 6), (1, 4, 12), (4, 2, 6)):
+        s = state(world_size, batch_gpu)
+        runs.resume(run, s)
+        assert (s.cur_nimg, s.data_batches) == (64, data_batches), (world_size, batch_gpu)
 
 
 # The resume policy, as the tests pin it: what may change leaves the maths as it is; --data (SiDA's
@@ -831,7 +864,7 @@ def independent_fid(G, mu_ref, sig_ref, sigma_init=2.5, num=16):
 def test_fid_in_loop_best_snapshot_and_plot(tmp_path, monkeypatch):
     mu_ref, sig_ref = fid_setup(tmp_path, monkeypatch)
     cfg = cfg_for(tmp_path / 'run', iters=3, fid_every_kimg=0.004, fid_num=16,
-                  fid_ref=str(tmp_path / 'ref.npz'), lr=1e-2, glr=1e-2)
+                  fid_ref=str(tmp_path / 'ref.npz'), lr=1e-2, glr=1e-2, sigma_init=1.5)
     nets = nets_for(cfg)
     _, s, out = run_quiet(cfg, (nets[0], perturb_copy(nets[1]), nets[2]))
     fids = load_state(tmp_path / 'run')['fid']
@@ -839,14 +872,16 @@ def test_fid_in_loop_best_snapshot_and_plot(tmp_path, monkeypatch):
     assert len({v for _, v in fids}) == 3
     assert sum(line.startswith('FID ') for line in out.splitlines()) == 3
     assert [e['fid'] for e in read_stats(tmp_path / 'run') if 'fid' in e] == [v for _, v in fids]
-    assert fids[-1][1] == pytest.approx(independent_fid(s.G_ema, mu_ref, sig_ref), rel=1e-6)
+    # the run's sigma_init (1.5), not the default
+    assert fids[-1][1] == pytest.approx(independent_fid(s.G_ema, mu_ref, sig_ref, 1.5), rel=1e-6)
+    assert fids[-1][1] != pytest.approx(independent_fid(s.G_ema, mu_ref, sig_ref), rel=1e-3)
     G, info = checkpoints.load_checkpoint(str(tmp_path / 'run' / 'network-snapshot-best.pt'))
     m_best, v_best = min(fids, key=lambda p: p[1])
     assert info['kimg'] == pytest.approx(m_best * 1e3)
     best = torch.load(tmp_path / 'run' / 'network-snapshot-best.pt', weights_only=True)
     assert best['fid'] == v_best
     assert os.path.getsize(tmp_path / 'run' / 'fid.png') > 1000
-    assert v_best == pytest.approx(independent_fid(G, mu_ref, sig_ref), rel=1e-6)
+    assert v_best == pytest.approx(independent_fid(G, mu_ref, sig_ref, 1.5), rel=1e-6)
     assert runs.snapshot_path(str(tmp_path / 'run')).endswith('network-snapshot-best.pt')
 
 
@@ -1010,7 +1045,8 @@ def test_sign_noise_per_seed_fresh_per_step():
 
 def test_project_images_and_points_use_the_run_and_the_images_range(tmp_path):
     """project: each image read into G's range [-1, 1], f(y + sigma eps) at the run's sigma_init,
-    written with EDM's uint8 rule; toy points [N, 2] likewise, into projected.npy."""
+    written with EDM's uint8 rule; toy points [N, 2] likewise, into projected.npy; and generate's
+    toy points (samples.npy) at the run's sigma_init."""
     snap, G = tiny_snapshot(tmp_path, 'cifar10', 'u.pt', sigma_init=1.5)
     files = write_pngs(tmp_path / 'in', 2, size=32)
     r = cli('project', '--ckpt', snap, '--input', files, '--outdir', tmp_path / 'p')
@@ -1384,3 +1420,10 @@ def test_generate_and_project_help_say_what_they_do_and_loss_scales_what_they_sc
                            ('--lsd', "the discriminator's BCE term"),
                            ('--lsg-gan', "the adversarial term in G's loss")):
         assert re.search(f'{option} FLOAT (SiDA: )?multiplies {re.escape(scaled)}', text), option
+    r = cli('generate', '--ckpt', tmp_path / 't.pt', '--seeds', '0-4', '--outdir', tmp_path / 'g')
+    assert r.returncode == 0 and os.path.getsize(tmp_path / 'g' / 'samples.png') > 1000
+    z = 0.7 * torch.stack([torch.randn(2, generator=torch.Generator().manual_seed(s))
+                           for s in range(5)])  # toy points: the run's sigma_init too
+    with torch.no_grad():
+        want = Gt(z, torch.full([5, 1], 0.7))
+    assert np.allclose(np.load(tmp_path / 'g' / 'samples.npy'), want.numpy(), atol=1e-6)

@@ -164,13 +164,19 @@ def test_dsm_loss_minimised_by_true_denoiser():
         assert sid.dsm_loss(worse(x + sigma * noise, sigma), x, sigma).mean() > L.mean()
 
 
+@pytest.mark.parametrize('where', ['x_g', 'y_psi'])
 @pytest.mark.parametrize('name', ['sid', 'dsm', 'sida_gan'])
-def test_nan_samples_get_zero_loss(name):
+def test_nan_samples_get_zero_loss(name, where):
     """A NaN sample gets a ZERO loss (shape [B] kept); the others' losses are those computed without
-    it (SiDA's adversarial term: the BCE mean over the kept samples only)."""
+    it (SiDA's adversarial term: the BCE mean over the kept samples only). A sample is dropped when
+    ANY input is NaN (the official loss ORs the masks of images, y_real and y_fake): a NaN in G's
+    sample reaches every output, one in f_psi's output alone reaches only that tensor."""
     def outputs(x, s, n, o):
         x_t = x + s * n
-        return 0.8 * x_t, 0.6 * x_t + 0.05 * x_t ** 2, x_t[:, :1] + o
+        y_psi = 0.6 * x_t + 0.05 * x_t ** 2
+        if where == 'y_psi' and len(x) == 4:
+            y_psi = torch.where(torch.arange(4).reshape(4, 1, 1, 1) == 2, float('nan'), y_psi)
+        return 0.8 * x_t, y_psi, x_t[:, :1] + o
 
     def fn(x, s, n, o):
         y_phi, y_psi, logits = outputs(x, s, n, o)
@@ -182,7 +188,8 @@ def test_nan_samples_get_zero_loss(name):
 
     (x_g, sigma, noise, off), keep = draws(B=4, shape=(3, 8, 8)), [0, 1, 3]
     ref = fn(x_g[keep], sigma[keep], noise[keep], off[keep])
-    x_g[2, 1, 3, 3] = float('nan')
+    if where == 'x_g':
+        x_g[2, 1, 3, 3] = float('nan')
     got = fn(x_g, sigma, noise, off)
     assert got.shape == (4,) and got[2] == 0 and torch.isfinite(got).all()
     assert torch.allclose(got[keep], ref, rtol=1e-6)
@@ -391,19 +398,22 @@ def sign_state(G, lambdas=(3.0, 5.0, 7.0), **kw):
                            f_psi=f_psi, **kw)
 
 
-def test_G_sign_terms_routing_and_reductions():
+@pytest.mark.parametrize('B,shape', [(8, (3,)), (4, (2, 3, 3))])  # points; images, 2 rounds
+def test_G_sign_terms_routing_and_reductions(B, shape):
     """G_sign = lsg sum(SiD)/n + sum_k lambda_k sum_b D d_k / n, each IGN term computed here from
-    IGN's formulas with the objective's draws; G_bar refreshed to G and without gradients; a zero
-    lambda or no real data skips its term (data-free: no L_rec, L_flow from sg x_g)."""
+    IGN's formulas with the objective's draws (D = pixels per sample, n = 8 images per GPU per
+    step, also for a micro-batch of 4); G_bar refreshed to G and without gradients; a zero lambda
+    or no real data skips its term (data-free: no L_rec, L_flow from sg x_g)."""
     torch.manual_seed(0)
-    B, d = 8, 3
+    d = shape[-1]
+    D = math.prod(shape)
     G = linear(torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, dtype=torch.float64))
-    x_r = torch.randn(B, d, dtype=torch.float64)
+    x_r = torch.randn(B, *shape, dtype=torch.float64)
     for data in (x_r, None):
         s = sign_state(G)
         with torch.no_grad():
             G.A.add_(0.01)  # G moved since the copy: G_sign must refresh f_theta'
-        z = torch.randn(B, d, dtype=torch.float64)
+        z = torch.randn(B, *shape, dtype=torch.float64)
         x_g = sid.generate(G, z, None, 2.5)
         torch.manual_seed(7)
         loss, logs = sid.G_sign(s, x_g, data, None)
@@ -420,13 +430,15 @@ def test_G_sign_terms_routing_and_reductions():
             A = G.A
             x_t = x_g + sigma * noise
             dm = sid.sid_generator_loss(s.f_phi(x_t, sigma), s.f_psi(x_t, sigma), x_g, 1.2)
-            idem = ((x_g @ A.T - x_g) ** 2).mean(1)
+            idem = ((x_g @ A.T - x_g) ** 2).flatten(1).mean(1)
             start = x_g if data is None else data
             xs = start + sf * noise_f
             step = xs + (sf_next - sf) * (xs - s.f_phi(xs, sf)) / sf
-            flow = ((xs @ A.T - step @ A.T) ** 2).mean(1)
-            rec = ((data @ A.T - data) ** 2).mean(1) if data is not None else torch.zeros(B)
-            ign = (3.0 * d * idem.sum() + 5.0 * d * rec.sum() + 7.0 * d * flow.sum()) / 8
+            flow = ((xs @ A.T - step @ A.T) ** 2).flatten(1).mean(1)
+            rec = torch.zeros(B)
+            if data is not None:
+                rec = ((data @ A.T - data) ** 2).flatten(1).mean(1)
+            ign = (3.0 * D * idem.sum() + 5.0 * D * rec.sum() + 7.0 * D * flow.sum()) / 8
         assert math.isclose(logs[0].item(), 100 * dm.sum().item() / 8, rel_tol=1e-9)
         assert math.isclose(logs[1].item(), ign.item(), rel_tol=1e-9)
         assert math.isclose(loss.item(), logs.sum().item(), rel_tol=1e-12)

@@ -350,14 +350,16 @@ def rms_distances(a, b):
 def image_quality(X, set_labels, x, labels=None):
     """coverage = fraction of set images that are some sample's nearest; fidelity = mean RMS
     distance to it; class_acc = its class is the sample's label; energy = energy distance to the set
-    in RMS units (0 for p_g = p_data; blur and collapse both raise it), the self-terms over distinct
-    pairs; sharpness = mean squared difference of neighbouring pixels."""
+    in RMS units (blur and collapse both raise it), unbiased: 0 on average for exact samples, since
+    the samples' self-term runs over distinct pairs and the set's over all N^2 pairs (the set IS
+    p_data: two draws from it are the same image 1/N of the time); sharpness = mean squared
+    difference of neighbouring pixels."""
     xd, X = x.detach().cpu().double().flatten(1), X.cpu()
     d = rms_distances(xd, X)
     dmin, nn_i = d.min(1)
     n, im = len(xd), x.detach().cpu().double()
     e_xx = rms_distances(xd, xd).sum() / max(n * (n - 1), 1)  # the zero diagonals left out
-    e_yy = rms_distances(X, X).sum() / (len(X) * (len(X) - 1))
+    e_yy = rms_distances(X, X).mean()  # the zeros included: the expectation under p_data
     sharp = ((im[..., 1:, :] - im[..., :-1, :]) ** 2).mean()
     sharp = sharp + ((im[..., 1:] - im[..., :-1]) ** 2).mean()
     out = dict(coverage=len(nn_i.unique()) / len(X), fidelity=float(dmin.mean()),
