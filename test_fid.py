@@ -286,7 +286,7 @@ def test_calc_seed_chooses_the_subset(tmp_path, capsys):
     numpy RandomState(S) shuffle of the sorted files, the first 4 indices in order): its FID is
     computed here from those files, and seed 0 gives another value."""
     folder, ref = write_pngs(tmp_path / 'imgs', 24), str(tmp_path / 'ref.npz')
-    det = ['--detector', detector_file(tmp_path / 'det.pt')]
+    det = ['--detector', detector_file(tmp_path / 'det.pt'), '--trust-detector']
     fid.main(['ref', '--data', folder, '--dest', ref, *det])
     mu_ref, sig_ref = fid.load_ref(ref)
     names = sorted(os.listdir(folder))
@@ -315,7 +315,7 @@ def test_generator_fid_over_ranks_scores_each_seed_once(tmp_path, monkeypatch):
     """Two ranks (run one after the other, torch.distributed's all_reduce played by hand): rank r
     scores seeds r, r+2, ...; together every seed once, and rank 0's FID from the summed statistics
     is the one-process FID."""
-    det = fid.load_detector('cpu', detector_file(tmp_path / 'det.pt'))
+    det = fid.load_detector('cpu', detector_file(tmp_path / 'det.pt'), trusted=True)
     seen = {0: [], 1: []}
 
     def images(seeds):

@@ -115,7 +115,8 @@ def test_fake_score_denoises_the_augmented_image_its_labels_describe(tmp_path, m
         return x.flip(3), torch.ones(len(x), 9)
 
     s.pipe = mirror
-    monkeypatch.setattr(sid, 'draw_sigma_fake', lambda x: torch.full([len(x), 1, 1, 1], 1e-4))
+    monkeypatch.setattr(sid, 'draw_sigma_fake',
+                        lambda x, *levels: torch.full([len(x), 1, 1, 1], 1e-4))
     for _ in sid.iterate(s):
         pass
     psi = [c for i, c in enumerate(calls) if c['net'] == 'psi' and i % 10 < 4]

@@ -1082,6 +1082,13 @@ def test_project_images_and_points_use_the_run_and_the_images_range(tmp_path):
     with torch.no_grad():
         want = Gt(torch.from_numpy(pts) + 0.1 * eps, torch.full([5, 1], 0.7))
     assert np.allclose(np.load(tmp_path / 'q' / 'projected.npy'), want.numpy(), atol=1e-6)
+    r = cli('generate', '--ckpt', tmp_path / 't.pt', '--seeds', '0-4', '--outdir', tmp_path / 'g')
+    assert r.returncode == 0 and os.path.getsize(tmp_path / 'g' / 'samples.png') > 1000
+    z = 0.7 * torch.stack([torch.randn(2, generator=torch.Generator().manual_seed(s))
+                           for s in range(5)])  # toy points: the run's sigma_init too
+    with torch.no_grad():
+        want = Gt(z, torch.full([5, 1], 0.7))
+    assert np.allclose(np.load(tmp_path / 'g' / 'samples.npy'), want.numpy(), atol=1e-6)
 
 #----------------------------------------------------------------------------
 # EDM2 (ImageNet-512 in SD-VAE latents): the presets against the official scripts, tiny runs that
@@ -1420,10 +1427,3 @@ def test_generate_and_project_help_say_what_they_do_and_loss_scales_what_they_sc
                            ('--lsd', "the discriminator's BCE term"),
                            ('--lsg-gan', "the adversarial term in G's loss")):
         assert re.search(f'{option} FLOAT (SiDA: )?multiplies {re.escape(scaled)}', text), option
-    r = cli('generate', '--ckpt', tmp_path / 't.pt', '--seeds', '0-4', '--outdir', tmp_path / 'g')
-    assert r.returncode == 0 and os.path.getsize(tmp_path / 'g' / 'samples.png') > 1000
-    z = 0.7 * torch.stack([torch.randn(2, generator=torch.Generator().manual_seed(s))
-                           for s in range(5)])  # toy points: the run's sigma_init too
-    with torch.no_grad():
-        want = Gt(z, torch.full([5, 1], 0.7))
-    assert np.allclose(np.load(tmp_path / 'g' / 'samples.npy'), want.numpy(), atol=1e-6)
