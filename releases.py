@@ -22,8 +22,9 @@ SIGMA_INIT = 2.5  # every released generator: G(sigma_init * eps; sigma_init), o
 
 #----------------------------------------------------------------------------
 # The datasets: (what it is, the teacher preset of edm_nets.PRESETS, the reference statistics of
-# fid.REF_PRESETS). EDM2's ImageNet 512 generators work in the SD VAE's latents (Karras et al. 2024):
-# EDM2's networks, their images decoded by the VAE and scored against EDM2's img512 reference.
+# fid.REF_PRESETS). EDM2's ImageNet 512 generators work in the SD VAE's latents (Karras et al.
+# 2024): EDM2's networks, their images decoded by the VAE and scored against EDM2's img512
+# reference.
 
 DATASETS = {
     'cifar10-uncond': ('CIFAR-10 32x32, unconditional', 'cifar10-32x32-uncond-vp',
