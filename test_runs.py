@@ -486,8 +486,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_and_leaves_no_half_fil
                 torch.load(b / name, weights_only=True)
             elif name.endswith('.json'):
                 json.load(open(b / name))
-            else:
-                assert name.endswith(('.tmp', '.jsonl', '.png', '.gif')), name
+            else:  # run.lock: the folder's lock, free once its holder is dead
+                assert name.endswith(('.tmp', '.jsonl', '.png', '.gif', '.lock')), name
         with open(b / 'stats.jsonl', 'a') as f:
             f.write('{"kimg": 1')
         p = start('--resume', b)
