@@ -119,24 +119,31 @@ def parse_net_overrides(text, preset=None):
     return over
 
 
-def _build_checked(kwargs, state_dict, source):
-    """An eval-mode frozen EDMPrecond or EDM2Precond (by model_type) with `state_dict`, built for
-    real only after the meta-device check."""
+def meta_net(kwargs, source):
+    """(checked kwargs, the network they describe on the meta device: nothing allocated), its
+    parameters within MAX_PARAMS; one ValueError line naming `source` otherwise."""
     kwargs = check_net_kwargs(kwargs, source)
-    tensors = isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor)
-                                                   for v in state_dict.values())
-    if not tensors:
-        raise ValueError(f'{source}: the weights are not a dict of tensors')
     try:
         with torch.device('meta'):
             meta = build_net(**kwargs)
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
-        raise ValueError(f'{source}: cannot build the network from its stored kwargs '
+        raise ValueError(f'{source}: cannot build the network from its kwargs '
                          f'({str(e).splitlines()[0]})') from None
     count = sum(p.numel() for p in meta.parameters())
     if count > MAX_PARAMS:
-        raise ValueError(f'{source}: the stored kwargs describe {count:.3g} parameters '
-                         f'(limit {MAX_PARAMS:.3g})')
+        raise ValueError(f'{source}: a network of {count:.3g} parameters (limit '
+                         f'{MAX_PARAMS:.3g})')
+    return kwargs, meta
+
+
+def _build_checked(kwargs, state_dict, source):
+    """An eval-mode frozen EDMPrecond or EDM2Precond (by model_type) with `state_dict`, built for
+    real only after the meta-device check."""
+    tensors = isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor)
+                                                   for v in state_dict.values())
+    if not tensors:
+        raise ValueError(f'{source}: the weights are not a dict of tensors')
+    kwargs, meta = meta_net(kwargs, source)
     ours = meta.state_dict()
     missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
     if missing or unexpected:
