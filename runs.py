@@ -925,7 +925,7 @@ MAX_SEEDS = 10_000_000    # images per `generate`
 MAX_BATCH_VALUES = 2 ** 24  # latent values per forward pass (64 MiB; 5461 CIFAR-10 images)
 MAX_REPEAT = 1000         # projections in a row (SIGN's are idempotent after a few)
 POINTS_PER_PASS = 2 ** 16  # a 2-D toy's points per forward pass
-MAX_PICTURE_POINTS = 4096  # toy points in generate's samples.png (its energy distance is O(N^2))
+MAX_PICTURE_POINTS = 4096  # toy points drawn in generate's samples.png (one dot each)
 
 def parse_seeds(text):
     """'0-49999' or '1,5,10-19' -> [(first, last)] in the given order, checked on the ranges (no
@@ -1008,7 +1008,7 @@ def cmd_generate(a):
         os.makedirs(a.outdir, exist_ok=True)
         with fileio.atomic_write(os.path.join(a.outdir, 'samples.npy')) as f:
             np.save(f, x.numpy())
-        # the picture's figures include an O(N^2) energy distance: the first points only
+        # the picture draws a dot per point (its figures bound themselves: toy.ENERGY_N)
         picture = draw.samples_picture(x[:MAX_PICTURE_POINTS], toy.ToyMixture())
         write_file(os.path.join(a.outdir, 'samples.png'), picture)
         shown = f' (the first {MAX_PICTURE_POINTS})' if len(x) > MAX_PICTURE_POINTS else ''

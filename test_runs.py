@@ -1005,8 +1005,7 @@ def test_generate_picks_the_best_snapshot_of_a_run(tmp_path):
 
 def test_generate_toy_in_batches_and_a_bounded_picture(tmp_path, monkeypatch, capsys):
     """A toy generator's points are drawn --batch seeds at a time (each seed its own stream, so the
-    split changes nothing); samples.png shows the first MAX_PICTURE_POINTS (its energy distance is
-    O(N^2))."""
+    split changes nothing); samples.png shows the first MAX_PICTURE_POINTS (a dot each)."""
     toy = sid.make_config(dict(outdir=str(tmp_path / 't')))
     G = nets_for(toy)[1].eval()
     runs.save_snapshot(str(tmp_path / 't.pt'), G, 0, dataclasses.replace(toy, sigma_init=0.7))
